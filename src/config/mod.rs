@@ -1,0 +1,159 @@
+//! Node configuration: the TOML node file, the peer files it points to, loading and
+//! validation.
+//!
+//! [`load`] reads a node file and every `*.toml` file of its peers directory, checks
+//! everything (see [`load`] for the list), and returns a fully resolved [`NodeConfig`] or
+//! the first [`ConfigError`], which names the file, the key and the reason.
+
+mod error;
+mod load;
+mod schema;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+use crate::identity::{Principal, PrivateKey, PublicKey};
+
+pub use error::ConfigError;
+pub use load::{load, load_peer_file};
+
+/// MTU used when `interface.mtu` is not given.
+pub const DEFAULT_MTU: u16 = 1420;
+/// Smallest accepted `interface.mtu`.
+pub const MIN_MTU: u16 = 576;
+/// Smallest MTU that can carry IPv6.
+pub const MIN_MTU_IPV6: u16 = 1280;
+/// Largest accepted `interface.mtu`.
+pub const MAX_MTU: u16 = 9000;
+/// Longest interface name Linux accepts, in bytes (IFNAMSIZ - 1).
+pub const MAX_INTERFACE_NAME_LEN: usize = 15;
+
+/// A loaded and validated node file, with its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The node file, as given to [`load`].
+    pub path: PathBuf,
+    pub name: String,
+    /// UDP socket address to listen on.
+    pub listen: SocketAddr,
+    pub interface: InterfaceConfig,
+    /// The peers directory, resolved against the node file's directory.
+    pub peers_dir: PathBuf,
+    /// Local identities, in file order. Never empty.
+    pub identities: Vec<LocalIdentityConfig>,
+    /// One entry per peer file, sorted by file name.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// `[interface]`: the TUN device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    /// TUN device name: 1 to 15 bytes of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// 576..=9000, at least 1280 if any configured prefix is IPv6; default 1420.
+    pub mtu: u16,
+    /// Addresses to put on the device, as written (host bits allowed: `10.10.1.1/24`).
+    pub addresses: Vec<IpNet>,
+}
+
+/// A `[[identity]]` of the node file: a workload identity hosted on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalIdentityConfig {
+    pub principal: Principal,
+    /// Resolved against the node file's directory.
+    pub private_key_file: PathBuf,
+    pub private_key: PrivateKey,
+    /// Derived from `private_key`.
+    pub public_key: PublicKey,
+    /// Addresses on this node carried by this identity. Never empty; no host bits set.
+    pub addresses: Vec<IpNet>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A peer file: one remote node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer file.
+    pub path: PathBuf,
+    pub name: String,
+    /// Where to send initiations. Without it we only answer.
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds, 1..=65535.
+    pub persistent_keepalive: Option<u16>,
+    /// Never empty.
+    pub identities: Vec<PeerIdentityConfig>,
+}
+
+/// A `[[identity]]` of a peer file: a workload identity on a remote node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentityConfig {
+    pub principal: Principal,
+    pub public_key: PublicKey,
+    /// Never empty; no host bits set.
+    pub allowed_ips: Vec<IpNet>,
+}
+
+fn join_nets(nets: &[IpNet]) -> String {
+    if nets.is_empty() {
+        return "(none)".to_owned();
+    }
+    nets.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A short human-readable summary, as printed by `meshguard check`. Contains public keys,
+/// never private ones.
+pub fn summary(cfg: &NodeConfig) -> String {
+    let mut s = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(s, "node {} ({})", cfg.name, cfg.path.display());
+    let _ = writeln!(s, "  listen     {}", cfg.listen);
+    let _ = writeln!(
+        s,
+        "  interface  {} mtu {} addresses {}",
+        cfg.interface.name,
+        cfg.interface.mtu,
+        join_nets(&cfg.interface.addresses)
+    );
+    let _ = writeln!(s, "  local identities: {}", cfg.identities.len());
+    for id in &cfg.identities {
+        let _ = writeln!(s, "    {}", id.principal);
+        let _ = writeln!(s, "      public key   {}", id.public_key);
+        let _ = writeln!(s, "      addresses    {}", join_nets(&id.addresses));
+        if !id.labels.is_empty() {
+            let labels: Vec<String> = id.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(s, "      labels       {}", labels.join(", "));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  peers: {} (from {})",
+        cfg.peers.len(),
+        cfg.peers_dir.display()
+    );
+    for peer in &cfg.peers {
+        let endpoint = match peer.endpoint {
+            Some(e) => e.to_string(),
+            None => "none (answer only)".to_owned(),
+        };
+        let _ = write!(s, "    {}  endpoint {endpoint}", peer.name);
+        if let Some(k) = peer.persistent_keepalive {
+            let _ = write!(s, "  keepalive {k}s");
+        }
+        let _ = writeln!(s);
+        for id in &peer.identities {
+            let _ = writeln!(s, "      {}", id.principal);
+            let _ = writeln!(s, "        public key   {}", id.public_key);
+            let _ = writeln!(s, "        allowed ips  {}", join_nets(&id.allowed_ips));
+        }
+    }
+    s
+}

@@ -1,0 +1,65 @@
+//! The TOML schema as written in the files, before validation.
+//!
+//! Values that need checking (principals, keys, addresses, ranges) are read as strings or
+//! wide integers with their position in the file, so that validation can say exactly
+//! which key is wrong and on which line.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNode {
+    pub name: Spanned<String>,
+    pub listen: Spanned<String>,
+    pub peers_dir: Spanned<String>,
+    pub interface: RawInterface,
+    #[serde(default)]
+    pub identity: Vec<RawLocalIdentity>,
+}
+
+/// `[interface]` of a node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInterface {
+    pub name: Spanned<String>,
+    pub mtu: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
+}
+
+/// `[[identity]]` of a node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLocalIdentity {
+    pub principal: Spanned<String>,
+    pub private_key_file: Spanned<String>,
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A peer file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPeer {
+    pub name: Spanned<String>,
+    pub endpoint: Option<Spanned<String>>,
+    pub persistent_keepalive: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub identity: Vec<RawPeerIdentity>,
+}
+
+/// `[[identity]]` of a peer file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPeerIdentity {
+    pub principal: Spanned<String>,
+    pub public_key: Spanned<String>,
+    #[serde(default)]
+    pub allowed_ips: Vec<Spanned<String>>,
+}

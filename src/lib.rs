@@ -1,0 +1,5 @@
+//! meshguard: an identity-aware encrypted overlay. See DESIGN.md for the model.
+
+pub mod config;
+pub mod identity;
+pub mod proto;

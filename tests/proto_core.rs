@@ -1,0 +1,387 @@
+//! The protocol core between two devices on a simulated clock: no sockets, no sleeping.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshguard::proto::constants::*;
+use meshguard::proto::{
+    Device, DeviceConfig, Drop, Received, Sealed, Transmit, TunnelId, SEAL_TAILROOM,
+    TRANSPORT_HEADER_LEN,
+};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+const A_ADDR: &str = "198.18.0.1:51820";
+const B_ADDR: &str = "198.18.0.2:51820";
+
+fn keypair() -> ([u8; 32], [u8; 32]) {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    (secret.to_bytes(), PublicKey::from(&secret).to_bytes())
+}
+
+/// Two devices that know each other, and the simulated clock.
+struct Pair {
+    now: Instant,
+    a: Device,
+    b: Device,
+    ab: TunnelId,
+    ba: TunnelId,
+    a_addr: SocketAddr,
+    b_addr: SocketAddr,
+    b_pub: [u8; 32],
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with_config(DeviceConfig::default())
+    }
+
+    fn with_config(b_config: DeviceConfig) -> Self {
+        let now = Instant::now();
+        let unix = Duration::from_secs(1_800_000_000);
+        let (a_priv, a_pub) = keypair();
+        let (b_priv, b_pub) = keypair();
+        let a_addr: SocketAddr = A_ADDR.parse().unwrap();
+        let b_addr: SocketAddr = B_ADDR.parse().unwrap();
+        let mut a = Device::new(DeviceConfig::default(), now, unix);
+        let mut b = Device::new(b_config, now, unix);
+        let la = a.add_local(a_priv);
+        let lb = b.add_local(b_priv);
+        let ab = a.add_tunnel(now, la, b_pub, Some(b_addr), None);
+        let ba = b.add_tunnel(now, lb, a_pub, Some(a_addr), None);
+        Pair {
+            now,
+            a,
+            b,
+            ab,
+            ba,
+            a_addr,
+            b_addr,
+            b_pub,
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+    }
+
+    fn outbox(dev: &mut Device) -> Vec<Transmit> {
+        std::iter::from_fn(|| dev.poll_transmit()).collect()
+    }
+
+    /// Delivers queued datagrams both ways until both outboxes are empty, dropping those
+    /// `lose` says to. Returns the data packets each side received.
+    fn pump_filtered(&mut self, lose: impl Fn(&[u8]) -> bool) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
+        loop {
+            let from_a = Self::outbox(&mut self.a);
+            let from_b = Self::outbox(&mut self.b);
+            if from_a.is_empty() && from_b.is_empty() {
+                return (to_a, to_b);
+            }
+            for mut t in from_a.into_iter().filter(|t| !lose(&t.data)) {
+                assert_eq!(t.destination, self.b_addr);
+                if let Received::Data { plaintext, .. } =
+                    self.b.receive(self.now, self.a_addr, &mut t.data)
+                {
+                    to_b.push(t.data[plaintext].to_vec());
+                }
+            }
+            for mut t in from_b.into_iter().filter(|t| !lose(&t.data)) {
+                assert_eq!(t.destination, self.a_addr);
+                if let Received::Data { plaintext, .. } =
+                    self.a.receive(self.now, self.b_addr, &mut t.data)
+                {
+                    to_a.push(t.data[plaintext].to_vec());
+                }
+            }
+        }
+    }
+
+    fn pump(&mut self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        self.pump_filtered(|_| false)
+    }
+
+    fn handshake(&mut self) {
+        self.a.initiate(self.now, self.ab);
+        self.pump();
+        assert!(self.a.has_session(self.ab));
+        assert!(self.b.has_session(self.ba), "keepalive confirmed the session");
+    }
+}
+
+/// A plaintext laid out for sealing in place.
+fn packet(payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; TRANSPORT_HEADER_LEN + payload.len() + SEAL_TAILROOM];
+    buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    buf
+}
+
+/// Seals `payload` on `dev`; `Some(datagram)` when it could be sent at once.
+fn seal(dev: &mut Device, now: Instant, tunnel: TunnelId, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = packet(payload);
+    match dev.seal(now, tunnel, &mut buf, payload.len()) {
+        Sealed::Send { len, .. } => {
+            buf.truncate(len);
+            Some(buf)
+        }
+        Sealed::Queued => None,
+        Sealed::Dropped(d) => panic!("dropped: {d:?}"),
+    }
+}
+
+/// Sealed plaintext is padded to 16 bytes; compare the meaningful prefix.
+fn opened(dev: &mut Device, now: Instant, from: SocketAddr, mut datagram: Vec<u8>) -> Received {
+    dev.receive(now, from, &mut datagram)
+}
+
+fn payload_of(received: &Received, datagram: &[u8]) -> Vec<u8> {
+    match received {
+        Received::Data { plaintext, .. } => datagram[plaintext.clone()].to_vec(),
+        other => panic!("expected data, got {other:?}"),
+    }
+}
+
+fn is_type(data: &[u8], t: u8) -> bool {
+    data[0] == t
+}
+
+#[test]
+fn handshake_and_data_both_ways() {
+    let mut p = Pair::new();
+    // The first packet waits for the handshake and flows once it completes.
+    assert!(seal(&mut p.a, p.now, p.ab, b"hello from a").is_none());
+    let (to_a, to_b) = p.pump();
+    assert!(to_a.is_empty());
+    assert_eq!(&to_b[0][..12], b"hello from a");
+    assert_eq!(to_b[0].len(), 16, "padded to a multiple of 16");
+
+    for i in 0..50u32 {
+        let msg = format!("b says {i}");
+        let mut d = seal(&mut p.b, p.now, p.ba, msg.as_bytes()).expect("session");
+        let r = p.a.receive(p.now, p.b_addr, &mut d);
+        assert_eq!(&payload_of(&r, &d)[..msg.len()], msg.as_bytes());
+        let msg = format!("a says {i}");
+        let mut d = seal(&mut p.a, p.now, p.ab, msg.as_bytes()).expect("session");
+        let r = p.b.receive(p.now, p.a_addr, &mut d);
+        assert_eq!(&payload_of(&r, &d)[..msg.len()], msg.as_bytes());
+    }
+    assert_eq!(p.a.stats.network_drops() + p.b.stats.network_drops(), 0);
+}
+
+#[test]
+fn rekey_after_120s_loses_no_packet() {
+    let mut p = Pair::new();
+    p.handshake();
+    let start = p.now;
+    let mut sent = 0;
+    let mut received = 0;
+    while p.now - start < Duration::from_secs(400) {
+        let a_msg = seal(&mut p.a, p.now, p.ab, b"from a");
+        let b_msg = seal(&mut p.b, p.now, p.ba, b"from b");
+        assert!(a_msg.is_some() && b_msg.is_some(), "a session is always usable at {:?}", p.now - start);
+        for (d, to, from) in [(a_msg, true, p.a_addr), (b_msg, false, p.b_addr)] {
+            let dev = if to { &mut p.b } else { &mut p.a };
+            sent += 1;
+            if let Received::Data { .. } = opened(dev, p.now, from, d.unwrap()) {
+                received += 1;
+            }
+        }
+        // Handshake messages travel with the data.
+        let (ra, rb) = p.pump();
+        assert!(ra.is_empty() && rb.is_empty());
+        p.advance(Duration::from_millis(500));
+    }
+    assert_eq!(sent, received, "no packet lost across rekeys");
+    // A initiated at t=0 and rekeys every REKEY_AFTER_TIME: at least at 120, 240, 360 s.
+    assert!(p.a.stats.handshakes_completed >= 4, "{:?}", p.a.stats);
+    assert_eq!(p.a.stats.network_drops() + p.b.stats.network_drops(), 0);
+}
+
+#[test]
+fn session_is_refused_after_180s_without_a_fresh_handshake() {
+    let mut p = Pair::new();
+    p.handshake();
+    let start = p.now;
+    let handshake = |d: &[u8]| is_type(d, 1) || is_type(d, 2);
+    let mut late = None;
+    while p.now - start < REJECT_AFTER_TIME - Duration::from_secs(1) {
+        let d = seal(&mut p.a, p.now, p.ab, b"x").expect("usable before 180 s");
+        assert!(matches!(opened(&mut p.b, p.now, p.a_addr, d), Received::Data { .. }));
+        late = seal(&mut p.a, p.now, p.ab, b"sealed before, delivered after 180 s");
+        p.pump_filtered(handshake);
+        p.advance(Duration::from_secs(1));
+    }
+    p.advance(Duration::from_secs(2));
+    assert!(p.now - start >= REJECT_AFTER_TIME);
+    // The sender refuses the old session: the packet waits for a handshake instead.
+    assert!(seal(&mut p.a, p.now, p.ab, b"x").is_none());
+    // The receiver refuses a packet of the old session.
+    let r = opened(&mut p.b, p.now, p.a_addr, late.unwrap());
+    assert!(matches!(r, Received::Dropped(Drop::Expired | Drop::UnknownIndex)), "{r:?}");
+}
+
+#[test]
+fn keepalive_after_10s_of_one_way_traffic() {
+    let mut p = Pair::new();
+    p.handshake();
+    let d = seal(&mut p.a, p.now, p.ab, b"one way").unwrap();
+    assert!(matches!(opened(&mut p.b, p.now, p.a_addr, d), Received::Data { .. }));
+    p.advance(KEEPALIVE_TIMEOUT - Duration::from_millis(1));
+    assert!(p.b.poll_transmit().is_none(), "no keepalive before 10 s");
+    p.advance(Duration::from_millis(1));
+    let keepalive = p.b.poll_transmit().expect("keepalive at 10 s");
+    assert_eq!(keepalive.data.len(), 32, "empty transport message");
+    assert!(is_type(&keepalive.data, 4));
+    let r = opened(&mut p.a, p.now, p.b_addr, keepalive.data);
+    assert_eq!(r, Received::Control);
+}
+
+#[test]
+fn lost_initiation_is_retried_after_rekey_timeout() {
+    let mut p = Pair::new();
+    assert!(seal(&mut p.a, p.now, p.ab, b"waits").is_none());
+    let first = p.a.poll_transmit().expect("initiation");
+    assert!(is_type(&first.data, 1));
+    drop(first); // lost
+    p.advance(REKEY_TIMEOUT - Duration::from_millis(1));
+    assert!(p.a.poll_transmit().is_none(), "no retry before REKEY_TIMEOUT");
+    p.advance(Duration::from_millis(1) + REKEY_TIMEOUT_JITTER_MAX);
+    let (_, to_b) = p.pump();
+    assert_eq!(&to_b[0][..5], b"waits", "queued packet delivered after the retry");
+}
+
+#[test]
+fn handshake_attempts_give_up_after_90s() {
+    let mut p = Pair::new();
+    assert!(seal(&mut p.a, p.now, p.ab, b"lost").is_none());
+    let mut initiations = 0;
+    for _ in 0..200 {
+        while let Some(t) = p.a.poll_transmit() {
+            assert!(is_type(&t.data, 1));
+            initiations += 1;
+        }
+        p.advance(Duration::from_millis(500));
+    }
+    // 90 s of attempts every 5 to 5.333 s.
+    assert!((17..=19).contains(&initiations), "{initiations} initiations");
+    assert_eq!(p.a.stats.handshake_gave_up, 1, "the queued packet is counted");
+}
+
+#[test]
+fn replayed_old_and_reordered_transport_packets() {
+    let mut p = Pair::new();
+    p.handshake();
+    let batch: Vec<Vec<u8>> = (0..10u8)
+        .map(|i| seal(&mut p.a, p.now, p.ab, &[i; 20]).unwrap())
+        .collect();
+    for d in batch.iter().rev() {
+        let r = opened(&mut p.b, p.now, p.a_addr, d.clone());
+        assert!(matches!(r, Received::Data { .. }), "reordered packet accepted: {r:?}");
+    }
+    let r = opened(&mut p.b, p.now, p.a_addr, batch[3].clone());
+    assert_eq!(r, Received::Dropped(Drop::Replayed));
+
+    let oldest = seal(&mut p.a, p.now, p.ab, b"old").unwrap();
+    for _ in 0..(meshguard::proto::replay::WINDOW + 10) {
+        seal(&mut p.a, p.now, p.ab, b"skip").unwrap();
+    }
+    let newest = seal(&mut p.a, p.now, p.ab, b"new").unwrap();
+    assert!(matches!(opened(&mut p.b, p.now, p.a_addr, newest), Received::Data { .. }));
+    let r = opened(&mut p.b, p.now, p.a_addr, oldest);
+    assert_eq!(r, Received::Dropped(Drop::Replayed), "too old for the window");
+    assert_eq!(p.b.stats.replayed, 2);
+}
+
+#[test]
+fn tampered_transport_is_dropped() {
+    let mut p = Pair::new();
+    p.handshake();
+    let mut d = seal(&mut p.a, p.now, p.ab, b"payload").unwrap();
+    d[20] ^= 0x40;
+    assert_eq!(opened(&mut p.b, p.now, p.a_addr, d), Received::Dropped(Drop::Forged));
+}
+
+#[test]
+fn unknown_key_and_bad_mac1_get_no_answer() {
+    let mut p = Pair::new();
+    // A stranger who knows B's public key but is not configured on B.
+    let (c_priv, _) = keypair();
+    let b_pub = p.b_pub;
+    let mut c = Device::new(DeviceConfig::default(), p.now, Duration::from_secs(1_800_000_000));
+    let lc = c.add_local(c_priv);
+    let cb = c.add_tunnel(p.now, lc, b_pub, Some(p.b_addr), None);
+    c.initiate(p.now, cb);
+    let mut init = c.poll_transmit().unwrap().data;
+    let from_c: SocketAddr = "198.18.0.3:4000".parse().unwrap();
+    let r = p.b.receive(p.now, from_c, &mut init.clone());
+    assert_eq!(r, Received::Dropped(Drop::UnknownPeer));
+    assert!(p.b.poll_transmit().is_none(), "no answer to an unknown key");
+
+    init[116] ^= 1; // mac1
+    let r = p.b.receive(p.now, from_c, &mut init);
+    assert_eq!(r, Received::Dropped(Drop::BadMac1));
+    assert!(p.b.poll_transmit().is_none(), "no answer to a bad mac1");
+
+    for garbage in [vec![], vec![1u8; 147], vec![4u8, 0, 0, 0, 9, 9, 9, 9], vec![2u8; 92]] {
+        let r = p.b.receive(p.now, from_c, &mut garbage.clone());
+        assert!(matches!(r, Received::Dropped(_)));
+        assert!(p.b.poll_transmit().is_none());
+    }
+}
+
+#[test]
+fn replayed_initiation_is_dropped() {
+    let mut p = Pair::new();
+    p.a.initiate(p.now, p.ab);
+    let init = p.a.poll_transmit().unwrap().data;
+    assert_eq!(opened(&mut p.b, p.now, p.a_addr, init.clone()), Received::Control);
+    assert!(p.b.poll_transmit().is_some(), "response");
+    p.now += Duration::from_secs(1);
+    let r = opened(&mut p.b, p.now, p.a_addr, init);
+    assert_eq!(r, Received::Dropped(Drop::HandshakeReplay));
+    assert!(p.b.poll_transmit().is_none());
+}
+
+#[test]
+fn under_load_initiation_gets_a_cookie_and_the_retry_with_mac2_succeeds() {
+    // Threshold 0: every handshake message counts as load.
+    let mut p = Pair::with_config(DeviceConfig {
+        under_load_threshold: 0,
+    });
+    assert!(seal(&mut p.a, p.now, p.ab, b"after cookie").is_none());
+    let init = p.a.poll_transmit().unwrap();
+    assert_eq!(opened(&mut p.b, p.now, p.a_addr, init.data), Received::Control);
+    let reply = p.b.poll_transmit().expect("cookie reply");
+    assert!(is_type(&reply.data, 3));
+    assert_eq!(reply.data.len(), 64);
+    assert_eq!(p.b.stats.cookie_replies_sent, 1);
+    assert!(!p.b.has_session(p.ba));
+    assert_eq!(opened(&mut p.a, p.now, p.b_addr, reply.data), Received::Control);
+    // The retry carries mac2 made with the cookie and is answered.
+    p.advance(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
+    let (_, to_b) = p.pump();
+    assert_eq!(&to_b[0][..12], b"after cookie");
+    assert_eq!(p.b.stats.cookie_replies_sent, 1);
+    assert_eq!(p.b.stats.handshakes_completed, 1);
+}
+
+#[test]
+fn roaming_moves_the_endpoint_only_after_authentication() {
+    let mut p = Pair::new();
+    p.handshake();
+    let new_addr: SocketAddr = "198.18.0.7:6000".parse().unwrap();
+    let mut forged = seal(&mut p.a, p.now, p.ab, b"x").unwrap();
+    forged[30] ^= 1;
+    p.b.receive(p.now, new_addr, &mut forged);
+    assert_eq!(p.b.endpoint(p.ba), Some(p.a_addr), "forged packet does not move it");
+    let d = seal(&mut p.a, p.now, p.ab, b"x").unwrap();
+    let replay = d.clone();
+    assert!(matches!(opened(&mut p.b, p.now, p.a_addr, d), Received::Data { .. }));
+    p.b.receive(p.now, new_addr, &mut replay.clone());
+    assert_eq!(p.b.endpoint(p.ba), Some(p.a_addr), "replayed packet does not move it");
+    let d = seal(&mut p.a, p.now, p.ab, b"x").unwrap();
+    assert!(matches!(opened(&mut p.b, p.now, new_addr, d), Received::Data { .. }));
+    assert_eq!(p.b.endpoint(p.ba), Some(new_addr));
+}
