@@ -59,7 +59,14 @@ fn setup() -> Setup {
         Some(theirs_addr),
         None,
     );
-    let theirs = Tunn::new(their_secret, PublicKey::from(&our_secret), None, None, 7, None);
+    let theirs = Tunn::new(
+        their_secret,
+        PublicKey::from(&our_secret),
+        None,
+        None,
+        7,
+        None,
+    );
     Setup {
         now,
         ours,
@@ -111,7 +118,10 @@ fn theirs_send(s: &mut Setup, plaintext: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; 2048];
     match s.theirs.encapsulate(plaintext, &mut buf) {
         TunnResult::WriteToNetwork(d) => d.to_vec(),
-        other => panic!("boringtun has no session: {:?}", std::mem::discriminant(&other)),
+        other => panic!(
+            "boringtun has no session: {:?}",
+            std::mem::discriminant(&other)
+        ),
     }
 }
 
@@ -142,7 +152,10 @@ fn we_initiate_boringtun_responds() {
     assert_eq!(replies.len(), 1, "boringtun answers with a response");
     let mut response = replies.remove(0);
     assert_eq!(response[0], 2);
-    assert_eq!(s.ours.receive(s.now, s.theirs_addr, &mut response), Received::Control);
+    assert_eq!(
+        s.ours.receive(s.now, s.theirs_addr, &mut response),
+        Received::Control
+    );
     assert!(s.ours.has_session(s.tunnel));
     // Our confirming keepalive completes boringtun's side.
     let keepalive = s.ours.poll_transmit().expect("keepalive").data;
@@ -158,13 +171,19 @@ fn boringtun_initiates_we_respond() {
         TunnResult::WriteToNetwork(d) => d.to_vec(),
         _ => panic!("boringtun made no initiation"),
     };
-    assert_eq!(s.ours.receive(s.now, s.theirs_addr, &mut init), Received::Control);
+    assert_eq!(
+        s.ours.receive(s.now, s.theirs_addr, &mut init),
+        Received::Control
+    );
     let response = s.ours.poll_transmit().expect("response").data;
     assert_eq!(response[0], 2);
     let (mut network, _) = boringtun_receive(&mut s, &response);
     // boringtun confirms with a keepalive, which promotes our pending session.
     let mut keepalive = network.remove(0);
-    assert_eq!(s.ours.receive(s.now, s.theirs_addr, &mut keepalive), Received::Control);
+    assert_eq!(
+        s.ours.receive(s.now, s.theirs_addr, &mut keepalive),
+        Received::Control
+    );
     assert!(s.ours.has_session(s.tunnel));
     s.now += Duration::from_millis(10);
     data_both_ways(&mut s);

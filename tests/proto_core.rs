@@ -107,7 +107,10 @@ impl Pair {
         self.a.initiate(self.now, self.ab);
         self.pump();
         assert!(self.a.has_session(self.ab));
-        assert!(self.b.has_session(self.ba), "keepalive confirmed the session");
+        assert!(
+            self.b.has_session(self.ba),
+            "keepalive confirmed the session"
+        );
     }
 }
 
@@ -180,7 +183,11 @@ fn rekey_after_120s_loses_no_packet() {
     while p.now - start < Duration::from_secs(400) {
         let a_msg = seal(&mut p.a, p.now, p.ab, b"from a");
         let b_msg = seal(&mut p.b, p.now, p.ba, b"from b");
-        assert!(a_msg.is_some() && b_msg.is_some(), "a session is always usable at {:?}", p.now - start);
+        assert!(
+            a_msg.is_some() && b_msg.is_some(),
+            "a session is always usable at {:?}",
+            p.now - start
+        );
         for (d, to, from) in [(a_msg, true, p.a_addr), (b_msg, false, p.b_addr)] {
             let dev = if to { &mut p.b } else { &mut p.a };
             sent += 1;
@@ -208,8 +215,16 @@ fn session_is_refused_after_180s_without_a_fresh_handshake() {
     let mut late = None;
     while p.now - start < REJECT_AFTER_TIME - Duration::from_secs(1) {
         let d = seal(&mut p.a, p.now, p.ab, b"x").expect("usable before 180 s");
-        assert!(matches!(opened(&mut p.b, p.now, p.a_addr, d), Received::Data { .. }));
-        late = seal(&mut p.a, p.now, p.ab, b"sealed before, delivered after 180 s");
+        assert!(matches!(
+            opened(&mut p.b, p.now, p.a_addr, d),
+            Received::Data { .. }
+        ));
+        late = seal(
+            &mut p.a,
+            p.now,
+            p.ab,
+            b"sealed before, delivered after 180 s",
+        );
         p.pump_filtered(handshake);
         p.advance(Duration::from_secs(1));
     }
@@ -219,7 +234,10 @@ fn session_is_refused_after_180s_without_a_fresh_handshake() {
     assert!(seal(&mut p.a, p.now, p.ab, b"x").is_none());
     // The receiver refuses a packet of the old session.
     let r = opened(&mut p.b, p.now, p.a_addr, late.unwrap());
-    assert!(matches!(r, Received::Dropped(Drop::Expired | Drop::UnknownIndex)), "{r:?}");
+    assert!(
+        matches!(r, Received::Dropped(Drop::Expired | Drop::UnknownIndex)),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -227,7 +245,10 @@ fn keepalive_after_10s_of_one_way_traffic() {
     let mut p = Pair::new();
     p.handshake();
     let d = seal(&mut p.a, p.now, p.ab, b"one way").unwrap();
-    assert!(matches!(opened(&mut p.b, p.now, p.a_addr, d), Received::Data { .. }));
+    assert!(matches!(
+        opened(&mut p.b, p.now, p.a_addr, d),
+        Received::Data { .. }
+    ));
     p.advance(KEEPALIVE_TIMEOUT - Duration::from_millis(1));
     assert!(p.b.poll_transmit().is_none(), "no keepalive before 10 s");
     p.advance(Duration::from_millis(1));
@@ -246,10 +267,17 @@ fn lost_initiation_is_retried_after_rekey_timeout() {
     assert!(is_type(&first.data, 1));
     drop(first); // lost
     p.advance(REKEY_TIMEOUT - Duration::from_millis(1));
-    assert!(p.a.poll_transmit().is_none(), "no retry before REKEY_TIMEOUT");
+    assert!(
+        p.a.poll_transmit().is_none(),
+        "no retry before REKEY_TIMEOUT"
+    );
     p.advance(Duration::from_millis(1) + REKEY_TIMEOUT_JITTER_MAX);
     let (_, to_b) = p.pump();
-    assert_eq!(&to_b[0][..5], b"waits", "queued packet delivered after the retry");
+    assert_eq!(
+        &to_b[0][..5],
+        b"waits",
+        "queued packet delivered after the retry"
+    );
 }
 
 #[test]
@@ -265,8 +293,14 @@ fn handshake_attempts_give_up_after_90s() {
         p.advance(Duration::from_millis(500));
     }
     // 90 s of attempts every 5 to 5.333 s.
-    assert!((17..=19).contains(&initiations), "{initiations} initiations");
-    assert_eq!(p.a.stats.handshake_gave_up, 1, "the queued packet is counted");
+    assert!(
+        (17..=19).contains(&initiations),
+        "{initiations} initiations"
+    );
+    assert_eq!(
+        p.a.stats.handshake_gave_up, 1,
+        "the queued packet is counted"
+    );
 }
 
 #[test]
@@ -278,7 +312,10 @@ fn replayed_old_and_reordered_transport_packets() {
         .collect();
     for d in batch.iter().rev() {
         let r = opened(&mut p.b, p.now, p.a_addr, d.clone());
-        assert!(matches!(r, Received::Data { .. }), "reordered packet accepted: {r:?}");
+        assert!(
+            matches!(r, Received::Data { .. }),
+            "reordered packet accepted: {r:?}"
+        );
     }
     let r = opened(&mut p.b, p.now, p.a_addr, batch[3].clone());
     assert_eq!(r, Received::Dropped(Drop::Replayed));
@@ -288,9 +325,16 @@ fn replayed_old_and_reordered_transport_packets() {
         seal(&mut p.a, p.now, p.ab, b"skip").unwrap();
     }
     let newest = seal(&mut p.a, p.now, p.ab, b"new").unwrap();
-    assert!(matches!(opened(&mut p.b, p.now, p.a_addr, newest), Received::Data { .. }));
+    assert!(matches!(
+        opened(&mut p.b, p.now, p.a_addr, newest),
+        Received::Data { .. }
+    ));
     let r = opened(&mut p.b, p.now, p.a_addr, oldest);
-    assert_eq!(r, Received::Dropped(Drop::Replayed), "too old for the window");
+    assert_eq!(
+        r,
+        Received::Dropped(Drop::Replayed),
+        "too old for the window"
+    );
     assert_eq!(p.b.stats.replayed, 2);
 }
 
@@ -300,7 +344,10 @@ fn tampered_transport_is_dropped() {
     p.handshake();
     let mut d = seal(&mut p.a, p.now, p.ab, b"payload").unwrap();
     d[20] ^= 0x40;
-    assert_eq!(opened(&mut p.b, p.now, p.a_addr, d), Received::Dropped(Drop::Forged));
+    assert_eq!(
+        opened(&mut p.b, p.now, p.a_addr, d),
+        Received::Dropped(Drop::Forged)
+    );
 }
 
 #[test]
@@ -309,7 +356,11 @@ fn unknown_key_and_bad_mac1_get_no_answer() {
     // A stranger who knows B's public key but is not configured on B.
     let (c_priv, _) = keypair();
     let b_pub = p.b_pub;
-    let mut c = Device::new(DeviceConfig::default(), p.now, Duration::from_secs(1_800_000_000));
+    let mut c = Device::new(
+        DeviceConfig::default(),
+        p.now,
+        Duration::from_secs(1_800_000_000),
+    );
     let lc = c.add_local(c_priv);
     let cb = c.add_tunnel(p.now, lc, b_pub, Some(p.b_addr), None);
     c.initiate(p.now, cb);
@@ -324,7 +375,12 @@ fn unknown_key_and_bad_mac1_get_no_answer() {
     assert_eq!(r, Received::Dropped(Drop::BadMac1));
     assert!(p.b.poll_transmit().is_none(), "no answer to a bad mac1");
 
-    for garbage in [vec![], vec![1u8; 147], vec![4u8, 0, 0, 0, 9, 9, 9, 9], vec![2u8; 92]] {
+    for garbage in [
+        vec![],
+        vec![1u8; 147],
+        vec![4u8, 0, 0, 0, 9, 9, 9, 9],
+        vec![2u8; 92],
+    ] {
         let r = p.b.receive(p.now, from_c, &mut garbage.clone());
         assert!(matches!(r, Received::Dropped(_)));
         assert!(p.b.poll_transmit().is_none());
@@ -336,7 +392,10 @@ fn replayed_initiation_is_dropped() {
     let mut p = Pair::new();
     p.a.initiate(p.now, p.ab);
     let init = p.a.poll_transmit().unwrap().data;
-    assert_eq!(opened(&mut p.b, p.now, p.a_addr, init.clone()), Received::Control);
+    assert_eq!(
+        opened(&mut p.b, p.now, p.a_addr, init.clone()),
+        Received::Control
+    );
     assert!(p.b.poll_transmit().is_some(), "response");
     p.now += Duration::from_secs(1);
     let r = opened(&mut p.b, p.now, p.a_addr, init);
@@ -352,13 +411,19 @@ fn under_load_initiation_gets_a_cookie_and_the_retry_with_mac2_succeeds() {
     });
     assert!(seal(&mut p.a, p.now, p.ab, b"after cookie").is_none());
     let init = p.a.poll_transmit().unwrap();
-    assert_eq!(opened(&mut p.b, p.now, p.a_addr, init.data), Received::Control);
+    assert_eq!(
+        opened(&mut p.b, p.now, p.a_addr, init.data),
+        Received::Control
+    );
     let reply = p.b.poll_transmit().expect("cookie reply");
     assert!(is_type(&reply.data, 3));
     assert_eq!(reply.data.len(), 64);
     assert_eq!(p.b.stats.cookie_replies_sent, 1);
     assert!(!p.b.has_session(p.ba));
-    assert_eq!(opened(&mut p.a, p.now, p.b_addr, reply.data), Received::Control);
+    assert_eq!(
+        opened(&mut p.a, p.now, p.b_addr, reply.data),
+        Received::Control
+    );
     // The retry carries mac2 made with the cookie and is answered.
     p.advance(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
     let (_, to_b) = p.pump();
@@ -375,13 +440,27 @@ fn roaming_moves_the_endpoint_only_after_authentication() {
     let mut forged = seal(&mut p.a, p.now, p.ab, b"x").unwrap();
     forged[30] ^= 1;
     p.b.receive(p.now, new_addr, &mut forged);
-    assert_eq!(p.b.endpoint(p.ba), Some(p.a_addr), "forged packet does not move it");
+    assert_eq!(
+        p.b.endpoint(p.ba),
+        Some(p.a_addr),
+        "forged packet does not move it"
+    );
     let d = seal(&mut p.a, p.now, p.ab, b"x").unwrap();
     let replay = d.clone();
-    assert!(matches!(opened(&mut p.b, p.now, p.a_addr, d), Received::Data { .. }));
+    assert!(matches!(
+        opened(&mut p.b, p.now, p.a_addr, d),
+        Received::Data { .. }
+    ));
     p.b.receive(p.now, new_addr, &mut replay.clone());
-    assert_eq!(p.b.endpoint(p.ba), Some(p.a_addr), "replayed packet does not move it");
+    assert_eq!(
+        p.b.endpoint(p.ba),
+        Some(p.a_addr),
+        "replayed packet does not move it"
+    );
     let d = seal(&mut p.a, p.now, p.ab, b"x").unwrap();
-    assert!(matches!(opened(&mut p.b, p.now, new_addr, d), Received::Data { .. }));
+    assert!(matches!(
+        opened(&mut p.b, p.now, new_addr, d),
+        Received::Data { .. }
+    ));
     assert_eq!(p.b.endpoint(p.ba), Some(new_addr));
 }

@@ -118,10 +118,21 @@ impl Stats {
 /// Something that happened that an operator may want to hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    HandshakeCompleted { tunnel: TunnelId, we_initiated: bool },
-    Roamed { tunnel: TunnelId, from: SocketAddr },
-    SessionExpired { tunnel: TunnelId },
-    HandshakeGaveUp { tunnel: TunnelId, dropped_packets: usize },
+    HandshakeCompleted {
+        tunnel: TunnelId,
+        we_initiated: bool,
+    },
+    Roamed {
+        tunnel: TunnelId,
+        from: SocketAddr,
+    },
+    SessionExpired {
+        tunnel: TunnelId,
+    },
+    HandshakeGaveUp {
+        tunnel: TunnelId,
+        dropped_packets: usize,
+    },
 }
 
 /// A datagram to send.
@@ -135,7 +146,10 @@ pub struct Transmit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sealed {
     /// The buffer now holds a transport message of this length for this endpoint.
-    Send { destination: SocketAddr, len: usize },
+    Send {
+        destination: SocketAddr,
+        len: usize,
+    },
     /// No session yet: the packet waits for the handshake that is now under way.
     Queued,
     Dropped(Drop),
@@ -427,7 +441,10 @@ impl Device {
             (&mut t.previous, false),
             (&mut t.next, false),
         ] {
-            if slot.as_ref().is_some_and(|s| s.age(now) >= REJECT_AFTER_TIME) {
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.age(now) >= REJECT_AFTER_TIME)
+            {
                 let session = slot.take().expect("checked");
                 self.indices.remove(&session.local_index);
                 expired_current |= is_current;
@@ -518,7 +535,9 @@ impl Device {
         let l = &mut self.locals[local];
         if under_load && !l.cookies.verify_mac2(now, source, msg) {
             let sender_index = read_u32(msg, 4);
-            let reply = l.cookies.cookie_reply(now, source, &l.keys, msg, sender_index);
+            let reply = l
+                .cookies
+                .cookie_reply(now, source, &l.keys, msg, sender_index);
             self.stats.cookie_replies_sent += 1;
             self.outbox.push_back(Transmit {
                 destination: source,
@@ -549,11 +568,12 @@ impl Device {
             .get(&(local, received.peer_public))
             .ok_or(Drop::UnknownPeer)?;
         let t = &self.tunnels[tunnel.0];
-        if t.last_timestamp.is_some_and(|last| received.timestamp <= last) {
+        if t.last_timestamp
+            .is_some_and(|last| received.timestamp <= last)
+        {
             return Err(Drop::HandshakeReplay);
         }
-        if t
-            .last_initiation_received
+        if t.last_initiation_received
             .is_some_and(|at| now.saturating_duration_since(at) < MIN_INITIATION_INTERVAL)
         {
             return Err(Drop::HandshakeFlood);
@@ -569,10 +589,20 @@ impl Device {
         t.peer_keys.write_macs(&mut response, cookie.as_ref());
         t.last_timestamp = Some(timestamp);
         t.last_initiation_received = Some(now);
-        let session = Session::new(now, local_index, remote_index, false, &keys.send, &keys.receive);
+        let session = Session::new(
+            now,
+            local_index,
+            remote_index,
+            false,
+            &keys.send,
+            &keys.receive,
+        );
         // Responder: the new session waits in `next` until the initiator uses it; the
         // previous one goes, as in WireGuard.
-        for old in [t.next.replace(session), t.previous.take()].into_iter().flatten() {
+        for old in [t.next.replace(session), t.previous.take()]
+            .into_iter()
+            .flatten()
+        {
             self.indices.remove(&old.local_index);
         }
         self.update_endpoint(tunnel, source);
@@ -618,7 +648,14 @@ impl Device {
             handshake::read_response(noise, msg).ok_or(Drop::HandshakeFailed)?;
         let initiating = t.initiating.take().expect("checked above");
         let remote_index = read_u32(msg, 4);
-        let session = Session::new(now, initiating.local_index, remote_index, true, &send, &receive);
+        let session = Session::new(
+            now,
+            initiating.local_index,
+            remote_index,
+            true,
+            &send,
+            &receive,
+        );
         // Initiator: the new session is usable at once; the old current stays as previous
         // for packets still in flight.
         let old_previous = t.previous.take();
@@ -660,7 +697,10 @@ impl Device {
             .open_cookie_reply(msg, &mac1)
             .ok_or(Drop::Forged)?;
         t.cookie = Some((cookie, now));
-        tracing::debug!(tunnel = tunnel.0, "cookie reply received; peer is under load");
+        tracing::debug!(
+            tunnel = tunnel.0,
+            "cookie reply received; peer is under load"
+        );
         Ok(Received::Control)
     }
 

@@ -29,7 +29,11 @@ pub struct TransportKeys {
 fn params() -> NoiseParams {
     static PARAMS: OnceLock<NoiseParams> = OnceLock::new();
     PARAMS
-        .get_or_init(|| CONSTRUCTION.parse().expect("WireGuard's Noise pattern parses"))
+        .get_or_init(|| {
+            CONSTRUCTION
+                .parse()
+                .expect("WireGuard's Noise pattern parses")
+        })
         .clone()
 }
 
@@ -117,7 +121,9 @@ pub fn write_response(
 /// Runs the initiator's half of message 2; `None` if it does not decrypt.
 pub fn read_response(mut noise: HandshakeState, msg: &[u8]) -> Option<TransportKeys> {
     let mut payload = [0u8; 0];
-    let n = noise.read_message(&msg[RESPONSE_NOISE], &mut payload).ok()?;
+    let n = noise
+        .read_message(&msg[RESPONSE_NOISE], &mut payload)
+        .ok()?;
     if n != 0 || !noise.is_handshake_finished() {
         return None;
     }

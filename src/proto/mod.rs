@@ -10,5 +10,7 @@ pub mod replay;
 pub mod session;
 pub mod tunnel;
 
-pub use device::{Device, DeviceConfig, Drop, Event, LocalId, Received, Sealed, Stats, Transmit, TunnelId};
+pub use device::{
+    Device, DeviceConfig, Drop, Event, LocalId, Received, Sealed, Stats, Transmit, TunnelId,
+};
 pub use messages::{SEAL_TAILROOM, TRANSPORT_HEADER_LEN};

@@ -89,7 +89,10 @@ mod tests {
         assert!(!w.accept(150));
         assert!(w.accept(10_000));
         assert!(!w.accept(10_000 - WINDOW - 1), "too old");
-        assert!(w.accept(10_000 - WINDOW + 1), "oldest still inside the window");
+        assert!(
+            w.accept(10_000 - WINDOW + 1),
+            "oldest still inside the window"
+        );
         assert!(!w.may_accept(REJECT_AFTER_MESSAGES));
     }
 

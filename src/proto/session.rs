@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 
 use super::constants::{REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME};
-use super::messages::{
-    read_u64, write_header, AEAD_TAG_LEN, TRANSPORT_HEADER_LEN, TYPE_TRANSPORT,
-};
+use super::messages::{read_u64, write_header, AEAD_TAG_LEN, TRANSPORT_HEADER_LEN, TYPE_TRANSPORT};
 use super::replay::ReplayWindow;
 
 /// Why a transport message did not open.
