@@ -8,3 +8,4 @@ pub mod node;
 pub mod packet;
 pub mod proto;
 pub mod telemetry;
+pub mod testbed;

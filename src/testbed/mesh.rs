@@ -1,0 +1,248 @@
+//! meshguard daemons in namespaces: writes a node file, key files and peer files into a
+//! temporary directory and runs `meshguard up` on them.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{wait_until, ChildGuard, Netns, TempDir};
+use crate::identity::PrivateKey;
+
+/// One workload identity of a node under test.
+pub struct IdentitySpec {
+    pub principal: String,
+    pub addresses: Vec<String>,
+    pub private_key: PrivateKey,
+}
+
+impl IdentitySpec {
+    /// An identity with a freshly generated key.
+    pub fn new(principal: &str, addresses: &[&str]) -> Self {
+        IdentitySpec {
+            principal: principal.to_owned(),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            private_key: PrivateKey::generate(),
+        }
+    }
+
+    pub fn public_key(&self) -> String {
+        self.private_key.public_key().to_base64()
+    }
+}
+
+/// A meshguard node: its underlay address and its identities.
+pub struct NodeSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub identities: Vec<IdentitySpec>,
+}
+
+/// How a node sees one remote node: a peer file.
+pub struct PeerEntry {
+    pub name: String,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    /// (principal, public key in base64, allowed IPs)
+    pub identities: Vec<(String, String, Vec<String>)>,
+}
+
+impl PeerEntry {
+    /// The peer file for another meshguard node, listing all its identities.
+    pub fn for_node(node: &NodeSpec) -> Self {
+        PeerEntry {
+            name: node.name.clone(),
+            endpoint: Some(node.listen),
+            persistent_keepalive: None,
+            identities: node
+                .identities
+                .iter()
+                .map(|i| (i.principal.clone(), i.public_key(), i.addresses.clone()))
+                .collect(),
+        }
+    }
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn write_secret(path: &Path, contents: &str) -> io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    io::Write::write_all(&mut file, contents.as_bytes())
+}
+
+/// Writes the node file (interface `mg0`, every identity address on it), its keys and
+/// its peer files into `dir`; returns the node file's path.
+pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("keys"))?;
+    std::fs::create_dir_all(dir.join("peers"))?;
+    let all_addresses: Vec<String> = node
+        .identities
+        .iter()
+        .flat_map(|i| i.addresses.iter().cloned())
+        .collect();
+    let mut text = String::new();
+    writeln!(text, "name = {:?}", node.name).unwrap();
+    writeln!(text, "listen = \"{}\"", node.listen).unwrap();
+    writeln!(text, "peers_dir = \"peers\"\n").unwrap();
+    writeln!(text, "[interface]\nname = \"mg0\"\nmtu = 1420").unwrap();
+    writeln!(text, "addresses = {}\n", toml_list(&all_addresses)).unwrap();
+    for (index, identity) in node.identities.iter().enumerate() {
+        let key_file = format!("keys/identity-{index}.key");
+        write_secret(
+            &dir.join(&key_file),
+            &format!("{}\n", identity.private_key.to_base64()),
+        )?;
+        writeln!(text, "[[identity]]\nprincipal = {:?}", identity.principal).unwrap();
+        writeln!(text, "private_key_file = {key_file:?}").unwrap();
+        writeln!(text, "addresses = {}\n", toml_list(&identity.addresses)).unwrap();
+    }
+    let path = dir.join("node.toml");
+    std::fs::write(&path, text)?;
+    for peer in peers {
+        let mut text = format!("name = {:?}\n", peer.name);
+        if let Some(endpoint) = peer.endpoint {
+            writeln!(text, "endpoint = \"{endpoint}\"").unwrap();
+        }
+        if let Some(seconds) = peer.persistent_keepalive {
+            writeln!(text, "persistent_keepalive = {seconds}").unwrap();
+        }
+        for (principal, public_key, allowed_ips) in &peer.identities {
+            writeln!(text, "\n[[identity]]\nprincipal = {principal:?}").unwrap();
+            writeln!(text, "public_key = {public_key:?}").unwrap();
+            writeln!(text, "allowed_ips = {}", toml_list(allowed_ips)).unwrap();
+        }
+        std::fs::write(dir.join("peers").join(format!("{}.toml", peer.name)), text)?;
+    }
+    Ok(path)
+}
+
+/// A running `meshguard up` in a namespace, with its configuration directory.
+pub struct MeshguardNode {
+    // Field order: the process stops before its directory goes.
+    process: ChildGuard,
+    config: PathBuf,
+    _dir: TempDir,
+}
+
+/// A line that the daemon logs once it serves traffic.
+const READY_LINE: &str = "meshguard is up";
+
+impl MeshguardNode {
+    /// Writes the configuration and starts `binary up` in `ns`; returns once the daemon
+    /// says it is up, or an error with its output if it exits or stays silent for 10 s.
+    pub fn start(
+        binary: &Path,
+        ns: &Netns,
+        node: &NodeSpec,
+        peers: &[PeerEntry],
+    ) -> io::Result<MeshguardNode> {
+        let dir = TempDir::new("node")?;
+        let config = write_config(dir.path(), node, peers)?;
+        let mut command = Command::new(binary);
+        command.arg("up").arg("--config").arg(&config);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let process = ns.spawn(&command)?;
+        let ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            !process.is_running() || process.read_stderr().contains(READY_LINE)
+        });
+        if !ready || !process.is_running() {
+            return Err(io::Error::other(format!(
+                "meshguard {} did not come up in {}:\n{}",
+                node.name,
+                ns.name(),
+                process.read_stderr()
+            )));
+        }
+        Ok(MeshguardNode {
+            process,
+            config,
+            _dir: dir,
+        })
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn process(&self) -> &ChildGuard {
+        &self.process
+    }
+
+    pub fn log(&self) -> String {
+        self.process.read_stderr()
+    }
+
+    /// Stops the daemon (SIGTERM) and returns its log, which ends with its counters.
+    pub fn stop(&self) -> io::Result<String> {
+        self.process.terminate_and_wait(Duration::from_secs(5))?;
+        Ok(self.process.read_stderr())
+    }
+}
+
+/// The value of counter `name` in the last counters line of a daemon log.
+pub fn counter(log: &str, name: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("counters="))?;
+    let key = format!(" {name}=");
+    let line = line.replace("counters=", " ");
+    let start = line.find(&key)? + key.len();
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_reads_the_last_counters_line() {
+        let log =
+            "x counters=packets_in=1 forged=2\ny\nz counters=packets_in=5 forged=7 replayed=0\n";
+        assert_eq!(counter(log, "packets_in"), Some(5));
+        assert_eq!(counter(log, "forged"), Some(7));
+        assert_eq!(counter(log, "replayed"), Some(0));
+        assert_eq!(counter(log, "missing"), None);
+    }
+
+    #[test]
+    fn written_config_loads() {
+        let dir = TempDir::new("cfgtest").unwrap();
+        let a = NodeSpec {
+            name: "node-a".into(),
+            listen: "198.18.0.1:51820".parse().unwrap(),
+            identities: vec![
+                IdentitySpec::new("cluster.local/ns/a/sa/one", &["10.1.0.1/32"]),
+                IdentitySpec::new("cluster.local/ns/a/sa/two", &["10.1.0.2/32"]),
+            ],
+        };
+        let b = NodeSpec {
+            name: "node-b".into(),
+            listen: "198.18.0.2:51820".parse().unwrap(),
+            identities: vec![IdentitySpec::new(
+                "cluster.local/ns/b/sa/one",
+                &["10.2.0.1/32"],
+            )],
+        };
+        let path = write_config(dir.path(), &a, &[PeerEntry::for_node(&b)]).unwrap();
+        let config = crate::config::load(&path).unwrap();
+        assert_eq!(config.identities.len(), 2);
+        assert_eq!(
+            config.peers[0].identities[0].public_key.to_base64(),
+            b.identities[0].public_key()
+        );
+    }
+}
