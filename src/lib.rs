@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod identity;
 pub mod io;
 pub mod node;

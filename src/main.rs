@@ -34,6 +34,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Bring up a two-node demo mesh in network namespaces, send traffic, clean up (root).
+    Demo,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -57,6 +59,10 @@ fn run(cli: Cli) -> Result<()> {
             meshguard::telemetry::init();
             let config = meshguard::config::load(&config)?;
             meshguard::daemon::run(config)?;
+        }
+        Command::Demo => {
+            let binary = std::env::current_exe().context("locating this executable")?;
+            meshguard::demo::run(&binary)?;
         }
     }
     Ok(())

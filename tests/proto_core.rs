@@ -464,3 +464,44 @@ fn roaming_moves_the_endpoint_only_after_authentication() {
     ));
     assert_eq!(p.b.endpoint(p.ba), Some(new_addr));
 }
+
+#[test]
+fn mac1_dispatches_an_initiation_to_the_right_local_identity() {
+    let now = Instant::now();
+    let unix = Duration::from_secs(1_800_000_000);
+    let responder_addr: SocketAddr = B_ADDR.parse().unwrap();
+    // The responder hosts three identities; the initiator knows only the third.
+    let mut responder = Device::new(DeviceConfig::default(), now, unix);
+    let (init_priv, init_pub) = keypair();
+    let mut tunnels = Vec::new();
+    let mut publics = Vec::new();
+    for _ in 0..3 {
+        let (private, public) = keypair();
+        let local = responder.add_local(private);
+        tunnels.push(responder.add_tunnel(now, local, init_pub, None, None));
+        publics.push(public);
+    }
+    let mut initiator = Device::new(DeviceConfig::default(), now, unix);
+    let local = initiator.add_local(init_priv);
+    let tunnel = initiator.add_tunnel(now, local, publics[2], Some(responder_addr), None);
+    initiator.initiate(now, tunnel);
+    let mut init = initiator.poll_transmit().unwrap().data;
+    let from: SocketAddr = A_ADDR.parse().unwrap();
+    assert_eq!(responder.receive(now, from, &mut init), Received::Control);
+    assert!(!responder.has_session(tunnels[0]) && !responder.has_session(tunnels[1]));
+    let mut response = responder
+        .poll_transmit()
+        .expect("the third identity answers")
+        .data;
+    assert_eq!(
+        initiator.receive(now, responder_addr, &mut response),
+        Received::Control
+    );
+    let mut keepalive = initiator.poll_transmit().unwrap().data;
+    assert_eq!(
+        responder.receive(now, from, &mut keepalive),
+        Received::Control
+    );
+    assert!(responder.has_session(tunnels[2]));
+    assert!(!responder.has_session(tunnels[0]) && !responder.has_session(tunnels[1]));
+}

@@ -1,0 +1,209 @@
+//! The command line: keys interchangeable with `wg`, `check` summaries and errors, and
+//! `up` starting nothing on a broken configuration.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use meshguard::testbed::{find_program, require_root, Netns};
+
+fn meshguard(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+/// A copy of `config/` with key files made private, in a fresh directory.
+fn example_config() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "meshguard-cli-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config"), &dir);
+    for entry in std::fs::read_dir(dir.join("keys")).unwrap() {
+        let path = entry.unwrap().path();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn genkey_and_pubkey_match_wg() {
+    let private = text(&meshguard(&["genkey"], None).stdout);
+    assert_eq!(private.len(), 44);
+    let ours = meshguard(&["pubkey"], Some(&private));
+    assert!(ours.status.success());
+    let ours = text(&ours.stdout);
+    assert_eq!(ours.len(), 44);
+    assert_ne!(ours, private);
+    if let Some(wg) = find_program("wg") {
+        let mut child = Command::new(wg)
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(private.as_bytes())
+            .unwrap();
+        let theirs = text(&child.wait_with_output().unwrap().stdout);
+        assert_eq!(ours, theirs, "meshguard pubkey and wg pubkey agree");
+    }
+    let bad = meshguard(&["pubkey"], Some("not a key"));
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("base64"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
+#[test]
+fn check_prints_a_summary_of_the_examples() {
+    let dir = example_config();
+    let out = meshguard(
+        &[
+            "check",
+            "--config",
+            dir.join("node-a.toml").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    for expected in [
+        "node-a",
+        "cluster.local/ns/payments/sa/payment-service",
+        "cluster.local/ns/web/sa/checkout",
+        "10.10.2.2/32",
+    ] {
+        assert!(
+            summary.contains(expected),
+            "{expected} missing from:\n{summary}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn check_names_file_key_and_reason() {
+    let dir = example_config();
+    let peer = dir.join("peers-a/node-b.toml");
+    let broken = std::fs::read_to_string(&peer)
+        .unwrap()
+        .replace("10.10.2.1/32", "10.10.2.1/24");
+    std::fs::write(&peer, broken).unwrap();
+    let out = meshguard(
+        &[
+            "check",
+            "--config",
+            dir.join("node-a.toml").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("node-b.toml"), "{err}");
+    assert!(err.contains("allowed_ips"), "{err}");
+    assert!(err.contains("host bits"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn up_with_a_broken_config_starts_nothing() {
+    if !require_root() {
+        return;
+    }
+    let dir = example_config();
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.join("keys/a-ledger.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ns = Netns::new("cli").unwrap();
+    let config = dir.join("node-a.toml");
+    let out = ns
+        .exec(
+            env!("CARGO_BIN_EXE_meshguard"),
+            ["up", "--config", config.to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("a-ledger.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+    let links = text(&ns.exec("ip", ["-o", "link"]).unwrap().stdout);
+    assert!(!links.contains("mg0"), "no device was created: {links}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn up_removes_its_device_on_exit() {
+    if !require_root() {
+        return;
+    }
+    let dir = example_config();
+    let ns = Netns::new("clx").unwrap();
+    let config = dir.join("node-a.toml");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshguard"));
+    command.args(["up", "--config", config.to_str().unwrap()]);
+    // The example listens on 198.18.0.1: give the namespace that address.
+    ns.ip(["address", "add", "198.18.0.1/32", "dev", "lo"])
+        .unwrap();
+    let daemon = ns.spawn(&command).unwrap();
+    assert!(
+        meshguard::testbed::wait_until(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(20),
+            || daemon.read_stderr().contains("meshguard is up")
+        ),
+        "{}",
+        daemon.read_stderr()
+    );
+    let routes = text(&ns.exec("ip", ["route"]).unwrap().stdout);
+    assert!(routes.contains("10.10.2.1 dev mg0"), "{routes}");
+    daemon
+        .terminate_and_wait(std::time::Duration::from_secs(5))
+        .unwrap();
+    let links = text(&ns.exec("ip", ["-o", "link"]).unwrap().stdout);
+    assert!(!links.contains("mg0"), "device removed: {links}");
+    let routes = text(&ns.exec("ip", ["route"]).unwrap().stdout);
+    assert!(!routes.contains("mg0"), "routes removed: {routes}");
+    assert!(daemon.read_stderr().contains("meshguard stopping"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
