@@ -9,6 +9,82 @@ pub struct IpHeader {
     pub destination: IpAddr,
     /// The packet's own idea of its length (total length), never more than the buffer.
     pub len: usize,
+    /// Offset of the transport header, when the packet has one this view understands.
+    transport_offset: Option<usize>,
+    /// IP protocol number (IPv6: the first next-header).
+    pub protocol: u8,
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// What a packet carries above IP, as far as flow tracking and policy need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp {
+        source_port: u16,
+        destination_port: u16,
+    },
+    Udp {
+        source_port: u16,
+        destination_port: u16,
+    },
+    /// ICMP or ICMPv6 echo request (`request`) or reply, with its identifier.
+    IcmpEcho { request: bool, identifier: u16 },
+    /// Any other ICMP or ICMPv6 message (errors, neighbour discovery, ...).
+    IcmpOther,
+    /// Another protocol, or a fragment without its transport header.
+    Other,
+}
+
+impl IpHeader {
+    /// The transport layer of `packet` (the same buffer this header was parsed from).
+    pub fn transport(&self, packet: &[u8]) -> Transport {
+        let Some(at) = self.transport_offset else {
+            return Transport::Other;
+        };
+        let l4 = &packet[at..self.len];
+        let ports = || {
+            (l4.len() >= 4).then(|| {
+                (
+                    u16::from_be_bytes([l4[0], l4[1]]),
+                    u16::from_be_bytes([l4[2], l4[3]]),
+                )
+            })
+        };
+        match self.protocol {
+            PROTO_TCP if l4.len() >= 20 => {
+                ports().map_or(Transport::Other, |(s, d)| Transport::Tcp {
+                    source_port: s,
+                    destination_port: d,
+                })
+            }
+            PROTO_UDP if l4.len() >= 8 => {
+                ports().map_or(Transport::Other, |(s, d)| Transport::Udp {
+                    source_port: s,
+                    destination_port: d,
+                })
+            }
+            PROTO_ICMP | PROTO_ICMPV6 if l4.len() >= 8 => {
+                let echo = match (self.protocol, l4[0]) {
+                    (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => Some(true),
+                    (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => Some(false),
+                    _ => None,
+                };
+                match echo {
+                    Some(request) => Transport::IcmpEcho {
+                        request,
+                        identifier: u16::from_be_bytes([l4[4], l4[5]]),
+                    },
+                    None => Transport::IcmpOther,
+                }
+            }
+            PROTO_ICMP | PROTO_ICMPV6 => Transport::IcmpOther,
+            _ => Transport::Other,
+        }
+    }
 }
 
 /// Parses the header of the IP packet at the start of `packet`; `None` if it is not a
@@ -26,10 +102,14 @@ pub fn parse(packet: &[u8]) -> Option<IpHeader> {
             }
             let src: [u8; 4] = packet[12..16].try_into().ok()?;
             let dst: [u8; 4] = packet[16..20].try_into().ok()?;
+            // Only the first fragment carries the transport header.
+            let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
             Some(IpHeader {
                 source: Ipv4Addr::from(src).into(),
                 destination: Ipv4Addr::from(dst).into(),
                 len,
+                transport_offset: (fragment_offset == 0).then_some(header_len),
+                protocol: packet[9],
             })
         }
         6 => {
@@ -42,10 +122,15 @@ pub fn parse(packet: &[u8]) -> Option<IpHeader> {
             }
             let src: [u8; 16] = packet[8..24].try_into().ok()?;
             let dst: [u8; 16] = packet[24..40].try_into().ok()?;
+            // Extension headers are not walked: such packets count as `Transport::Other`.
+            let protocol = packet[6];
+            let known = matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_ICMPV6);
             Some(IpHeader {
                 source: Ipv6Addr::from(src).into(),
                 destination: Ipv6Addr::from(dst).into(),
                 len,
+                transport_offset: known.then_some(40),
+                protocol,
             })
         }
         _ => None,
@@ -55,6 +140,63 @@ pub fn parse(packet: &[u8]) -> Option<IpHeader> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ipv4(protocol: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        p[9] = protocol;
+        p.extend_from_slice(l4);
+        p
+    }
+
+    #[test]
+    fn transports() {
+        let mut tcp = [0u8; 20];
+        tcp[..4].copy_from_slice(&[0x1f, 0x90, 0x00, 0x50]);
+        let p = ipv4(PROTO_TCP, &tcp);
+        let t = parse(&p).unwrap().transport(&p);
+        assert_eq!(
+            t,
+            Transport::Tcp {
+                source_port: 8080,
+                destination_port: 80
+            }
+        );
+        let p = ipv4(PROTO_TCP, &tcp[..10]);
+        assert_eq!(
+            parse(&p).unwrap().transport(&p),
+            Transport::Other,
+            "truncated"
+        );
+        let p = ipv4(PROTO_UDP, &[0, 53, 0x30, 0x39, 0, 8, 0, 0]);
+        assert_eq!(
+            parse(&p).unwrap().transport(&p),
+            Transport::Udp {
+                source_port: 53,
+                destination_port: 12345
+            }
+        );
+        let p = ipv4(PROTO_ICMP, &[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
+        assert_eq!(
+            parse(&p).unwrap().transport(&p),
+            Transport::IcmpEcho {
+                request: true,
+                identifier: 0x1234
+            }
+        );
+        let p = ipv4(PROTO_ICMP, &[3, 4, 0, 0, 0, 0, 5, 0xdc]);
+        assert_eq!(parse(&p).unwrap().transport(&p), Transport::IcmpOther);
+        let mut frag = ipv4(PROTO_UDP, &[0, 53, 0x30, 0x39, 0, 8, 0, 0]);
+        frag[7] = 10;
+        assert_eq!(
+            parse(&frag).unwrap().transport(&frag),
+            Transport::Other,
+            "later fragment"
+        );
+        let p = ipv4(47, &[0; 8]);
+        assert_eq!(parse(&p).unwrap().transport(&p), Transport::Other);
+    }
 
     #[test]
     fn ipv4_and_ipv6_headers() {
@@ -80,6 +222,7 @@ mod tests {
         assert_eq!(h.destination, "::2".parse::<IpAddr>().unwrap());
         assert_eq!(h.len, 48);
         assert_eq!(parse(&v6[..39]), None);
+        assert_eq!(h.transport(&v6), Transport::Other);
         assert_eq!(parse(&[0x50; 60]), None);
         assert_eq!(parse(&[]), None);
     }

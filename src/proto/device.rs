@@ -225,6 +225,11 @@ pub struct Device {
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
     load: LoadMeter,
+    /// Never later than the earliest tunnel deadline; may be earlier (a spurious wake-up
+    /// recomputes it), so per-packet calls keep it up to date in O(1).
+    next_deadline: Option<Instant>,
+    /// The tunnel the current `receive` call touched, whose deadline it must fold in.
+    touched: Option<TunnelId>,
     pub stats: Stats,
 }
 
@@ -245,6 +250,8 @@ impl Device {
                 count: 0,
                 under_load_until: None,
             },
+            next_deadline: None,
+            touched: None,
             stats: Stats::default(),
         }
     }
@@ -277,7 +284,15 @@ impl Device {
             now,
         ));
         self.by_peer_key.insert((local.0, peer_public), id);
+        self.fold_deadline(id);
         id
+    }
+
+    /// Folds a tunnel's (possibly earlier) deadline into the cached minimum.
+    fn fold_deadline(&mut self, tunnel: TunnelId) {
+        if let Some(deadline) = self.tunnels[tunnel.0].next_deadline() {
+            self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
     }
 
     pub fn tunnel_count(&self) -> usize {
@@ -309,9 +324,20 @@ impl Device {
         self.events.pop_front()
     }
 
-    /// When `handle_timeout` next has work to do.
+    /// When `handle_timeout` next has work to do (possibly earlier, never later).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.tunnels.iter().filter_map(Tunnel::next_deadline).min()
+        debug_assert!(
+            match (
+                self.next_deadline,
+                self.tunnels.iter().filter_map(Tunnel::next_deadline).min()
+            ) {
+                (Some(cached), Some(exact)) => cached <= exact,
+                (None, exact) => exact.is_none(),
+                (Some(_), None) => true,
+            },
+            "cached deadline is later than a tunnel's"
+        );
+        self.next_deadline
     }
 
     /// Starts a handshake now unless one was sent within REKEY_TIMEOUT.
@@ -325,6 +351,7 @@ impl Device {
         }
         self.tunnels[tunnel.0].attempts_since = Some(now);
         self.send_initiation(now, tunnel);
+        self.fold_deadline(tunnel);
     }
 
     /// Seals the plaintext at `buf[16..16 + len]` in place for `tunnel`. `buf` must hold
@@ -354,6 +381,7 @@ impl Device {
         if t.wants_rekey_after_send(now) {
             self.initiate(now, tunnel);
         }
+        self.fold_deadline(tunnel);
         Sealed::Send {
             destination,
             len: sealed_len,
@@ -362,6 +390,7 @@ impl Device {
 
     /// Processes one datagram from `source`, decrypting transport data in place.
     pub fn receive(&mut self, now: Instant, source: SocketAddr, datagram: &mut [u8]) -> Received {
+        self.touched = None;
         let outcome = match classify(datagram) {
             None => Err(Drop::Malformed),
             Some(Kind::Initiation) => self.receive_initiation(now, source, datagram),
@@ -369,6 +398,9 @@ impl Device {
             Some(Kind::CookieReply) => self.receive_cookie_reply(now, datagram),
             Some(Kind::Transport) => self.receive_transport(now, source, datagram),
         };
+        if let Some(tunnel) = self.touched.take() {
+            self.fold_deadline(tunnel);
+        }
         match outcome {
             Ok(received) => received,
             Err(drop) => {
@@ -384,6 +416,7 @@ impl Device {
         for index in 0..self.tunnels.len() {
             self.tunnel_timers(now, TunnelId(index));
         }
+        self.next_deadline = self.tunnels.iter().filter_map(Tunnel::next_deadline).min();
     }
 
     fn tunnel_timers(&mut self, now: Instant, tunnel: TunnelId) {
@@ -567,6 +600,7 @@ impl Device {
             .by_peer_key
             .get(&(local, received.peer_public))
             .ok_or(Drop::UnknownPeer)?;
+        self.touched = Some(tunnel);
         let t = &self.tunnels[tunnel.0];
         if t.last_timestamp
             .is_some_and(|last| received.timestamp <= last)
@@ -630,6 +664,7 @@ impl Device {
     ) -> Result<Received, Drop> {
         let receiver = read_u32(msg, 8);
         let tunnel = *self.indices.get(&receiver).ok_or(Drop::UnknownIndex)?;
+        self.touched = Some(tunnel);
         let local = self.tunnels[tunnel.0].local;
         let pending = self.tunnels[tunnel.0]
             .initiating
@@ -712,6 +747,7 @@ impl Device {
     ) -> Result<Received, Drop> {
         let receiver = read_u32(msg, 4);
         let tunnel = *self.indices.get(&receiver).ok_or(Drop::UnknownIndex)?;
+        self.touched = Some(tunnel);
         let t = &mut self.tunnels[tunnel.0];
         let session = t.session_by_index(receiver).ok_or(Drop::UnknownIndex)?;
         let plaintext = session.open(now, msg).map_err(|e| match e {
