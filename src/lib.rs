@@ -7,6 +7,7 @@ pub mod identity;
 pub mod io;
 pub mod node;
 pub mod packet;
+pub mod policy;
 pub mod proto;
 pub mod telemetry;
 pub mod testbed;

@@ -36,6 +36,80 @@ enum Command {
     },
     /// Bring up a two-node demo mesh in network namespaces, send traffic, clean up (root).
     Demo,
+    /// Allow-list tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Explain the decision for a flow from a principal to a local identity.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// Source principal (Istio or SPIFFE form).
+        #[arg(long)]
+        from: String,
+        /// Destination: a local identity's principal, or an address it owns.
+        #[arg(long)]
+        to: String,
+        /// `PORT/tcp`, `PORT/udp` or `icmp`.
+        #[arg(long)]
+        port: String,
+        /// Source address, for policies with ip_blocks (default: none, which never
+        /// matches an ALLOW ip_blocks condition).
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+    },
+}
+
+/// Loads the node file, its peers and its policy files: all valid, or an error.
+fn load(
+    path: &std::path::Path,
+) -> Result<(meshguard::config::NodeConfig, meshguard::policy::PolicySet)> {
+    let config = meshguard::config::load(path)?;
+    let policy =
+        meshguard::policy::load_files(&config.policy.files, &config.policy.root_namespace)?;
+    Ok((config, policy))
+}
+
+/// `--port`: `8080/tcp`, `53/udp` or `icmp`.
+struct PortArg {
+    protocol: meshguard::policy::Protocol,
+    port: Option<u16>,
+}
+
+impl std::str::FromStr for PortArg {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        use meshguard::policy::Protocol;
+        if s.eq_ignore_ascii_case("icmp") {
+            return Ok(PortArg {
+                protocol: Protocol::Icmp,
+                port: None,
+            });
+        }
+        let (number, protocol) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("--port {s:?}: expected PORT/tcp, PORT/udp or icmp"))?;
+        let protocol = match protocol.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => anyhow::bail!("--port {s:?}: unknown protocol {other:?} (tcp or udp)"),
+        };
+        let port = number
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| anyhow::anyhow!("--port {s:?}: {number:?} is not a port (1-65535)"))?;
+        Ok(PortArg {
+            protocol,
+            port: Some(port),
+        })
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -52,13 +126,40 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", key.public_key());
         }
         Command::Check { config } => {
-            let config = meshguard::config::load(&config)?;
+            let (config, policy) = load(&config)?;
             print!("{}", meshguard::config::summary(&config));
+            println!("  policies loaded: {}", policy.policies.len());
+            for warning in &policy.warnings {
+                println!("  policy warning: {warning}");
+            }
         }
         Command::Up { config } => {
             meshguard::telemetry::init();
-            let config = meshguard::config::load(&config)?;
-            meshguard::daemon::run(config)?;
+            let (config, policy) = load(&config)?;
+            meshguard::daemon::run(config, policy)?;
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    config,
+                    from,
+                    to,
+                    port,
+                    source_ip,
+                },
+        } => {
+            let (config, policy) = load(&config)?;
+            let port = port.parse::<PortArg>()?;
+            let answer = meshguard::policy::check::explain(
+                &config,
+                &policy,
+                &from,
+                &to,
+                port.protocol,
+                port.port,
+                source_ip,
+            )?;
+            println!("{answer}");
         }
         Command::Demo => {
             let binary = std::env::current_exe().context("locating this executable")?;

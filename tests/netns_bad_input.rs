@@ -15,7 +15,7 @@ use meshguard::proto::replay::WINDOW;
 use meshguard::proto::{Device, DeviceConfig};
 use meshguard::testbed::{
     counter, require_root, tcp_transfer, IdentitySpec, Link, MeshguardNode, Netns, NodeSpec,
-    PeerEntry,
+    PeerEntry, ALLOW_ALL_POLICY,
 };
 
 const TRANSFER_BYTES: usize = 20 * 1000 * 1000;
@@ -231,6 +231,7 @@ fn garbage_is_dropped_counted_and_never_answered() {
     let _attacker_link = Link::new(&ns_x, "198.18.4.2/24", &ns_a, "198.18.4.1/24", None).unwrap();
     let a = NodeSpec {
         name: "node-a".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: "198.18.3.1:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/a/sa/server",
@@ -239,6 +240,7 @@ fn garbage_is_dropped_counted_and_never_answered() {
     };
     let b = NodeSpec {
         name: "node-b".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: "198.18.3.2:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/b/sa/client",

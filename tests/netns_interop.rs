@@ -7,7 +7,7 @@ use std::path::Path;
 
 use meshguard::testbed::{
     genkey, ping, require_root, tcp_transfer, unique_name, IdentitySpec, Link, MeshguardNode,
-    Netns, NodeSpec, PeerEntry, WgKind, WgPeer,
+    Netns, NodeSpec, PeerEntry, WgKind, WgPeer, ALLOW_ALL_POLICY,
 };
 
 const TRANSFER_BYTES: usize = 20 * 1000 * 1000;
@@ -46,6 +46,7 @@ fn interop(kind: WgKind, initiator: Initiator) {
 
     let mg = NodeSpec {
         name: "meshguard".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: SocketAddr::new(ip(MG_UNDERLAY), 51820),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/interop/sa/meshguard",

@@ -10,7 +10,7 @@ use meshguard::identity::PrivateKey;
 use meshguard::proto::{Device, DeviceConfig, Received, Sealed, SEAL_TAILROOM};
 use meshguard::testbed::{
     counter, ping, require_root, tcp_transfer, IdentitySpec, Link, MeshguardNode, Netns, NodeSpec,
-    PeerEntry,
+    PeerEntry, ALLOW_ALL_POLICY,
 };
 
 const TRANSFER_BYTES: usize = 20 * 1000 * 1000;
@@ -26,6 +26,7 @@ fn ip(s: &str) -> IpAddr {
 fn node_a() -> NodeSpec {
     NodeSpec {
         name: "node-a".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: "198.18.1.1:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -40,6 +41,7 @@ fn node_a() -> NodeSpec {
 fn node_b() -> NodeSpec {
     NodeSpec {
         name: "node-b".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: "198.18.1.2:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new("cluster.local/ns/web/sa/frontend", &["10.10.2.1/32"]),

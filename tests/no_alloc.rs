@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use meshguard::config::{
-    InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig,
+    InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
 };
 use meshguard::identity::{Principal, PrivateKey};
 use meshguard::node::{Egress, Ingress, Node};
+use meshguard::policy::{DefaultAction, PolicySet};
 use meshguard::proto::{
     Device, DeviceConfig, Received, Sealed, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
 };
@@ -299,6 +300,11 @@ fn node_config(
             addresses: vec![address],
         },
         peers_dir: dir.join("peers"),
+        // No policies and default allow: these measure the data path, not the allow list.
+        policy: PolicyConfig {
+            default: DefaultAction::Allow,
+            ..PolicyConfig::default()
+        },
         identities: vec![LocalIdentityConfig {
             principal: principal.clone(),
             private_key_file: dir.join("identity.key"),
@@ -362,8 +368,20 @@ impl NodePair {
         );
         let mut pair = NodePair {
             now,
-            a: Node::new(&a_config, DeviceConfig::default(), now, UNIX_START),
-            b: Node::new(&b_config, DeviceConfig::default(), now, UNIX_START),
+            a: Node::new(
+                &a_config,
+                &PolicySet::default(),
+                DeviceConfig::default(),
+                now,
+                UNIX_START,
+            ),
+            b: Node::new(
+                &b_config,
+                &PolicySet::default(),
+                DeviceConfig::default(),
+                now,
+                UNIX_START,
+            ),
             a_addr,
             b_addr,
         };
@@ -433,8 +451,8 @@ fn node_egress_and_ingress_allocate_nothing_per_packet() {
     });
     assert_no_allocations("Node::egress / Node::ingress", measured);
     let expected = (1 + WARM_UP + ROUND_TRIPS) as u64;
-    assert_eq!(pair.b.route_stats.packets_in, expected);
-    assert_eq!(pair.a.route_stats.packets_in, expected - 1);
+    assert_eq!(pair.b.stats.packets_in, expected);
+    assert_eq!(pair.a.stats.packets_in, expected - 1);
     assert_eq!(pair.a.poll_transmit().map(|t| t.data.len()), None);
     assert_eq!(pair.b.poll_transmit().map(|t| t.data.len()), None);
 }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use meshguard::config::{
-    InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig,
+    InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
 };
 use meshguard::identity::{Principal, PrivateKey};
 use meshguard::node::{Egress, Ingress, Node};
+use meshguard::policy::{DefaultAction, PolicySet};
 use meshguard::proto::{
     Device, DeviceConfig, Received, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
 };
@@ -166,6 +167,11 @@ fn node_config(
             addresses: vec![address],
         },
         peers_dir: dir.join("peers"),
+        // No policies and default allow: these measure the data path, not the allow list.
+        policy: PolicyConfig {
+            default: DefaultAction::Allow,
+            ..PolicyConfig::default()
+        },
         identities: vec![LocalIdentityConfig {
             principal: principal.clone(),
             private_key_file: dir.join("identity.key"),
@@ -234,8 +240,20 @@ impl NodePair {
         );
         NodePair {
             now,
-            a: Node::new(&a_config, DeviceConfig::default(), now, UNIX_START),
-            b: Node::new(&b_config, DeviceConfig::default(), now, UNIX_START),
+            a: Node::new(
+                &a_config,
+                &PolicySet::default(),
+                DeviceConfig::default(),
+                now,
+                UNIX_START,
+            ),
+            b: Node::new(
+                &b_config,
+                &PolicySet::default(),
+                DeviceConfig::default(),
+                now,
+                UNIX_START,
+            ),
             a_addr,
             b_addr,
         }

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use toml::Spanned;
 
-use super::schema::{RawInterface, RawLocalIdentity, RawNode, RawPeer, RawPeerIdentity};
+use super::schema::{RawInterface, RawLocalIdentity, RawNode, RawPeer, RawPeerIdentity, RawPolicy};
 use super::{
     ConfigError, InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig,
-    DEFAULT_MTU, MAX_INTERFACE_NAME_LEN, MAX_MTU, MIN_MTU, MIN_MTU_IPV6,
+    PolicyConfig, DEFAULT_MTU, MAX_INTERFACE_NAME_LEN, MAX_MTU, MIN_MTU, MIN_MTU_IPV6,
 };
 use crate::identity::{load_private_key_file, Principal, PublicKey};
 
@@ -174,6 +174,7 @@ pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         positions.identities.push(pos);
     }
 
+    let policy = check_policy(&src, base, raw.policy.as_ref())?;
     let peer_files = list_peer_files(&src, &peers_dir)?;
     let mut peers = Vec::with_capacity(peer_files.len());
     let mut peer_positions = Vec::with_capacity(peer_files.len());
@@ -191,6 +192,7 @@ pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         peers_dir,
         identities,
         peers,
+        policy,
     };
     check_cross(&cfg, &positions, &peer_positions)?;
     check_mtu_ipv6(&src, &cfg, mtu_span)?;
@@ -371,6 +373,56 @@ fn resolve_path(
         return Err(src.err_at(key, v.span(), "must not be empty"));
     }
     Ok(base.join(v.get_ref()))
+}
+
+fn check_policy(
+    src: &Source,
+    base: &Path,
+    raw: Option<&RawPolicy>,
+) -> Result<PolicyConfig, ConfigError> {
+    let mut policy = PolicyConfig::default();
+    let Some(raw) = raw else {
+        return Ok(policy);
+    };
+    for (i, file) in raw.files.iter().enumerate() {
+        let key = format!("policy.files[{i}]");
+        let path = resolve_path(src, base, &key, file)?;
+        let known = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("toml" | "yaml" | "yml")
+        );
+        if !known {
+            return Err(src.err_at(
+                key,
+                file.span(),
+                "policy files end in .toml (meshguard form) or .yaml/.yml (Istio)",
+            ));
+        }
+        policy.files.push(path);
+    }
+    if let Some(default) = &raw.default {
+        policy.default = default
+            .get_ref()
+            .parse()
+            .map_err(|reason: String| src.err_at("policy.default", default.span(), &reason))?;
+    }
+    if let Some(root) = &raw.root_namespace {
+        let name = root.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid {
+            return Err(src.err_at(
+                "policy.root_namespace",
+                root.span(),
+                &format!("{name:?} is not a Kubernetes namespace name"),
+            ));
+        }
+        policy.root_namespace = name.clone();
+    }
+    Ok(policy)
 }
 
 fn check_interface(

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use crate::identity::{Principal, PrivateKey, PublicKey};
+use crate::policy::{DefaultAction, DEFAULT_ROOT_NAMESPACE};
 
 pub use error::ConfigError;
 pub use load::{load, load_peer_file};
@@ -49,6 +50,28 @@ pub struct NodeConfig {
     pub identities: Vec<LocalIdentityConfig>,
     /// One entry per peer file, sorted by file name.
     pub peers: Vec<PeerConfig>,
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`: where the allow lists come from and what applies when none selects an
+/// identity. Without the section: no policy files and default deny (fail closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// `.toml` (meshguard form) or `.yaml`/`.yml` (Istio), resolved against the node
+    /// file's directory, in the order given.
+    pub files: Vec<PathBuf>,
+    pub default: DefaultAction,
+    pub root_namespace: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            files: Vec::new(),
+            default: DefaultAction::Deny,
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+        }
+    }
 }
 
 /// `[interface]`: the TUN device.
@@ -155,5 +178,22 @@ pub fn summary(cfg: &NodeConfig) -> String {
             let _ = writeln!(s, "        allowed ips  {}", join_nets(&id.allowed_ips));
         }
     }
+    let files: Vec<String> = cfg
+        .policy
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    let _ = writeln!(
+        s,
+        "  policy: default {}, root namespace {}, files {}",
+        cfg.policy.default,
+        cfg.policy.root_namespace,
+        if files.is_empty() {
+            "(none)".to_owned()
+        } else {
+            files.join(", ")
+        }
+    );
     s
 }

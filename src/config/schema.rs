@@ -19,6 +19,17 @@ pub(crate) struct RawNode {
     pub interface: RawInterface,
     #[serde(default)]
     pub identity: Vec<RawLocalIdentity>,
+    pub policy: Option<RawPolicy>,
+}
+
+/// `[policy]` of a node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPolicy {
+    #[serde(default)]
+    pub files: Vec<Spanned<String>>,
+    pub default: Option<Spanned<String>>,
+    pub root_namespace: Option<Spanned<String>>,
 }
 
 /// `[interface]` of a node file.

@@ -5,6 +5,7 @@
 //! node's in-place, buffer-based interface is already shaped for them.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -13,18 +14,71 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::NodeConfig;
 use crate::io::{netconf, tun::Tun, udp};
 use crate::node::{Egress, Ingress, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+use crate::policy::{self, PolicySet};
 use crate::proto::DeviceConfig;
 
 /// Largest IP packet read from the TUN device.
 const MAX_PACKET: usize = 65535;
+/// How often policy files are checked for changes.
+const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Runs the daemon for `config` until SIGINT or SIGTERM.
-pub fn run(config: NodeConfig) -> Result<()> {
+/// Runs the daemon for `config` and its loaded allow list until SIGINT or SIGTERM.
+pub fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, policy))
+}
+
+/// What identifies a version of the policy files: (modified time, length) of each.
+type PolicyStamp = Vec<Option<(SystemTime, u64)>>;
+
+fn policy_stamp(files: &[PathBuf]) -> PolicyStamp {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+fn log_policy(node: &Node, policy: &PolicySet) {
+    for warning in &policy.warnings {
+        tracing::warn!(%warning, "policy adjusted");
+    }
+    for (index, local) in node.locals().iter().enumerate() {
+        let selected = node.policy().selected_by_allow(index);
+        tracing::info!(
+            identity = %local.principal,
+            selected_by_allow_policy = selected,
+            strict = node.policy().is_strict(index),
+            "allow list"
+        );
+    }
+}
+
+/// Reloads the policy files; a broken file leaves the running policy in place.
+fn reload_policy(node: &mut Node, config: &NodeConfig, why: &str) {
+    match policy::load_files(&config.policy.files, &config.policy.root_namespace) {
+        Ok(policy) => {
+            let revoked = node.set_policy(&policy);
+            tracing::info!(
+                trigger = why,
+                policies = policy.policies.len(),
+                revoked_flows = revoked,
+                "policy reloaded"
+            );
+            log_policy(node, &policy);
+        }
+        Err(e) => tracing::error!(
+            trigger = why,
+            error = %e,
+            "policy reload failed; the previous policy stays in force"
+        ),
+    }
 }
 
 fn unix_now() -> Duration {
@@ -51,11 +105,21 @@ fn setup_interface(config: &NodeConfig) -> Result<Tun> {
     Ok(tun)
 }
 
-async fn serve(config: NodeConfig) -> Result<()> {
-    let mut node = Node::new(&config, DeviceConfig::default(), Instant::now(), unix_now());
+async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
+    let mut node = Node::new(
+        &config,
+        &policy,
+        DeviceConfig::default(),
+        Instant::now(),
+        unix_now(),
+    );
+    log_policy(&node, &policy);
+    let mut policy_version = policy_stamp(&config.policy.files);
+    let mut policy_poll = tokio::time::interval(POLICY_POLL_INTERVAL);
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut report = signal(SignalKind::user_defined1())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let socket = udp::bind(config.listen)
         .await
         .with_context(|| format!("binding UDP {}", config.listen))?;
@@ -99,12 +163,31 @@ async fn serve(config: NodeConfig) -> Result<()> {
             _ = tokio::time::sleep_until(wake.into()) => node.handle_timeout(Instant::now()),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = report.recv() => tracing::info!(counters = %node.counters(), "counters"),
+            _ = report.recv() => {
+                for line in node.decision_counters() {
+                    tracing::info!(decisions = %line, "allow-list decisions");
+                }
+                tracing::info!(counters = %node.counters(), "counters");
+            }
+            _ = hangup.recv() => {
+                policy_version = policy_stamp(&config.policy.files);
+                reload_policy(&mut node, &config, "SIGHUP");
+            }
+            _ = policy_poll.tick() => {
+                let stamp = policy_stamp(&config.policy.files);
+                if stamp != policy_version {
+                    policy_version = stamp;
+                    reload_policy(&mut node, &config, "policy file changed");
+                }
+            }
         }
         while let Some(transmit) = node.poll_transmit() {
             send(&socket, &transmit.data, transmit.destination).await;
         }
         node.log_events();
+    }
+    for line in node.decision_counters() {
+        tracing::info!(decisions = %line, "allow-list decisions");
     }
     tracing::info!(counters = %node.counters(), "meshguard stopping");
     drop(tun);

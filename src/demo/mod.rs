@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::testbed::{
     counter, is_root, ping, tcp_transfer, IdentitySpec, Link, MeshguardNode, Netns, NodeSpec,
-    PeerEntry,
+    PeerEntry, ALLOW_ALL_POLICY,
 };
 
 const TRANSFER_BYTES: usize = 20 * 1000 * 1000;
@@ -28,6 +28,7 @@ fn step(text: &str) {
 fn nodes() -> (NodeSpec, NodeSpec) {
     let a = NodeSpec {
         name: "node-a".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: "198.18.0.1:51820".parse().expect("literal"),
         identities: vec![
             IdentitySpec::new(
@@ -39,6 +40,7 @@ fn nodes() -> (NodeSpec, NodeSpec) {
     };
     let b = NodeSpec {
         name: "node-b".into(),
+        policy: ALLOW_ALL_POLICY.into(),
         listen: "198.18.0.2:51820".parse().expect("literal"),
         identities: vec![
             IdentitySpec::new("cluster.local/ns/web/sa/frontend", &["10.10.2.1/32"]),

@@ -3,18 +3,28 @@
 //! Egress: the source address picks the local identity (whose key seals), the
 //! destination picks the peer identity (longest prefix over allowed IPs). Ingress: the
 //! session proves the peer identity; its source must be inside that identity's allowed
-//! IPs and its destination must belong to the session's local identity.
+//! IPs and its destination must belong to the session's local identity. Then the allow
+//! list decides, statefully: replies to flows a local workload opened pass, allowed flows
+//! are remembered, everything else is evaluated against the compiled policy.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, PolicyConfig};
 use crate::identity::{PrefixTable, Principal, PublicKey};
-use crate::packet;
+use crate::packet::{self, IpHeader, Transport};
+use crate::policy::flows::{self, Direction, FlowState, FlowTable, Opened};
+use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
 use crate::proto::{self, Device, DeviceConfig, Event, Received, Sealed, TunnelId};
+
+/// How often idle flows are swept out of the flow table.
+const FLOW_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// At most one "denied" log line per identity pair this often; the rest are counted.
+const DENY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub use crate::proto::{SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 
@@ -22,6 +32,7 @@ pub struct LocalIdentity {
     pub principal: Principal,
     pub public_key: PublicKey,
     pub addresses: Vec<IpNet>,
+    pub labels: BTreeMap<String, String>,
 }
 
 pub struct PeerIdentity {
@@ -34,7 +45,7 @@ pub struct PeerIdentity {
 
 /// Why the node dropped a packet, beyond the protocol's own reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteDrop {
+pub enum NodeDrop {
     /// Not a parseable IPv4/IPv6 packet.
     NotIp,
     /// Egress: no local identity owns the source address.
@@ -45,29 +56,49 @@ pub enum RouteDrop {
     SpoofedSource,
     /// Ingress: the destination does not belong to the session's local identity.
     WrongDestination,
+    /// Ingress: the allow list denies it.
+    PolicyDenied,
+    /// Ingress: a flow that a policy reload revoked.
+    FlowRevoked,
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct RouteStats {
+pub struct NodeStats {
     pub not_ip: u64,
     pub no_local_identity: u64,
     pub no_peer: u64,
     pub spoofed_source: u64,
     pub wrong_destination: u64,
+    pub policy_denied: u64,
+    pub flow_revoked: u64,
+    /// New inbound flows (or untracked packets) the allow list let in.
+    pub policy_allowed: u64,
     pub packets_out: u64,
     pub packets_in: u64,
 }
 
-impl RouteStats {
-    fn count(&mut self, drop: RouteDrop) {
+impl NodeStats {
+    fn count(&mut self, drop: NodeDrop) {
         *match drop {
-            RouteDrop::NotIp => &mut self.not_ip,
-            RouteDrop::NoLocalIdentity => &mut self.no_local_identity,
-            RouteDrop::NoPeer => &mut self.no_peer,
-            RouteDrop::SpoofedSource => &mut self.spoofed_source,
-            RouteDrop::WrongDestination => &mut self.wrong_destination,
+            NodeDrop::NotIp => &mut self.not_ip,
+            NodeDrop::NoLocalIdentity => &mut self.no_local_identity,
+            NodeDrop::NoPeer => &mut self.no_peer,
+            NodeDrop::SpoofedSource => &mut self.spoofed_source,
+            NodeDrop::WrongDestination => &mut self.wrong_destination,
+            NodeDrop::PolicyDenied => &mut self.policy_denied,
+            NodeDrop::FlowRevoked => &mut self.flow_revoked,
         } += 1;
     }
+}
+
+/// Allow-list decisions for one (peer identity, local identity) pair.
+#[derive(Debug, Default, Clone)]
+pub struct PairDecisions {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    last_deny_log: Option<Instant>,
+    unlogged_denials: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +128,7 @@ pub enum Ingress {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
-    Route(RouteDrop),
+    Node(NodeDrop),
     Protocol(proto::Drop),
 }
 
@@ -111,7 +142,31 @@ pub struct Node {
     tunnels: Vec<TunnelId>,
     /// (local, peer) of each tunnel, by tunnel index.
     pairs: Vec<(usize, usize)>,
-    pub route_stats: RouteStats,
+    policy_config: PolicyConfig,
+    policy: Evaluator,
+    flows: FlowTable,
+    last_flow_sweep: Instant,
+    /// Decisions per pair, at `local * peers.len() + peer`.
+    decisions: Vec<PairDecisions>,
+    pub stats: NodeStats,
+}
+
+fn protocol_of(header: &IpHeader, transport: Transport) -> (Protocol, Option<u16>) {
+    match transport {
+        Transport::Tcp {
+            destination_port, ..
+        } => (Protocol::Tcp, Some(destination_port)),
+        Transport::Udp {
+            destination_port, ..
+        } => (Protocol::Udp, Some(destination_port)),
+        Transport::IcmpEcho { .. } | Transport::IcmpOther => (Protocol::Icmp, None),
+        Transport::Other => match header.protocol {
+            packet::PROTO_TCP => (Protocol::Tcp, None),
+            packet::PROTO_UDP => (Protocol::Udp, None),
+            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => (Protocol::Icmp, None),
+            other => (Protocol::Other(other), None),
+        },
+    }
 }
 
 impl Node {
@@ -119,6 +174,7 @@ impl Node {
     /// peer identity. `now_unix` is the wall-clock time at `now`.
     pub fn new(
         config: &NodeConfig,
+        policy: &PolicySet,
         device_config: DeviceConfig,
         now: Instant,
         now_unix: Duration,
@@ -136,6 +192,7 @@ impl Node {
                 principal: identity.principal.clone(),
                 public_key: identity.public_key,
                 addresses: identity.addresses.clone(),
+                labels: identity.labels.clone(),
             });
         }
         let mut peers = Vec::new();
@@ -171,6 +228,8 @@ impl Node {
                 pairs.push((local, peer));
             }
         }
+        let evaluator = compile(&locals, &peers, policy, &config.policy);
+        let decisions = vec![PairDecisions::default(); locals.len() * peers.len()];
         Node {
             device,
             locals,
@@ -179,8 +238,45 @@ impl Node {
             peer_by_address,
             tunnels,
             pairs,
-            route_stats: RouteStats::default(),
+            policy_config: config.policy.clone(),
+            policy: evaluator,
+            flows: FlowTable::new(flows::DEFAULT_CAPACITY),
+            last_flow_sweep: now,
+            decisions,
+            stats: NodeStats::default(),
         }
+    }
+
+    /// Replaces the allow list. Flows the peer opened are re-checked at once: those the
+    /// new policy denies stop. Returns how many were revoked.
+    pub fn set_policy(&mut self, policy: &PolicySet) -> usize {
+        self.policy = compile(&self.locals, &self.peers, policy, &self.policy_config);
+        let evaluator = &self.policy;
+        self.flows.recheck(|opened| {
+            evaluator
+                .evaluate(opened.local, opened.peer, &opened.request)
+                .allowed
+        })
+    }
+
+    pub fn policy(&self) -> &Evaluator {
+        &self.policy
+    }
+
+    /// Index of the local identity that owns `address`.
+    pub fn local_for_address(&self, address: std::net::IpAddr) -> Option<usize> {
+        self.local_by_address
+            .longest_match(address)
+            .map(|(_, &local)| local)
+    }
+
+    /// Index of the peer identity with this principal.
+    pub fn peer_by_principal(&self, principal: &Principal) -> Option<usize> {
+        self.peers.iter().position(|p| &p.principal == principal)
+    }
+
+    pub fn decisions(&self, local: usize, peer: usize) -> &PairDecisions {
+        &self.decisions[local * self.peers.len() + peer]
     }
 
     pub fn locals(&self) -> &[LocalIdentity] {
@@ -195,10 +291,10 @@ impl Node {
         &self.device.stats
     }
 
-    fn drop_route(&mut self, drop: RouteDrop) -> Dropped {
-        self.route_stats.count(drop);
+    fn drop_packet(&mut self, drop: NodeDrop) -> Dropped {
+        self.stats.count(drop);
         tracing::trace!(?drop, "dropped packet");
-        Dropped::Route(drop)
+        Dropped::Node(drop)
     }
 
     /// Seals the IP packet at `buf[16..16 + len]` for the tunnel its addresses select.
@@ -206,18 +302,20 @@ impl Node {
     pub fn egress(&mut self, now: Instant, buf: &mut [u8], len: usize) -> Egress {
         let Some(header) = packet::parse(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len])
         else {
-            return Egress::Dropped(self.drop_route(RouteDrop::NotIp));
+            return Egress::Dropped(self.drop_packet(NodeDrop::NotIp));
         };
         let Some((_, &local)) = self.local_by_address.longest_match(header.source) else {
-            return Egress::Dropped(self.drop_route(RouteDrop::NoLocalIdentity));
+            return Egress::Dropped(self.drop_packet(NodeDrop::NoLocalIdentity));
         };
         let Some((_, &peer)) = self.peer_by_address.longest_match(header.destination) else {
-            return Egress::Dropped(self.drop_route(RouteDrop::NoPeer));
+            return Egress::Dropped(self.drop_packet(NodeDrop::NoPeer));
         };
+        let packet = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len];
+        self.track_outbound(now, &header, header.transport(packet));
         let tunnel = self.tunnels[local * self.peers.len() + peer];
         match self.device.seal(now, tunnel, buf, len) {
             Sealed::Send { destination, len } => {
-                self.route_stats.packets_out += 1;
+                self.stats.packets_out += 1;
                 Egress::Send { destination, len }
             }
             Sealed::Queued => Egress::Queued,
@@ -234,17 +332,21 @@ impl Node {
         };
         let (local, peer) = self.pairs[tunnel.0];
         let Some(header) = packet::parse(&datagram[plaintext.clone()]) else {
-            return Ingress::Dropped(self.drop_route(RouteDrop::NotIp));
+            return Ingress::Dropped(self.drop_packet(NodeDrop::NotIp));
         };
         let source_owner = self.peer_by_address.longest_match(header.source);
         if source_owner.map(|(_, &p)| p) != Some(peer) {
-            return Ingress::Dropped(self.drop_route(RouteDrop::SpoofedSource));
+            return Ingress::Dropped(self.drop_packet(NodeDrop::SpoofedSource));
         }
         let destination_owner = self.local_by_address.longest_match(header.destination);
         if destination_owner.map(|(_, &l)| l) != Some(local) {
-            return Ingress::Dropped(self.drop_route(RouteDrop::WrongDestination));
+            return Ingress::Dropped(self.drop_packet(NodeDrop::WrongDestination));
         }
-        self.route_stats.packets_in += 1;
+        let transport = header.transport(&datagram[plaintext.start..plaintext.start + header.len]);
+        if let Err(drop) = self.admit_inbound(now, local, peer, &header, transport) {
+            return Ingress::Dropped(self.drop_packet(drop));
+        }
+        self.stats.packets_in += 1;
         Ingress::Deliver {
             packet: plaintext.start..plaintext.start + header.len,
             peer,
@@ -262,6 +364,100 @@ impl Node {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.device.handle_timeout(now);
+        if now.saturating_duration_since(self.last_flow_sweep) >= FLOW_SWEEP_INTERVAL {
+            self.flows.expire(now);
+            self.last_flow_sweep = now;
+        }
+    }
+
+    /// A local workload sends: remember the flow so the peer's replies come back in. A
+    /// flow already known (opened by the peer, or revoked) keeps its state.
+    fn track_outbound(&mut self, now: Instant, header: &IpHeader, transport: Transport) {
+        // An echo reply answers the peer's request; it opens nothing.
+        if matches!(transport, Transport::IcmpEcho { request: false, .. }) {
+            return;
+        }
+        if let Some((key, idle)) = flows::key(header, transport, Direction::Outbound) {
+            if self.flows.touch(&key, now).is_none() {
+                self.flows.insert(key, FlowState::OpenedLocally, idle, now);
+            }
+        }
+    }
+
+    /// The stateful allow list at ingress: tracked flows pass (or stay revoked), anything
+    /// else is evaluated and, when allowed, tracked.
+    fn admit_inbound(
+        &mut self,
+        now: Instant,
+        local: usize,
+        peer: usize,
+        header: &IpHeader,
+        transport: Transport,
+    ) -> Result<(), NodeDrop> {
+        let flow = flows::key(header, transport, Direction::Inbound);
+        if let Some((key, _)) = &flow {
+            match self.flows.touch(key, now) {
+                Some(FlowState::OpenedLocally | FlowState::Allowed(_)) => return Ok(()),
+                Some(FlowState::Revoked(_)) => return Err(NodeDrop::FlowRevoked),
+                None => {}
+            }
+        }
+        let (protocol, port) = protocol_of(header, transport);
+        let request = Request {
+            source_ip: Some(header.source),
+            protocol,
+            port,
+        };
+        let decision = self.policy.evaluate(local, peer, &request);
+        let pair = local * self.peers.len() + peer;
+        let counts = &mut self.decisions[pair];
+        if !decision.audited_by.is_empty() {
+            counts.audited += 1;
+            tracing::debug!(
+                source = %self.peers[peer].principal,
+                destination = %self.locals[local].principal,
+                %protocol,
+                port,
+                decision = %decision.explain(),
+                "audited flow"
+            );
+        }
+        if decision.allowed {
+            counts.allowed += 1;
+            self.stats.policy_allowed += 1;
+            if let Some((key, idle)) = flow {
+                let opened = Opened {
+                    local,
+                    peer,
+                    request,
+                };
+                self.flows
+                    .insert(key, FlowState::Allowed(opened), idle, now);
+            }
+            return Ok(());
+        }
+        counts.denied += 1;
+        let due = counts
+            .last_deny_log
+            .is_none_or(|at| now.saturating_duration_since(at) >= DENY_LOG_INTERVAL);
+        if due {
+            let unlogged = counts.unlogged_denials;
+            counts.last_deny_log = Some(now);
+            counts.unlogged_denials = 0;
+            tracing::info!(
+                source = %self.peers[peer].principal,
+                destination = %self.locals[local].principal,
+                source_ip = %header.source,
+                %protocol,
+                port,
+                decision = %decision.explain(),
+                similar_denials_not_logged = unlogged,
+                "denied inbound flow"
+            );
+        } else {
+            counts.unlogged_denials += 1;
+        }
+        Err(NodeDrop::PolicyDenied)
     }
 
     /// Logs what happened since the last call, naming both identities of each tunnel.
@@ -297,16 +493,34 @@ impl Node {
         }
     }
 
+    /// One line per identity pair that saw allow-list decisions.
+    pub fn decision_counters(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (local, identity) in self.locals.iter().enumerate() {
+            for (peer, peer_identity) in self.peers.iter().enumerate() {
+                let d = self.decisions(local, peer);
+                if d.allowed + d.denied + d.audited > 0 {
+                    lines.push(format!(
+                        "source={} destination={} allowed={} denied={} audited={}",
+                        peer_identity.principal, identity.principal, d.allowed, d.denied, d.audited
+                    ));
+                }
+            }
+        }
+        lines
+    }
+
     /// One line of every counter, for logs and tests.
     pub fn counters(&self) -> String {
         let p = &self.device.stats;
-        let r = &self.route_stats;
+        let r = &self.stats;
         format!(
             "packets_in={} packets_out={} handshakes_completed={} network_drops={} \
              malformed={} bad_mac1={} handshake_failed={} unknown_peer={} handshake_replay={} \
              handshake_flood={} unknown_index={} forged={} replayed={} expired={} \
              cookie_replies_sent={} no_endpoint={} queue_overflow={} handshake_gave_up={} \
-             not_ip={} no_local_identity={} no_peer={} spoofed_source={} wrong_destination={}",
+             not_ip={} no_local_identity={} no_peer={} spoofed_source={} wrong_destination={} \
+             policy_allowed={} policy_denied={} flow_revoked={} flows={} flow_evictions={}",
             r.packets_in,
             r.packets_out,
             p.handshakes_completed,
@@ -330,6 +544,35 @@ impl Node {
             r.no_peer,
             r.spoofed_source,
             r.wrong_destination,
+            r.policy_allowed,
+            r.policy_denied,
+            r.flow_revoked,
+            self.flows.len(),
+            self.flows.evictions,
         )
     }
+}
+
+/// Compiles the allow list for these identities.
+fn compile(
+    locals: &[LocalIdentity],
+    peers: &[PeerIdentity],
+    policy: &PolicySet,
+    config: &PolicyConfig,
+) -> Evaluator {
+    let targets: Vec<Target> = locals
+        .iter()
+        .map(|l| Target {
+            principal: &l.principal,
+            labels: &l.labels,
+        })
+        .collect();
+    let peer_principals: Vec<&Principal> = peers.iter().map(|p| &p.principal).collect();
+    Evaluator::new(
+        policy,
+        config.default,
+        &config.root_namespace,
+        &targets,
+        &peer_principals,
+    )
 }

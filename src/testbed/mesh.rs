@@ -34,11 +34,23 @@ impl IdentitySpec {
     }
 }
 
-/// A meshguard node: its underlay address and its identities.
+/// An allow list that lets every authenticated peer identity reach every local one.
+pub const ALLOW_ALL_POLICY: &str = r#"
+[[policy]]
+name = "allow-all"
+namespace = "istio-system"
+action = "ALLOW"
+
+[[policy.rules]]
+"#;
+
+/// A meshguard node: its underlay address, its identities and its allow list.
 pub struct NodeSpec {
     pub name: String,
     pub listen: SocketAddr,
     pub identities: Vec<IdentitySpec>,
+    /// The policy file (meshguard TOML form); the node's default is deny.
+    pub policy: String,
 }
 
 /// How a node sees one remote node: a peer file.
@@ -80,8 +92,9 @@ fn write_secret(path: &Path, contents: &str) -> io::Result<()> {
     io::Write::write_all(&mut file, contents.as_bytes())
 }
 
-/// Writes the node file (interface `mg0`, every identity address on it), its keys and
-/// its peer files into `dir`; returns the node file's path.
+/// Writes the node file (interface `mg0`, every identity address on it, default deny),
+/// its keys, its policy file `policy.toml` and its peer files into `dir`; returns the
+/// node file's path.
 pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("keys"))?;
     std::fs::create_dir_all(dir.join("peers"))?;
@@ -96,6 +109,12 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
     writeln!(text, "peers_dir = \"peers\"\n").unwrap();
     writeln!(text, "[interface]\nname = \"mg0\"\nmtu = 1420").unwrap();
     writeln!(text, "addresses = {}\n", toml_list(&all_addresses)).unwrap();
+    writeln!(
+        text,
+        "[policy]\nfiles = [\"policy.toml\"]\ndefault = \"deny\"\n"
+    )
+    .unwrap();
+    std::fs::write(dir.join("policy.toml"), &node.policy)?;
     for (index, identity) in node.identities.iter().enumerate() {
         let key_file = format!("keys/identity-{index}.key");
         write_secret(
@@ -228,6 +247,7 @@ mod tests {
                 IdentitySpec::new("cluster.local/ns/a/sa/one", &["10.1.0.1/32"]),
                 IdentitySpec::new("cluster.local/ns/a/sa/two", &["10.1.0.2/32"]),
             ],
+            policy: ALLOW_ALL_POLICY.into(),
         };
         let b = NodeSpec {
             name: "node-b".into(),
@@ -236,10 +256,14 @@ mod tests {
                 "cluster.local/ns/b/sa/one",
                 &["10.2.0.1/32"],
             )],
+            policy: ALLOW_ALL_POLICY.into(),
         };
         let path = write_config(dir.path(), &a, &[PeerEntry::for_node(&b)]).unwrap();
         let config = crate::config::load(&path).unwrap();
         assert_eq!(config.identities.len(), 2);
+        let policy =
+            crate::policy::load_files(&config.policy.files, &config.policy.root_namespace).unwrap();
+        assert_eq!(policy.policies.len(), 1);
         assert_eq!(
             config.peers[0].identities[0].public_key.to_base64(),
             b.identities[0].public_key()

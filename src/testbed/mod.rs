@@ -47,7 +47,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use link::{Lan, Link};
-pub use mesh::{counter, write_config, IdentitySpec, MeshguardNode, NodeSpec, PeerEntry};
+pub use mesh::{
+    counter, write_config, IdentitySpec, MeshguardNode, NodeSpec, PeerEntry, ALLOW_ALL_POLICY,
+};
 pub use netns::{Netns, NETNS_DIR};
 pub use process::{ChildGuard, DEFAULT_GRACE};
 pub use traffic::{

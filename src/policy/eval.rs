@@ -1,0 +1,515 @@
+//! Compiled policies and their evaluation.
+//!
+//! [`Evaluator::new`] resolves everything that depends only on who is talking: which
+//! policies apply to each local identity (scope and selector), whether an ALLOW policy
+//! selects it, its default, and, per (local identity, peer identity) pair, which rules can
+//! match at all given the peer's principal and namespace. What is left per packet is the
+//! source address (`ipBlocks`) and the destination protocol and port, checked against the
+//! few rules of that pair. Nothing is allocated per call unless an AUDIT policy matches.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::model::{Action, DefaultAction, Destination, Pattern, PolicySet, PortMatch, Protocol};
+use crate::identity::{PrefixTable, Principal};
+
+/// A local identity as policies see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub principal: &'a Principal,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// What is known about one packet (or flow) at ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Request {
+    /// The packet's source address. `None` only in tools that check a decision without
+    /// one: then an ALLOW rule with an `ip_blocks`/`not_ip_blocks` condition does not match
+    /// and a DENY or AUDIT rule with one does (fail closed).
+    pub source_ip: Option<IpAddr>,
+    pub protocol: Protocol,
+    /// Destination port (TCP, UDP); `None` for ICMP and other protocols.
+    pub port: Option<u16>,
+}
+
+/// Why a decision came out as it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A DENY policy matched.
+    Denied,
+    /// An ALLOW policy matched (and no DENY policy did).
+    Allowed,
+    /// ALLOW policies select the local identity, but none matched.
+    NoAllowMatched,
+    /// No ALLOW policy selects the local identity; the default is allow.
+    DefaultAllow,
+    /// No ALLOW policy selects the local identity; the default is deny (configured, or
+    /// forced by STRICT mTLS: see [`Decision::strict`]).
+    DefaultDeny,
+}
+
+/// The outcome for one request. Cheap to produce: policy names are shared, not copied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: Reason,
+    /// `namespace/name` of the DENY or ALLOW policy that decided, if one did.
+    pub policy: Option<Arc<str>>,
+    /// Index of the matching rule in that policy (counting from 0).
+    pub rule: Option<usize>,
+    /// `namespace/name` of every AUDIT policy that matched, in policy order.
+    pub audited_by: Vec<Arc<str>>,
+    /// The local identity is under STRICT mTLS, so its default is deny whatever the
+    /// configured default.
+    pub strict: bool,
+}
+
+impl Decision {
+    /// One readable line, e.g. `deny: DENY policy payments/block-legacy rule 0 matched`.
+    pub fn explain(&self) -> String {
+        let policy = self.policy.as_deref().unwrap_or("?");
+        let rule = self.rule.map_or_else(|| "?".to_owned(), |r| r.to_string());
+        let mut s = match self.reason {
+            Reason::Denied => format!("deny: DENY policy {policy} rule {rule} matched"),
+            Reason::Allowed => format!("allow: ALLOW policy {policy} rule {rule} matched"),
+            Reason::NoAllowMatched => {
+                "deny: ALLOW policies select this identity but none of their rules matched"
+                    .to_owned()
+            }
+            Reason::DefaultAllow => {
+                "allow: no ALLOW policy selects this identity; default allow".to_owned()
+            }
+            Reason::DefaultDeny if self.strict => {
+                "deny: no ALLOW policy selects this identity; default deny (STRICT mTLS)".to_owned()
+            }
+            Reason::DefaultDeny => {
+                "deny: no ALLOW policy selects this identity; default deny".to_owned()
+            }
+        };
+        if !self.audited_by.is_empty() {
+            s.push_str("; audited by ");
+            for (i, a) in self.audited_by.iter().enumerate() {
+                if i > 0 {
+                    s.push_str(", ");
+                }
+                s.push_str(a);
+            }
+        }
+        s
+    }
+}
+
+/// A set of address prefixes.
+#[derive(Debug)]
+struct IpSet(PrefixTable<()>);
+
+impl IpSet {
+    fn new(nets: &[ipnet::IpNet]) -> Option<IpSet> {
+        if nets.is_empty() {
+            None
+        } else {
+            Some(IpSet(nets.iter().map(|n| (*n, ())).collect()))
+        }
+    }
+
+    #[inline]
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.0.longest_match(ip).is_some()
+    }
+}
+
+/// The address part of one source: in `blocks` (if any) and not in `not_blocks`.
+#[derive(Debug)]
+struct IpCond {
+    blocks: Option<IpSet>,
+    not_blocks: Option<IpSet>,
+}
+
+impl IpCond {
+    #[inline]
+    fn matches(&self, ip: Option<IpAddr>, unknown_matches: bool) -> bool {
+        match ip {
+            None => unknown_matches,
+            Some(ip) => {
+                self.blocks.as_ref().is_none_or(|b| b.contains(ip))
+                    && !self.not_blocks.as_ref().is_some_and(|b| b.contains(ip))
+            }
+        }
+    }
+}
+
+/// One source with its identity part still to resolve per pair.
+#[derive(Debug)]
+struct CSource {
+    principals: Vec<Pattern>,
+    not_principals: Vec<Pattern>,
+    namespaces: Vec<Pattern>,
+    not_namespaces: Vec<Pattern>,
+    ip: Option<Arc<IpCond>>,
+}
+
+impl CSource {
+    fn identity_matches(&self, principal: &str, namespace: &str) -> bool {
+        fn field(yes: &[Pattern], no: &[Pattern], value: &str) -> bool {
+            (yes.is_empty() || yes.iter().any(|p| p.matches(value)))
+                && !no.iter().any(|p| p.matches(value))
+        }
+        field(&self.principals, &self.not_principals, principal)
+            && field(&self.namespaces, &self.not_namespaces, namespace)
+    }
+}
+
+#[derive(Debug)]
+struct CDest {
+    ports: Box<[PortMatch]>,
+    not_ports: Box<[PortMatch]>,
+}
+
+impl CDest {
+    fn new(d: &Destination) -> CDest {
+        CDest {
+            ports: d.ports.clone().into_boxed_slice(),
+            not_ports: d.not_ports.clone().into_boxed_slice(),
+        }
+    }
+
+    #[inline]
+    fn matches(&self, protocol: Protocol, port: Option<u16>) -> bool {
+        (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(protocol, port)))
+            && !self.not_ports.iter().any(|p| p.matches(protocol, port))
+    }
+}
+
+#[derive(Debug)]
+struct CRule {
+    index: u32,
+    /// Empty: any source.
+    from: Vec<CSource>,
+    /// Empty: any destination.
+    to: Arc<[CDest]>,
+}
+
+#[derive(Debug)]
+struct CPolicy {
+    id: Arc<str>,
+    action: Action,
+    /// Rules that can match (ALLOW rules neutralised at load time are left out).
+    rules: Vec<CRule>,
+}
+
+/// What remains of a rule's `from` once the peer is known.
+#[derive(Debug)]
+enum PairFrom {
+    /// Some source matches the peer with no address condition.
+    Any,
+    /// The sources that match the peer, by their address conditions (OR'ed).
+    Ip(Box<[Arc<IpCond>]>),
+}
+
+#[derive(Debug)]
+struct PairRule {
+    policy: u32,
+    rule: u32,
+    from: PairFrom,
+    to: Arc<[CDest]>,
+}
+
+impl PairRule {
+    #[inline]
+    fn matches(&self, ip: Option<IpAddr>, req: &Request, unknown_ip_matches: bool) -> bool {
+        let from_ok = match &self.from {
+            PairFrom::Any => true,
+            PairFrom::Ip(conds) => conds.iter().any(|c| c.matches(ip, unknown_ip_matches)),
+        };
+        from_ok && (self.to.is_empty() || self.to.iter().any(|d| d.matches(req.protocol, req.port)))
+    }
+}
+
+/// The rules that can match for one (local, peer) pair, by action, in policy order.
+#[derive(Debug, Default)]
+struct PairRules {
+    deny: Box<[PairRule]>,
+    allow: Box<[PairRule]>,
+    audit: Box<[PairRule]>,
+}
+
+#[derive(Debug)]
+struct Local {
+    /// Indices of the policies whose scope and selector take in this identity.
+    applicable: Vec<u32>,
+    selected_by_allow: bool,
+    strict: bool,
+    default_allows: bool,
+}
+
+/// Policies compiled for a fixed list of local identities and peer identities.
+#[derive(Debug)]
+pub struct Evaluator {
+    policies: Vec<CPolicy>,
+    locals: Vec<Local>,
+    peers: usize,
+    /// `locals.len() * peers` entries, row per local identity.
+    pairs: Vec<PairRules>,
+}
+
+fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl Evaluator {
+    /// Compiles `set` for these local identities and peers (indices into both slices are
+    /// what [`Evaluator::evaluate`] takes). `root_namespace` must be the one the set was
+    /// loaded with.
+    pub fn new(
+        set: &PolicySet,
+        default: DefaultAction,
+        root_namespace: &str,
+        locals: &[Target],
+        peers: &[&Principal],
+    ) -> Evaluator {
+        let policies: Vec<CPolicy> = set.policies.iter().map(compile_policy).collect();
+        let locals: Vec<Local> = locals
+            .iter()
+            .map(|t| {
+                let ns = t.principal.namespace();
+                let applicable: Vec<u32> = set
+                    .policies
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| {
+                        (p.namespace == root_namespace || p.namespace == ns)
+                            && selector_matches(&p.selector, t.labels)
+                    })
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                let selected_by_allow = applicable
+                    .iter()
+                    .any(|&i| set.policies[i as usize].action == Action::Allow);
+                let strict = set.mesh_strict
+                    || set.strict_namespaces.contains(ns)
+                    || set
+                        .strict_workloads
+                        .iter()
+                        .any(|w| w.namespace == ns && selector_matches(&w.selector, t.labels));
+                Local {
+                    applicable,
+                    selected_by_allow,
+                    strict,
+                    default_allows: !strict && default == DefaultAction::Allow,
+                }
+            })
+            .collect();
+        let mut ev = Evaluator {
+            policies,
+            locals,
+            peers: peers.len(),
+            pairs: Vec::new(),
+        };
+        let mut pairs = Vec::with_capacity(ev.locals.len() * peers.len());
+        for local in &ev.locals {
+            for peer in peers {
+                pairs.push(ev.compile_pair(local, peer));
+            }
+        }
+        ev.pairs = pairs;
+        ev
+    }
+
+    pub fn local_count(&self) -> usize {
+        self.locals.len()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers
+    }
+
+    /// Whether the local identity is under STRICT mTLS (its default is deny).
+    pub fn is_strict(&self, local: usize) -> bool {
+        self.locals[local].strict
+    }
+
+    /// Whether some ALLOW policy selects the local identity (so the default never applies).
+    pub fn selected_by_allow(&self, local: usize) -> bool {
+        self.locals[local].selected_by_allow
+    }
+
+    /// The decision for a packet from peer identity `peer` to local identity `local`
+    /// (indices into the slices given to [`Evaluator::new`]). Only the rules that can
+    /// match this pair are looked at, and only their address and port conditions.
+    ///
+    /// # Panics
+    ///
+    /// If `local` or `peer` is out of range.
+    #[inline]
+    pub fn evaluate(&self, local: usize, peer: usize, request: &Request) -> Decision {
+        assert!(
+            peer < self.peers,
+            "peer index {peer} out of range ({})",
+            self.peers
+        );
+        let pair = &self.pairs[local * self.peers + peer];
+        self.decide(&self.locals[local], pair, request)
+    }
+
+    /// The decision for any peer principal, configured or not (for `policy check`).
+    /// Compiles the pair on the fly: slower than [`Evaluator::evaluate`], same answer.
+    ///
+    /// # Panics
+    ///
+    /// If `local` is out of range.
+    pub fn evaluate_principal(
+        &self,
+        local: usize,
+        peer: &Principal,
+        request: &Request,
+    ) -> Decision {
+        let local = &self.locals[local];
+        let pair = self.compile_pair(local, peer);
+        self.decide(local, &pair, request)
+    }
+
+    fn compile_pair(&self, local: &Local, peer: &Principal) -> PairRules {
+        let principal = peer.to_string();
+        let namespace = peer.namespace();
+        let (mut deny, mut allow, mut audit) = (Vec::new(), Vec::new(), Vec::new());
+        for &pi in &local.applicable {
+            let policy = &self.policies[pi as usize];
+            for rule in &policy.rules {
+                let from = if rule.from.is_empty() {
+                    PairFrom::Any
+                } else {
+                    let mut conds = Vec::new();
+                    let mut any = false;
+                    for s in rule
+                        .from
+                        .iter()
+                        .filter(|s| s.identity_matches(&principal, namespace))
+                    {
+                        match &s.ip {
+                            None => {
+                                any = true;
+                                break;
+                            }
+                            Some(c) => conds.push(Arc::clone(c)),
+                        }
+                    }
+                    if any {
+                        PairFrom::Any
+                    } else if conds.is_empty() {
+                        continue; // no source can match this peer
+                    } else {
+                        PairFrom::Ip(conds.into_boxed_slice())
+                    }
+                };
+                let pr = PairRule {
+                    policy: pi,
+                    rule: rule.index,
+                    from,
+                    to: Arc::clone(&rule.to),
+                };
+                match policy.action {
+                    Action::Deny => deny.push(pr),
+                    Action::Allow => allow.push(pr),
+                    Action::Audit => audit.push(pr),
+                }
+            }
+        }
+        PairRules {
+            deny: deny.into_boxed_slice(),
+            allow: allow.into_boxed_slice(),
+            audit: audit.into_boxed_slice(),
+        }
+    }
+
+    #[inline]
+    fn decide(&self, local: &Local, pair: &PairRules, req: &Request) -> Decision {
+        let ip = req.source_ip.map(|ip| ip.to_canonical());
+        let mut audited_by = Vec::new();
+        let mut last = u32::MAX;
+        for r in pair.audit.iter() {
+            if r.policy != last && r.matches(ip, req, true) {
+                audited_by.push(Arc::clone(&self.policies[r.policy as usize].id));
+                last = r.policy;
+            }
+        }
+        let decided = |allowed: bool, reason: Reason, r: &PairRule| Decision {
+            allowed,
+            reason,
+            policy: Some(Arc::clone(&self.policies[r.policy as usize].id)),
+            rule: Some(r.rule as usize),
+            audited_by: Vec::new(),
+            strict: local.strict,
+        };
+        let mut d = if let Some(r) = pair.deny.iter().find(|r| r.matches(ip, req, true)) {
+            decided(false, Reason::Denied, r)
+        } else if !local.selected_by_allow {
+            Decision {
+                allowed: local.default_allows,
+                reason: if local.default_allows {
+                    Reason::DefaultAllow
+                } else {
+                    Reason::DefaultDeny
+                },
+                policy: None,
+                rule: None,
+                audited_by: Vec::new(),
+                strict: local.strict,
+            }
+        } else if let Some(r) = pair.allow.iter().find(|r| r.matches(ip, req, false)) {
+            decided(true, Reason::Allowed, r)
+        } else {
+            Decision {
+                allowed: false,
+                reason: Reason::NoAllowMatched,
+                policy: None,
+                rule: None,
+                audited_by: Vec::new(),
+                strict: local.strict,
+            }
+        };
+        d.audited_by = audited_by;
+        d
+    }
+}
+
+fn compile_policy(p: &super::model::Policy) -> CPolicy {
+    let rules = p
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.matches_nothing)
+        .map(|(i, r)| CRule {
+            index: i as u32,
+            from: r
+                .from
+                .iter()
+                .map(|s| {
+                    let blocks = IpSet::new(&s.ip_blocks);
+                    let not_blocks = IpSet::new(&s.not_ip_blocks);
+                    let ip = if blocks.is_none() && not_blocks.is_none() {
+                        None
+                    } else {
+                        Some(Arc::new(IpCond { blocks, not_blocks }))
+                    };
+                    CSource {
+                        principals: s.principals.clone(),
+                        not_principals: s.not_principals.clone(),
+                        namespaces: s.namespaces.clone(),
+                        not_namespaces: s.not_namespaces.clone(),
+                        ip,
+                    }
+                })
+                .collect(),
+            to: r.to.iter().map(CDest::new).collect(),
+        })
+        .collect();
+    CPolicy {
+        id: Arc::from(p.id()),
+        action: p.action,
+        rules,
+    }
+}

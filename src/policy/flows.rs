@@ -1,0 +1,275 @@
+//! Flow tracking for the stateful ingress firewall.
+//!
+//! A flow that a local workload opens lets the peer's replies in; a flow that a peer
+//! opened and the policy allowed is remembered so its later packets skip evaluation.
+//! The table is bounded (the oldest flow goes first, counted) and flows idle out.
+//! Nothing here reads a clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::Request;
+use crate::packet::{IpHeader, Transport};
+
+pub const TCP_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+pub const UDP_IDLE: Duration = Duration::from_secs(180);
+pub const ICMP_IDLE: Duration = Duration::from_secs(30);
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
+/// A flow, oriented from this node's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    protocol: u8,
+    local: IpAddr,
+    local_port: u16,
+    remote: IpAddr,
+    remote_port: u16,
+}
+
+/// What the policy was asked about when a peer opened a flow, kept for re-checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub local: usize,
+    pub peer: usize,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// A local workload opened it: the peer's replies pass.
+    OpenedLocally,
+    /// The peer opened it and the policy allowed it.
+    Allowed(Opened),
+    /// Allowed once, then denied by a policy reload: stays shut until it idles out or a
+    /// later policy allows it again, and local replies cannot reopen it.
+    Revoked(Opened),
+}
+
+struct Flow {
+    state: FlowState,
+    last_seen: Instant,
+    idle: Duration,
+    /// Insertion stamp, to tell live entries of `order` from stale ones.
+    stamp: u64,
+}
+
+/// Which way a packet crosses the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local workload towards a peer.
+    Outbound,
+    /// From a peer towards a local workload.
+    Inbound,
+}
+
+/// The flow key of a packet and how long its flow may idle, or `None` for packets that
+/// are not tracked (ICMP other than echo, other protocols, later fragments).
+pub fn key(
+    header: &IpHeader,
+    transport: Transport,
+    direction: Direction,
+) -> Option<(FlowKey, Duration)> {
+    let (protocol, source_port, destination_port, idle) = match transport {
+        Transport::Tcp {
+            source_port,
+            destination_port,
+        } => (header.protocol, source_port, destination_port, TCP_IDLE),
+        Transport::Udp {
+            source_port,
+            destination_port,
+        } => (header.protocol, source_port, destination_port, UDP_IDLE),
+        Transport::IcmpEcho { identifier, .. } => {
+            (header.protocol, identifier, identifier, ICMP_IDLE)
+        }
+        Transport::IcmpOther | Transport::Other => return None,
+    };
+    let key = match direction {
+        Direction::Outbound => FlowKey {
+            protocol,
+            local: header.source,
+            local_port: source_port,
+            remote: header.destination,
+            remote_port: destination_port,
+        },
+        Direction::Inbound => FlowKey {
+            protocol,
+            local: header.destination,
+            local_port: destination_port,
+            remote: header.source,
+            remote_port: source_port,
+        },
+    };
+    Some((key, idle))
+}
+
+pub struct FlowTable {
+    flows: HashMap<FlowKey, Flow>,
+    /// Insertion order, for evicting the oldest flow; may hold stale entries.
+    order: VecDeque<(FlowKey, u64)>,
+    next_stamp: u64,
+    capacity: usize,
+    pub evictions: u64,
+}
+
+impl FlowTable {
+    pub fn new(capacity: usize) -> Self {
+        FlowTable {
+            flows: HashMap::new(),
+            order: VecDeque::new(),
+            next_stamp: 0,
+            capacity: capacity.max(1),
+            evictions: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// The state of a live flow, marking it as seen now.
+    pub fn touch(&mut self, key: &FlowKey, now: Instant) -> Option<FlowState> {
+        let flow = self.flows.get_mut(key)?;
+        if now.saturating_duration_since(flow.last_seen) >= flow.idle {
+            self.flows.remove(key);
+            return None;
+        }
+        flow.last_seen = now;
+        Some(flow.state)
+    }
+
+    pub fn insert(&mut self, key: FlowKey, state: FlowState, idle: Duration, now: Instant) {
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        let replaced = self.flows.insert(
+            key,
+            Flow {
+                state,
+                last_seen: now,
+                idle,
+                stamp,
+            },
+        );
+        self.order.push_back((key, stamp));
+        if replaced.is_none() {
+            while self.flows.len() > self.capacity {
+                self.evict_oldest();
+            }
+        }
+        if self.order.len() > 2 * self.capacity {
+            let flows = &self.flows;
+            self.order
+                .retain(|(k, s)| flows.get(k).is_some_and(|f| f.stamp == *s));
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        while let Some((key, stamp)) = self.order.pop_front() {
+            if self.flows.get(&key).is_some_and(|f| f.stamp == stamp) {
+                self.flows.remove(&key);
+                self.evictions += 1;
+                return;
+            }
+        }
+    }
+
+    /// Drops flows idle past their timeout.
+    pub fn expire(&mut self, now: Instant) {
+        self.flows
+            .retain(|_, f| now.saturating_duration_since(f.last_seen) < f.idle);
+    }
+
+    /// Re-checks every peer-opened flow with `allowed`: denied ones become `Revoked`,
+    /// revoked ones that are allowed again become `Allowed`. Returns how many flows are
+    /// newly revoked.
+    pub fn recheck(&mut self, mut allowed: impl FnMut(&Opened) -> bool) -> usize {
+        let mut revoked = 0;
+        for flow in self.flows.values_mut() {
+            flow.state = match flow.state {
+                FlowState::Allowed(opened) if !allowed(&opened) => {
+                    revoked += 1;
+                    FlowState::Revoked(opened)
+                }
+                FlowState::Revoked(opened) if allowed(&opened) => FlowState::Allowed(opened),
+                unchanged => unchanged,
+            };
+        }
+        revoked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_n(n: u16) -> FlowKey {
+        FlowKey {
+            protocol: 6,
+            local: "10.0.0.1".parse().unwrap(),
+            local_port: n,
+            remote: "10.0.0.2".parse().unwrap(),
+            remote_port: 80,
+        }
+    }
+
+    #[test]
+    fn bounded_oldest_first_and_idle_expiry() {
+        let now = Instant::now();
+        let mut t = FlowTable::new(3);
+        for n in 0..3 {
+            t.insert(key_n(n), FlowState::OpenedLocally, UDP_IDLE, now);
+        }
+        t.insert(key_n(3), FlowState::OpenedLocally, UDP_IDLE, now);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.evictions, 1);
+        assert!(t.touch(&key_n(0), now).is_none(), "oldest evicted");
+        assert!(t.touch(&key_n(3), now).is_some());
+        assert!(t.touch(&key_n(1), now + UDP_IDLE).is_none(), "idled out");
+        t.expire(now + UDP_IDLE);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn reinserting_a_key_does_not_evict_others() {
+        let now = Instant::now();
+        let mut t = FlowTable::new(2);
+        t.insert(key_n(0), FlowState::OpenedLocally, UDP_IDLE, now);
+        t.insert(key_n(1), FlowState::OpenedLocally, UDP_IDLE, now);
+        for _ in 0..10 {
+            t.insert(key_n(1), FlowState::OpenedLocally, UDP_IDLE, now);
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.evictions, 0);
+        t.insert(key_n(2), FlowState::OpenedLocally, UDP_IDLE, now);
+        assert!(t.touch(&key_n(0), now).is_none(), "key 0 was the oldest");
+        assert!(t.order.len() <= 4, "stale entries are compacted");
+    }
+
+    #[test]
+    fn recheck_revokes_and_restores() {
+        let now = Instant::now();
+        let mut t = FlowTable::new(10);
+        let opened = Opened {
+            local: 0,
+            peer: 1,
+            request: Request {
+                source_ip: Some("10.0.0.2".parse().unwrap()),
+                protocol: super::super::Protocol::Tcp,
+                port: Some(1),
+            },
+        };
+        t.insert(key_n(1), FlowState::Allowed(opened), TCP_IDLE, now);
+        t.insert(key_n(2), FlowState::OpenedLocally, TCP_IDLE, now);
+        assert_eq!(t.recheck(|_| false), 1);
+        assert_eq!(t.touch(&key_n(1), now), Some(FlowState::Revoked(opened)));
+        assert_eq!(t.touch(&key_n(2), now), Some(FlowState::OpenedLocally));
+        assert_eq!(t.recheck(|_| false), 0, "still revoked, not counted twice");
+        assert_eq!(t.touch(&key_n(1), now), Some(FlowState::Revoked(opened)));
+        assert_eq!(t.recheck(|_| true), 0);
+        assert_eq!(t.touch(&key_n(1), now), Some(FlowState::Allowed(opened)));
+    }
+}

@@ -1,0 +1,188 @@
+//! Allow lists at tunnel ingress: the policy model, the TOML and Istio YAML loaders,
+//! compilation into per-identity-pair tables, and evaluation.
+//!
+//! # Semantics
+//!
+//! Istio's `AuthorizationPolicy`, L4 subset. For a packet from a peer identity to a local
+//! identity:
+//!
+//! 1. if any DENY policy matches: deny;
+//! 2. else, if no ALLOW policy *selects* the local identity (by scope and selector,
+//!    whatever its rules): the default (configured `allow` or `deny`; always deny under
+//!    STRICT mTLS, see below);
+//! 3. else, if any ALLOW policy matches: allow;
+//! 4. else deny.
+//!
+//! AUDIT policies never change the decision; [`Decision::audited_by`] lists those that
+//! matched.
+//!
+//! **Scope.** A policy in the root namespace (configurable, usually `istio-system`) applies
+//! to every local identity; a policy in namespace N applies to local identities whose
+//! principal is in namespace N. A selector (`matchLabels`) narrows that to identities
+//! carrying every listed label with the listed value.
+//!
+//! **Rules** are OR'ed. In a rule, `from` and `to` are AND'ed; `from` is a list of sources
+//! (OR'ed; absent = any source), `to` a list of destinations (OR'ed; absent = any
+//! destination). In a source or destination, fields are AND'ed, the values of a field are
+//! OR'ed, and a `not` field must match none of its values. A policy without rules matches
+//! nothing (an ALLOW policy without rules still selects its identities, so it allows
+//! nothing and the default does not apply: Istio's "allow-nothing"); one empty rule
+//! (`rules: [{}]`) matches everything.
+//!
+//! **Fields.** Source: principals / notPrincipals (the peer principal in Istio form
+//! `td/ns/<ns>/sa/<sa>`; values may be written in SPIFFE form, `spiffe://` is removed),
+//! namespaces / notNamespaces (the peer principal's namespace), ipBlocks / notIpBlocks
+//! (CIDRs or single addresses, against the packet's source address). Principal and
+//! namespace values are patterns: exact, `prefix*`, `*suffix`, or `*`. Destination: ports /
+//! notPorts, with a protocol in the TOML form (`"8080/tcp"`, `"53/udp"`,
+//! `"9000-9100/tcp"`, `"8080"` = tcp or udp, `"tcp"`, `"udp"`, `"icmp"`, `"any"`). ICMP
+//! has no port: a port condition never matches ICMP, and `"icmp"` matches only ICMP
+//! (and ICMPv6). In Istio YAML a port is a number and means tcp or udp.
+//!
+//! Lists that are present but empty (`principals = []`) are rejected rather than read as
+//! "no condition", and so are empty sources and destinations: omit the field instead.
+//!
+//! # Files
+//!
+//! [`load_files`] reads `.toml` files in meshguard's form ([`parse_toml`]) and
+//! `.yaml`/`.yml` files of Istio documents ([`parse_istio_yaml`]). Two policies with the
+//! same `namespace/name` are an error. The TOML form:
+//!
+//! ```toml
+//! [[policy]]
+//! name = "frontend-to-payments"
+//! namespace = "payments"
+//! action = "ALLOW"                          # ALLOW (default) | DENY | AUDIT, any case
+//! selector = { app = "payment-service" }    # optional matchLabels
+//!
+//! [[policy.rules]]                          # no rules at all: matches nothing
+//! [[policy.rules.from]]                     # no `from`: any source
+//! principals = ["cluster.local/ns/web/sa/frontend"]
+//! not_ip_blocks = ["10.0.0.0/8"]
+//! [[policy.rules.to]]                       # no `to`: any destination
+//! ports = ["8080/tcp", "icmp"]
+//! ```
+//!
+//! Keys: `principals`, `not_principals`, `namespaces`, `not_namespaces`, `ip_blocks`,
+//! `not_ip_blocks`, `ports`, `not_ports`. An empty `[[policy.rules]]` is the match-all
+//! rule. Unknown keys are errors.
+//!
+//! # Istio YAML
+//!
+//! Documents of kind `AuthorizationPolicy` and `PeerAuthentication`, apiVersion
+//! `security.istio.io/v1` or `v1beta1`; any other kind is an error. Unknown fields are
+//! errors (object metadata written by the API server, and `status`, are accepted and
+//! ignored). `metadata.name` and `metadata.namespace` are required (there is no current
+//! namespace to fall back on). `targetRef`/`targetRefs`, action `CUSTOM`, `provider`,
+//! `serviceAccounts`/`notServiceAccounts` (use principals) are rejected.
+//!
+//! ## L7-only fields
+//!
+//! meshguard sees packets, not HTTP requests, so it cannot check `to.operation.hosts`,
+//! `notHosts`, `methods`, `notMethods`, `paths`, `notPaths`,
+//! `from.source.requestPrincipals`, `notRequestPrincipals`, `remoteIpBlocks`,
+//! `notRemoteIpBlocks`, or `when` conditions (all `when` keys, including the L4 ones). They
+//! never widen access:
+//!
+//! - in an **ALLOW** rule, any of them makes the whole rule match nothing (the rest of the
+//!   policy still applies, and the policy still selects its identities);
+//! - in a **DENY** or **AUDIT** rule, they are dropped and the rule is applied with its
+//!   remaining L4 fields, so it denies (or audits) more, never less. This is also what
+//!   Istio does for plain TCP traffic. A source or operation left with no L4 field
+//!   matches any source or destination.
+//!
+//! Each such adjustment is recorded in [`PolicySet::warnings`] for the daemon to log.
+//!
+//! ## PeerAuthentication
+//!
+//! `spec.mtls.mode: STRICT` turns on strict mode: for the local identities it covers, the
+//! default is deny whatever the configured default. Without a selector it covers its
+//! namespace, or every identity when it is in the root namespace; with
+//! `selector.matchLabels` it covers the identities of its namespace carrying those labels.
+//! `UNSET` and `PERMISSIVE` change nothing; in particular they do not relax a STRICT
+//! policy of a wider scope (Istio lets the narrower policy win; meshguard only ever
+//! tightens). `DISABLE` is rejected (meshguard never sends plaintext), and so is
+//! `portLevelMtls`.
+
+pub mod check;
+mod eval;
+pub mod flows;
+mod istio;
+mod model;
+mod toml_file;
+
+#[cfg(test)]
+mod istio_tests;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+pub use eval::{Decision, Evaluator, Reason, Request, Target};
+pub use istio::parse_istio_yaml;
+pub use model::{
+    Action, DefaultAction, Destination, Pattern, Policy, PolicyError, PolicySet, PortMatch,
+    Protocol, Rule, Source, StrictWorkload,
+};
+pub use toml_file::parse_toml;
+
+/// The default root namespace (Istio's).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// Loads and merges policy files: `.toml` files in meshguard's form, `.yaml`/`.yml` files
+/// of Istio documents. `root_namespace` decides which `PeerAuthentication` is mesh-wide;
+/// pass the same one to [`Evaluator::new`].
+pub fn load_files(paths: &[PathBuf], root_namespace: &str) -> Result<PolicySet, PolicyError> {
+    let mut all = PolicySet::default();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError::new(path, "", format!("cannot read file: {e}")))?;
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        let set = match ext.as_deref() {
+            Some("toml") => parse_toml(&text, path)?,
+            Some("yaml") | Some("yml") => parse_istio_yaml(&text, path, root_namespace)?,
+            _ => {
+                return Err(PolicyError::new(
+                    path,
+                    "",
+                    "unknown policy file type; expected .toml (meshguard form) or .yaml/.yml \
+                     (Istio)",
+                ))
+            }
+        };
+        let prefix = format!("{}: ", path.display());
+        for p in set.policies {
+            let key = p.origin.strip_prefix(&prefix).unwrap_or("").to_owned();
+            push_policy(&mut all, p, path, &key)?;
+        }
+        all.strict_namespaces.extend(set.strict_namespaces);
+        all.mesh_strict |= set.mesh_strict;
+        all.strict_workloads.extend(set.strict_workloads);
+        all.warnings.extend(set.warnings);
+    }
+    Ok(all)
+}
+
+/// Adds a policy, refusing a second one with the same `namespace/name`.
+fn push_policy(set: &mut PolicySet, p: Policy, file: &Path, key: &str) -> Result<(), PolicyError> {
+    if let Some(other) = set
+        .policies
+        .iter()
+        .find(|o| o.namespace == p.namespace && o.name == p.name)
+    {
+        return Err(PolicyError::new(
+            file,
+            key,
+            format!(
+                "duplicate policy {}; also defined at {}",
+                p.id(),
+                other.origin
+            ),
+        ));
+    }
+    set.policies.push(p);
+    Ok(())
+}
