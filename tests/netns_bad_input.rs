@@ -275,16 +275,18 @@ fn garbage_is_dropped_counted_and_never_answered() {
         thread::spawn(move || attack(attacker, target, target_key, record, stop))
     };
 
-    // A sends: it is the side that knows where its peer is.
-    let server = SocketAddr::new("10.30.2.1".parse::<IpAddr>().unwrap(), 0);
-    let client = Some("10.30.1.1".parse::<IpAddr>().unwrap());
-    // Two transfers, so the attacker has recorded traffic to replay during the second.
-    let mut reports = Vec::new();
-    for _ in 0..2 {
-        let report = tcp_transfer(&ns_b, server, &ns_a, client, TRANSFER_BYTES)
-            .unwrap_or_else(|e| panic!("transfer under attack: {e}\n{}", daemon_a.log()));
-        reports.push(report);
-    }
+    let b_server = SocketAddr::new("10.30.2.1".parse::<IpAddr>().unwrap(), 0);
+    let a_client = Some("10.30.1.1".parse::<IpAddr>().unwrap());
+    // Two transfers, so the attacker has recorded traffic to replay during the second:
+    // first A to B (A knows where B is), then B to A, so that many of B's transport
+    // counters fall behind A's replay window and can be replayed safely.
+    let a_server = SocketAddr::new("10.30.1.1".parse::<IpAddr>().unwrap(), 0);
+    let b_client = Some("10.30.2.1".parse::<IpAddr>().unwrap());
+    let reports = [
+        tcp_transfer(&ns_b, b_server, &ns_a, a_client, TRANSFER_BYTES),
+        tcp_transfer(&ns_a, a_server, &ns_b, b_client, TRANSFER_BYTES),
+    ]
+    .map(|r| r.unwrap_or_else(|e| panic!("transfer under attack: {e}\n{}", daemon_a.log())));
     attack_stop.store(true, Ordering::Relaxed);
     let sent = attack_thread.join().unwrap();
     stop.store(true, Ordering::Relaxed);

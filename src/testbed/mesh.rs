@@ -17,6 +17,7 @@ pub struct IdentitySpec {
     pub principal: String,
     pub addresses: Vec<String>,
     pub private_key: PrivateKey,
+    pub labels: Vec<(String, String)>,
 }
 
 impl IdentitySpec {
@@ -26,7 +27,14 @@ impl IdentitySpec {
             principal: principal.to_owned(),
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
             private_key: PrivateKey::generate(),
+            labels: Vec::new(),
         }
+    }
+
+    /// Adds a label (for policy selectors).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn public_key(&self) -> String {
@@ -123,7 +131,13 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
         )?;
         writeln!(text, "[[identity]]\nprincipal = {:?}", identity.principal).unwrap();
         writeln!(text, "private_key_file = {key_file:?}").unwrap();
-        writeln!(text, "addresses = {}\n", toml_list(&identity.addresses)).unwrap();
+        writeln!(text, "addresses = {}", toml_list(&identity.addresses)).unwrap();
+        let labels: Vec<String> = identity
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k:?} = {v:?}"))
+            .collect();
+        writeln!(text, "labels = {{ {} }}\n", labels.join(", ")).unwrap();
     }
     let path = dir.join("node.toml");
     std::fs::write(&path, text)?;

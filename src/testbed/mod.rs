@@ -53,8 +53,8 @@ pub use mesh::{
 pub use netns::{Netns, NETNS_DIR};
 pub use process::{ChildGuard, DEFAULT_GRACE};
 pub use traffic::{
-    ping, ping_all, ping_stats, tcp_transfer, udp_roundtrip, PingStats, TransferReport, UdpEcho,
-    TRANSFER_IDLE_TIMEOUT,
+    ping, ping_all, ping_stats, tcp_connect, tcp_transfer, udp_roundtrip, PingStats,
+    TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,
 };
 pub use wg::{find_program, genkey, pubkey, WgKind, WgPeer, WgPeerStats, WG_SOCKET_DIR};
 

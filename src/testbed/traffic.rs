@@ -291,7 +291,26 @@ fn send_pseudo_random(
 /// A blocking std `TcpStream` connected to `target`, optionally bound to `bind` first
 /// (std cannot bind before connecting; tokio's `TcpSocket` can). Call inside the
 /// client's namespace.
+/// Opens a TCP connection from `ns` (from `bind`, or the kernel's choice) to `target`,
+/// failing after `timeout` without an answer. The stream stays usable from any thread.
+pub fn tcp_connect(
+    ns: &Netns,
+    bind: Option<IpAddr>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    ns.run(move || connect_within(target, bind, timeout))?
+}
+
 fn connect_from(target: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    connect_within(target, bind, TRANSFER_IDLE_TIMEOUT)
+}
+
+fn connect_within(
+    target: SocketAddr,
+    bind: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -307,7 +326,7 @@ fn connect_from(target: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStrea
                 .bind(SocketAddr::new(ip, 0))
                 .map_err(|e| context(e, format_args!("bind {ip}")))?;
         }
-        let stream = tokio::time::timeout(TRANSFER_IDLE_TIMEOUT, socket.connect(target))
+        let stream = tokio::time::timeout(timeout, socket.connect(target))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.into_std()
