@@ -207,3 +207,94 @@ fn up_removes_its_device_on_exit() {
     assert!(daemon.read_stderr().contains("meshguard stopping"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn policy_check_explains_decisions() {
+    let dir = example_config();
+    let config = dir.join("node-a.toml");
+    let config = config.to_str().unwrap();
+    let check = |from: &str, to: &str, port: &str| {
+        let out = meshguard(
+            &[
+                "policy", "check", "--config", config, "--from", from, "--to", to, "--port", port,
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let allowed = check("cluster.local/ns/web/sa/frontend", "10.10.1.1", "8080/tcp");
+    assert!(allowed.starts_with("decision: allow"), "{allowed}");
+    assert!(
+        allowed.contains("payments/frontend-to-payment-service rule 0"),
+        "{allowed}"
+    );
+    let wrong_port = check(
+        "spiffe://cluster.local/ns/web/sa/frontend",
+        "cluster.local/ns/payments/sa/payment-service",
+        "9999/tcp",
+    );
+    assert!(wrong_port.starts_with("decision: deny"), "{wrong_port}");
+    let legacy = check("cluster.local/ns/legacy/sa/old", "10.10.1.2", "icmp");
+    assert!(
+        legacy.contains("DENY policy istio-system/deny-legacy"),
+        "{legacy}"
+    );
+    assert!(legacy.contains("not a configured peer"), "{legacy}");
+
+    let bad = meshguard(
+        &[
+            "policy",
+            "check",
+            "--config",
+            config,
+            "--from",
+            "frontend",
+            "--to",
+            "10.10.1.1",
+            "--port",
+            "8080/tcp",
+        ],
+        None,
+    );
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("--from"),
+        "{}",
+        text(&bad.stderr)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_broken_policy_file_is_named_and_nothing_starts() {
+    let dir = example_config();
+    let policy = dir.join("policy-example.toml");
+    let broken = std::fs::read_to_string(&policy).unwrap().replace(
+        "namespaces = [\"legacy\"]",
+        "namespaces = [\"legacy\"]\nmethods = [\"GET\"]",
+    );
+    std::fs::write(&policy, broken).unwrap();
+    let config = dir.join("node-a.toml");
+    let out = meshguard(&["check", "--config", config.to_str().unwrap()], None);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("policy-example.toml") && err.contains("methods"),
+        "{err}"
+    );
+    if require_root() {
+        let ns = Netns::new("clp").unwrap();
+        let out = ns
+            .exec(
+                env!("CARGO_BIN_EXE_meshguard"),
+                ["up", "--config", config.to_str().unwrap()],
+            )
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains("policy-example.toml"));
+        let links = text(&ns.exec("ip", ["-o", "link"]).unwrap().stdout);
+        assert!(!links.contains("mg0"), "no device was created: {links}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
