@@ -1,24 +1,60 @@
 //! The running daemon: wires the sans-IO node to the TUN device and the UDP socket.
 //!
 //! One task owns the node and serves the TUN device, the socket, the node's timer and
-//! signals in turn. Speed-ups (batches, offloads, several workers) come in later; the
-//! node's in-place, buffer-based interface is already shaped for them.
+//! signals in turn, a batch at a time: a TUN read yields up to a 64 KiB super packet cut
+//! into segments (offload), each sealed in place; a socket wake-up drains up to a batch
+//! of datagrams, and their plaintexts go to the TUN device in one coalescing write.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use bytes::BytesMut;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::NodeConfig;
-use crate::io::{netconf, tun::Tun, udp};
+use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use crate::io::{netconf, udp};
 use crate::node::{Egress, Ingress, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 use crate::policy::{self, PolicySet};
 use crate::proto::DeviceConfig;
 
-/// Largest IP packet read from the TUN device.
+/// Largest IP packet (or super packet) read from the TUN device.
 const MAX_PACKET: usize = 65535;
+/// Largest UDP datagram.
+const MAX_DATAGRAM: usize = 65536;
+
+/// Reusable buffers for batches in both directions: nothing is allocated per packet.
+struct Buffers {
+    /// A raw TUN read: virtio header and super packet.
+    tun_read: Vec<u8>,
+    /// Segments from the TUN device, each with transport-header room in front and
+    /// sealing room behind.
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// One datagram from the network, decrypted in place.
+    datagram: Vec<u8>,
+    /// Plaintexts for the TUN device, each after virtio-header room.
+    to_tun: Vec<BytesMut>,
+    gro: GROTable,
+}
+
+impl Buffers {
+    fn new(mtu: u16) -> Self {
+        let segment = TRANSPORT_HEADER_LEN + usize::from(mtu).max(1500) + SEAL_TAILROOM;
+        Buffers {
+            tun_read: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            segments: vec![vec![0; segment]; IDEAL_BATCH_SIZE],
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            datagram: vec![0; MAX_DATAGRAM],
+            to_tun: (0..IDEAL_BATCH_SIZE)
+                .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
+                .collect(),
+            gro: GROTable::default(),
+        }
+    }
+}
 /// How often policy files are checked for changes.
 const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -134,30 +170,31 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
         "meshguard is up"
     );
 
-    let mut from_tun = vec![0u8; TRANSPORT_HEADER_LEN + MAX_PACKET + SEAL_TAILROOM];
-    let mut from_net = vec![0u8; 65536];
+    let mut buffers = Buffers::new(config.interface.mtu);
     loop {
         let wake = node
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let b = &mut buffers;
         tokio::select! {
-            read = tun.recv(&mut from_tun[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + MAX_PACKET]) => {
-                let len = read.context("reading from the TUN device")?;
-                if let Egress::Send { destination, len } = node.egress(Instant::now(), &mut from_tun, len) {
-                    send(&socket, &from_tun[..len], destination).await;
+            read = tun.recv_batch(&mut b.tun_read, &mut b.segments, &mut b.sizes, TRANSPORT_HEADER_LEN) => {
+                let count = read.context("reading from the TUN device")?;
+                let now = Instant::now();
+                for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
+                    if let Egress::Send { destination, len } = node.egress(now, segment, len) {
+                        send(&socket, &segment[..len], destination).await;
+                    }
                 }
             }
-            received = socket.recv_from(&mut from_net) => {
-                match received {
-                    Ok((len, source)) => {
-                        if let Ingress::Deliver { packet, .. } = node.ingress(Instant::now(), source, &mut from_net[..len]) {
-                            if let Err(e) = tun.send(&from_net[packet]).await {
-                                tracing::debug!(error = %e, "writing to the TUN device failed");
-                            }
-                        }
+            ready = socket.readable() => {
+                if let Err(e) = ready {
+                    tracing::debug!(error = %e, "UDP socket error");
+                }
+                let delivered = receive_batch(&socket, &mut node, b);
+                if delivered > 0 {
+                    if let Err(e) = tun.send_batch(&mut b.gro, &mut b.to_tun[..delivered], VIRTIO_NET_HDR_LEN).await {
+                        tracing::debug!(error = %e, "writing to the TUN device failed");
                     }
-                    // ICMP errors from earlier sends surface here; they are not fatal.
-                    Err(e) => tracing::debug!(error = %e, "UDP receive error"),
                 }
             }
             _ = tokio::time::sleep_until(wake.into()) => node.handle_timeout(Instant::now()),
@@ -192,6 +229,32 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
     tracing::info!(counters = %node.counters(), "meshguard stopping");
     drop(tun);
     Ok(())
+}
+
+/// Drains up to a batch of datagrams without blocking; each authenticated plaintext is
+/// copied behind virtio-header room into `to_tun`. Returns how many are ready.
+fn receive_batch(socket: &udp::UdpSocket, node: &mut Node, b: &mut Buffers) -> usize {
+    let now = Instant::now();
+    let mut delivered = 0;
+    for _ in 0..IDEAL_BATCH_SIZE {
+        let (len, source) = match socket.try_recv_from(&mut b.datagram) {
+            Ok(received) => received,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // ICMP errors from earlier sends surface here; they are not fatal.
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        if let Ingress::Deliver { packet, .. } = node.ingress(now, source, &mut b.datagram[..len]) {
+            let out = &mut b.to_tun[delivered];
+            out.clear();
+            out.extend_from_slice(&[0; VIRTIO_NET_HDR_LEN]);
+            out.extend_from_slice(&b.datagram[packet]);
+            delivered += 1;
+        }
+    }
+    delivered
 }
 
 async fn send(socket: &udp::UdpSocket, datagram: &[u8], destination: SocketAddr) {

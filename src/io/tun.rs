@@ -1,24 +1,52 @@
-//! The TUN device, through `tun-rs`.
+//! The TUN device, through `tun-rs`, with the kernel's segmentation offloads when it
+//! has them.
+//!
+//! With offload on (IFF_VNET_HDR + TUNSETOFFLOAD), one read returns a TCP (or UDP) super
+//! packet of up to 64 KiB that `tun-rs` cuts into MTU-sized segments, and one write
+//! carries many coalesced segments of a flow: far fewer system calls per byte.
 
 use std::io;
+
+use bytes::BytesMut;
+pub use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// An open TUN device; the kernel removes it (and its routes) when this is dropped.
 pub struct Tun {
     device: tun_rs::AsyncDevice,
     name: String,
+    offload: bool,
 }
 
 impl Tun {
-    /// Creates the device `name` with `mtu` and brings it up.
+    /// Creates the device `name` with `mtu`, brings it up, and turns on segmentation
+    /// offload when the kernel supports it (one log line says which).
     pub fn create(name: &str, mtu: u16) -> io::Result<Tun> {
-        let device = tun_rs::DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .packet_information(false)
-            .build_async()?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .packet_information(false)
+                .offload(offload)
+                .build_async()
+        };
+        let (device, offload) = match build(true) {
+            Ok(device) => (device, true),
+            Err(e) => {
+                tracing::info!(error = %e, "TUN offload unavailable; one packet per read and write");
+                (build(false)?, false)
+            }
+        };
+        if offload {
+            tracing::info!(
+                tcp_segmentation = device.tcp_gso(),
+                udp_segmentation = device.udp_gso(),
+                "TUN offload on"
+            );
+        }
         Ok(Tun {
             device,
             name: name.to_owned(),
+            offload,
         })
     }
 
@@ -26,13 +54,36 @@ impl Tun {
         &self.name
     }
 
-    /// Reads one IP packet.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.device.recv(buf).await
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
-    /// Writes one IP packet.
-    pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.device.send(packet).await
+    /// Reads the next packet, or super packet cut into segments, into `segments[i]`
+    /// starting at `headroom`, with lengths in `sizes`. Returns how many. `scratch` holds
+    /// the raw read (virtio header and super packet): at least 10 + 65535 bytes.
+    pub async fn recv_batch(
+        &self,
+        scratch: &mut [u8],
+        segments: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        headroom: usize,
+    ) -> io::Result<usize> {
+        self.device
+            .recv_multiple(scratch, segments, sizes, headroom)
+            .await
+    }
+
+    /// Writes packets, each at `packets[i][headroom..]` with `headroom >=
+    /// VIRTIO_NET_HDR_LEN`, coalescing segments of one flow when offload is on.
+    pub async fn send_batch(
+        &self,
+        gro: &mut GROTable,
+        packets: &mut [BytesMut],
+        headroom: usize,
+    ) -> io::Result<()> {
+        self.device
+            .send_multiple(gro, packets, headroom)
+            .await
+            .map(|_| ())
     }
 }
