@@ -232,6 +232,7 @@ fn garbage_is_dropped_counted_and_never_answered() {
     let a = NodeSpec {
         name: "node-a".into(),
         policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
         listen: "198.18.3.1:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/a/sa/server",
@@ -241,6 +242,7 @@ fn garbage_is_dropped_counted_and_never_answered() {
     let b = NodeSpec {
         name: "node-b".into(),
         policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
         listen: "198.18.3.2:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/b/sa/client",

@@ -47,6 +47,7 @@ fn interop(kind: WgKind, initiator: Initiator) {
     let mg = NodeSpec {
         name: "meshguard".into(),
         policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
         listen: SocketAddr::new(ip(MG_UNDERLAY), 51820),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/interop/sa/meshguard",

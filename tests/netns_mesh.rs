@@ -27,6 +27,7 @@ fn node_a() -> NodeSpec {
     NodeSpec {
         name: "node-a".into(),
         policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
         listen: "198.18.1.1:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -42,6 +43,8 @@ fn node_b() -> NodeSpec {
     NodeSpec {
         name: "node-b".into(),
         policy: ALLOW_ALL_POLICY.into(),
+        // node-b runs without TUN offload: both data paths, talking to each other.
+        offload: false,
         listen: "198.18.1.2:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new("cluster.local/ns/web/sa/frontend", &["10.10.2.1/32"]),
@@ -62,6 +65,16 @@ fn every_identity_pair_pings_and_transfers_intact() {
     let daemon_a = MeshguardNode::start(binary(), &ns_a, &a, &[PeerEntry::for_node(&b)]).unwrap();
     let daemon_b = MeshguardNode::start(binary(), &ns_b, &b, &[PeerEntry::for_node(&a)]).unwrap();
 
+    assert!(
+        daemon_a.log().contains("TUN offload on"),
+        "{}",
+        daemon_a.log()
+    );
+    assert!(
+        daemon_b.log().contains("TUN offload off"),
+        "{}",
+        daemon_b.log()
+    );
     for (from_ns, to_ns, from, to) in [
         (&ns_a, &ns_b, "10.10.1.1", "10.10.2.1"),
         (&ns_a, &ns_b, "10.10.1.2", "10.10.2.2"),

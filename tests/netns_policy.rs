@@ -120,6 +120,7 @@ fn mesh() -> Mesh {
     let a = NodeSpec {
         name: "node-a".into(),
         policy: POLICY_A.into(),
+        offload: true,
         listen: "198.18.5.1:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -137,6 +138,7 @@ fn mesh() -> Mesh {
     let b = NodeSpec {
         name: "node-b".into(),
         policy: POLICY_B.into(),
+        offload: true,
         listen: "198.18.5.2:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -152,6 +154,7 @@ fn mesh() -> Mesh {
     let c = NodeSpec {
         name: "node-c".into(),
         policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
         listen: "198.18.5.3:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/legacy/sa/old-app",

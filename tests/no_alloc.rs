@@ -298,6 +298,7 @@ fn node_config(
             name: "mgnoalloc0".to_owned(),
             mtu: 1420,
             addresses: vec![address],
+            offload: false,
         },
         peers_dir: dir.join("peers"),
         // No policies and default allow: these measure the data path, not the allow list.

@@ -475,6 +475,7 @@ fn check_interface(
         name: name.clone(),
         mtu,
         addresses,
+        offload: raw.offload.unwrap_or(true),
     };
     Ok((cfg, raw.mtu.as_ref().map(|m| m.span())))
 }

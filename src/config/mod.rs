@@ -83,6 +83,8 @@ pub struct InterfaceConfig {
     pub mtu: u16,
     /// Addresses to put on the device, as written (host bits allowed: `10.10.1.1/24`).
     pub addresses: Vec<IpNet>,
+    /// Use the kernel's TUN segmentation offloads when it has them (default true).
+    pub offload: bool,
 }
 
 /// A `[[identity]]` of the node file: a workload identity hosted on this node.

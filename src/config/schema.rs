@@ -38,6 +38,7 @@ pub(crate) struct RawPolicy {
 pub(crate) struct RawInterface {
     pub name: Spanned<String>,
     pub mtu: Option<Spanned<i64>>,
+    pub offload: Option<bool>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
 }

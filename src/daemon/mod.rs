@@ -126,7 +126,7 @@ fn unix_now() -> Duration {
 /// Creates the TUN device with its addresses and a route for every peer's allowed IPs.
 fn setup_interface(config: &NodeConfig) -> Result<Tun> {
     let interface = &config.interface;
-    let tun = Tun::create(&interface.name, interface.mtu)
+    let tun = Tun::create(&interface.name, interface.mtu, interface.offload)
         .with_context(|| format!("creating TUN device {}", interface.name))?;
     for address in &interface.addresses {
         netconf::add_address(tun.name(), address)?;

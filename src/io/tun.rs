@@ -19,8 +19,8 @@ pub struct Tun {
 
 impl Tun {
     /// Creates the device `name` with `mtu`, brings it up, and turns on segmentation
-    /// offload when the kernel supports it (one log line says which).
-    pub fn create(name: &str, mtu: u16) -> io::Result<Tun> {
+    /// offload when asked to and the kernel supports it (one log line says which).
+    pub fn create(name: &str, mtu: u16, want_offload: bool) -> io::Result<Tun> {
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
                 .name(name)
@@ -29,10 +29,14 @@ impl Tun {
                 .offload(offload)
                 .build_async()
         };
-        let (device, offload) = match build(true) {
-            Ok(device) => (device, true),
-            Err(e) => {
+        let (device, offload) = match want_offload.then(|| build(true)) {
+            Some(Ok(device)) => (device, true),
+            Some(Err(e)) => {
                 tracing::info!(error = %e, "TUN offload unavailable; one packet per read and write");
+                (build(false)?, false)
+            }
+            None => {
+                tracing::info!("TUN offload off (interface.offload = false)");
                 (build(false)?, false)
             }
         };

@@ -59,6 +59,8 @@ pub struct NodeSpec {
     pub identities: Vec<IdentitySpec>,
     /// The policy file (meshguard TOML form); the node's default is deny.
     pub policy: String,
+    /// `interface.offload`: TUN segmentation offloads when the kernel has them.
+    pub offload: bool,
 }
 
 /// How a node sees one remote node: a peer file.
@@ -116,6 +118,7 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
     writeln!(text, "listen = \"{}\"", node.listen).unwrap();
     writeln!(text, "peers_dir = \"peers\"\n").unwrap();
     writeln!(text, "[interface]\nname = \"mg0\"\nmtu = 1420").unwrap();
+    writeln!(text, "offload = {}", node.offload).unwrap();
     writeln!(text, "addresses = {}\n", toml_list(&all_addresses)).unwrap();
     writeln!(
         text,
@@ -262,6 +265,7 @@ mod tests {
                 IdentitySpec::new("cluster.local/ns/a/sa/two", &["10.1.0.2/32"]),
             ],
             policy: ALLOW_ALL_POLICY.into(),
+            offload: true,
         };
         let b = NodeSpec {
             name: "node-b".into(),
@@ -271,6 +275,7 @@ mod tests {
                 &["10.2.0.1/32"],
             )],
             policy: ALLOW_ALL_POLICY.into(),
+            offload: true,
         };
         let path = write_config(dir.path(), &a, &[PeerEntry::for_node(&b)]).unwrap();
         let config = crate::config::load(&path).unwrap();
