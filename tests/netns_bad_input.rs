@@ -88,7 +88,7 @@ fn relay(socket: UdpSocket, a: SocketAddr, b: SocketAddr, record: Recorded, stop
             *newest = (*newest).max(transport_counter(&buf));
         }
         // Handshakes always; transport messages now and then, B's more often.
-        let sample = buf[0] != 4 || seen % if to_a { 7 } else { 97 } == 0;
+        let sample = buf[0] != 4 || seen.is_multiple_of(if to_a { 7 } else { 97 });
         if sample && r.datagrams.len() < 4000 {
             r.datagrams.push((to_a, buf[..n].to_vec()));
         }
@@ -159,7 +159,7 @@ fn attack(
         // Random bytes, half of them dressed as WireGuard messages.
         let junk_len = rng.below(1500);
         let mut junk = rng.bytes(junk_len);
-        if junk.len() >= 4 && rng.next() % 2 == 0 {
+        if junk.len() >= 4 && rng.next().is_multiple_of(2) {
             junk[0] = 1 + rng.below(4) as u8;
             junk[1..4].fill(0);
         }
@@ -177,9 +177,9 @@ fn attack(
             datagrams.push(pick[..cut].to_vec());
             sent.truncated += 1;
         }
-        if round % 10 == 0 {
+        if round.is_multiple_of(10) {
             // Oversized transport messages, one near the UDP limit.
-            let len = if round % 100 == 0 {
+            let len = if round.is_multiple_of(100) {
                 60_000
             } else {
                 1500 + rng.below(7500)
@@ -193,7 +193,7 @@ fn attack(
             datagrams.push(big);
             sent.oversized += 1;
         }
-        if round % 20 == 0 {
+        if round.is_multiple_of(20) {
             // Well below the load threshold, so no cookie reply is ever due.
             datagrams.push(foreign_initiation(target, target_key));
             sent.unknown_key += 1;

@@ -1,10 +1,13 @@
 //! The running daemon: wires the sans-IO node to the TUN device and the UDP socket.
 //!
 //! One task owns the node and serves the TUN device, the socket, the node's timer and
-//! signals in turn, a batch at a time: a TUN read yields up to a 64 KiB super packet cut
-//! into segments (offload), each sealed in place; a socket wake-up drains up to a batch
-//! of datagrams, and their plaintexts go to the TUN device in one coalescing write.
+//! signals in turn, a batch at a time. A TUN read yields up to a 64 KiB super packet cut
+//! into segments (offload); each is sealed in place and runs of equal-sized datagrams for
+//! one peer leave in one send (UDP GSO). A socket wake-up drains several receives of many
+//! datagrams each (recvmmsg, UDP GRO); their plaintexts reach the TUN device in coalescing
+//! writes.
 
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,16 +17,23 @@ use bytes::BytesMut;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::NodeConfig;
+use crate::io::netconf;
 use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
-use crate::io::{netconf, udp};
+use crate::io::udp::{RecvMeta, Udp};
 use crate::node::{Egress, Ingress, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 use crate::policy::{self, PolicySet};
 use crate::proto::DeviceConfig;
 
 /// Largest IP packet (or super packet) read from the TUN device.
 const MAX_PACKET: usize = 65535;
-/// Largest UDP datagram.
+/// Largest UDP receive (one datagram, or several coalesced by GRO).
 const MAX_DATAGRAM: usize = 65536;
+/// Receive buffers per receive call (recvmmsg).
+const RECEIVE_SLOTS: usize = 8;
+/// Receive calls per socket wake-up, so the TUN side gets its turn.
+const RECEIVES_PER_WAKE: usize = 4;
+/// Bytes of datagrams in one segmented send.
+const MAX_GSO_BYTES: usize = 64_000;
 
 /// Reusable buffers for batches in both directions: nothing is allocated per packet.
 struct Buffers {
@@ -33,8 +43,11 @@ struct Buffers {
     /// sealing room behind.
     segments: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    /// One datagram from the network, decrypted in place.
-    datagram: Vec<u8>,
+    /// Sealed segments for one peer, back to back, for one segmented send.
+    gso: Vec<u8>,
+    /// Datagrams from the network, decrypted in place.
+    received: Vec<Vec<u8>>,
+    meta: [RecvMeta; RECEIVE_SLOTS],
     /// Plaintexts for the TUN device, each after virtio-header room.
     to_tun: Vec<BytesMut>,
     gro: GROTable,
@@ -47,7 +60,9 @@ impl Buffers {
             tun_read: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
             segments: vec![vec![0; segment]; IDEAL_BATCH_SIZE],
             sizes: vec![0; IDEAL_BATCH_SIZE],
-            datagram: vec![0; MAX_DATAGRAM],
+            gso: vec![0; MAX_GSO_BYTES],
+            received: vec![vec![0; MAX_DATAGRAM]; RECEIVE_SLOTS],
+            meta: [RecvMeta::default(); RECEIVE_SLOTS],
             to_tun: (0..IDEAL_BATCH_SIZE)
                 .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
                 .collect(),
@@ -156,7 +171,7 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut report = signal(SignalKind::user_defined1())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let socket = udp::bind(config.listen)
+    let socket = Udp::bind(config.listen)
         .await
         .with_context(|| format!("binding UDP {}", config.listen))?;
     // If anything below fails, the device is dropped and the kernel removes it.
@@ -179,23 +194,13 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
         tokio::select! {
             read = tun.recv_batch(&mut b.tun_read, &mut b.segments, &mut b.sizes, TRANSPORT_HEADER_LEN) => {
                 let count = read.context("reading from the TUN device")?;
-                let now = Instant::now();
-                for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
-                    if let Egress::Send { destination, len } = node.egress(now, segment, len) {
-                        send(&socket, &segment[..len], destination).await;
-                    }
-                }
+                seal_and_send(&socket, &mut node, b, count).await;
             }
             ready = socket.readable() => {
                 if let Err(e) = ready {
                     tracing::debug!(error = %e, "UDP socket error");
                 }
-                let delivered = receive_batch(&socket, &mut node, b);
-                if delivered > 0 {
-                    if let Err(e) = tun.send_batch(&mut b.gro, &mut b.to_tun[..delivered], VIRTIO_NET_HDR_LEN).await {
-                        tracing::debug!(error = %e, "writing to the TUN device failed");
-                    }
-                }
+                receive_and_deliver(&socket, &mut node, &tun, b).await;
             }
             _ = tokio::time::sleep_until(wake.into()) => node.handle_timeout(Instant::now()),
             _ = terminate.recv() => break,
@@ -219,7 +224,7 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
             }
         }
         while let Some(transmit) = node.poll_transmit() {
-            send(&socket, &transmit.data, transmit.destination).await;
+            send(&socket, &transmit.data, transmit.destination, None).await;
         }
         node.log_events();
     }
@@ -231,13 +236,77 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
     Ok(())
 }
 
-/// Drains up to a batch of datagrams without blocking; each authenticated plaintext is
-/// copied behind virtio-header room into `to_tun`. Returns how many are ready.
-fn receive_batch(socket: &udp::UdpSocket, node: &mut Node, b: &mut Buffers) -> usize {
+/// Datagrams for one peer, back to back in `Buffers::gso`, to leave in one send: all of
+/// one size but the last, which may be shorter.
+#[derive(Default)]
+struct SegmentRun {
+    destination: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    bytes: usize,
+    /// A shorter datagram ended the run.
+    closed: bool,
+}
+
+impl SegmentRun {
+    fn accepts(&self, destination: SocketAddr, len: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (self.destination == Some(destination)
+                && !self.closed
+                && self.count < max_segments
+                && len <= self.segment
+                && self.bytes + len <= MAX_GSO_BYTES)
+    }
+
+    fn push(&mut self, destination: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.destination = Some(destination);
+            self.segment = len;
+        }
+        self.closed = len < self.segment;
+        self.count += 1;
+        self.bytes += len;
+    }
+
+    async fn flush(&mut self, socket: &Udp, gso: &[u8]) {
+        if let Some(destination) = self.destination.filter(|_| self.count > 0) {
+            let segment = (self.count > 1).then_some(self.segment);
+            send(socket, &gso[..self.bytes], destination, segment).await;
+        }
+        *self = SegmentRun::default();
+    }
+}
+
+/// Seals the `count` segments read from the TUN device and sends them, runs of
+/// equal-sized datagrams for one peer in one call.
+async fn seal_and_send(socket: &Udp, node: &mut Node, b: &mut Buffers, count: usize) {
     let now = Instant::now();
+    let max_segments = socket.max_segments().max(1);
+    let mut run = SegmentRun::default();
+    for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
+        let Egress::Send { destination, len } = node.egress(now, segment, len) else {
+            continue;
+        };
+        if !run.accepts(destination, len, max_segments) {
+            run.flush(socket, &b.gso).await;
+        }
+        b.gso[run.bytes..run.bytes + len].copy_from_slice(&segment[..len]);
+        run.push(destination, len);
+    }
+    run.flush(socket, &b.gso).await;
+}
+
+/// Drains the socket for a while without blocking: each authenticated plaintext is
+/// copied behind virtio-header room into `to_tun`, which goes to the TUN device whenever
+/// it is full and at the end.
+async fn receive_and_deliver(socket: &Udp, node: &mut Node, tun: &Tun, b: &mut Buffers) {
     let mut delivered = 0;
-    for _ in 0..IDEAL_BATCH_SIZE {
-        let (len, source) = match socket.try_recv_from(&mut b.datagram) {
+    for _ in 0..RECEIVES_PER_WAKE {
+        let mut buffers = b.received.iter_mut();
+        let mut slices: [IoSliceMut; RECEIVE_SLOTS] = std::array::from_fn(|_| {
+            IoSliceMut::new(buffers.next().expect("one buffer per receive slot"))
+        });
+        let received = match socket.try_recv(&mut slices, &mut b.meta) {
             Ok(received) => received,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             // ICMP errors from earlier sends surface here; they are not fatal.
@@ -246,19 +315,43 @@ fn receive_batch(socket: &udp::UdpSocket, node: &mut Node, b: &mut Buffers) -> u
                 continue;
             }
         };
-        if let Ingress::Deliver { packet, .. } = node.ingress(now, source, &mut b.datagram[..len]) {
-            let out = &mut b.to_tun[delivered];
-            out.clear();
-            out.extend_from_slice(&[0; VIRTIO_NET_HDR_LEN]);
-            out.extend_from_slice(&b.datagram[packet]);
-            delivered += 1;
+        let now = Instant::now();
+        for (buffer, meta) in b.received.iter_mut().zip(&b.meta).take(received) {
+            let stride = if meta.stride == 0 {
+                meta.len
+            } else {
+                meta.stride
+            };
+            for datagram in buffer[..meta.len].chunks_mut(stride) {
+                let Ingress::Deliver { packet, .. } = node.ingress(now, meta.addr, datagram) else {
+                    continue;
+                };
+                if delivered == b.to_tun.len() {
+                    write_to_tun(tun, &mut b.gro, &mut b.to_tun[..delivered]).await;
+                    delivered = 0;
+                }
+                let out = &mut b.to_tun[delivered];
+                out.clear();
+                out.extend_from_slice(&[0; VIRTIO_NET_HDR_LEN]);
+                out.extend_from_slice(&datagram[packet]);
+                delivered += 1;
+            }
         }
     }
-    delivered
+    write_to_tun(tun, &mut b.gro, &mut b.to_tun[..delivered]).await;
 }
 
-async fn send(socket: &udp::UdpSocket, datagram: &[u8], destination: SocketAddr) {
-    if let Err(e) = socket.send_to(datagram, destination).await {
+async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
+    if packets.is_empty() {
+        return;
+    }
+    if let Err(e) = tun.send_batch(gro, packets, VIRTIO_NET_HDR_LEN).await {
+        tracing::debug!(error = %e, "writing to the TUN device failed");
+    }
+}
+
+async fn send(socket: &Udp, datagrams: &[u8], destination: SocketAddr, segment: Option<usize>) {
+    if let Err(e) = socket.send(destination, datagrams, segment).await {
         tracing::debug!(error = %e, %destination, "UDP send failed");
     }
 }
