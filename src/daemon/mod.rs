@@ -32,6 +32,8 @@ const MAX_DATAGRAM: usize = 65536;
 const RECEIVE_SLOTS: usize = 8;
 /// Receive calls per socket wake-up, so the TUN side gets its turn.
 const RECEIVES_PER_WAKE: usize = 4;
+/// Room for the segments of one 64 KiB super packet at the smallest MTU (576).
+const SEGMENTS_PER_SUPER_PACKET: usize = 65535 / 536 + 1;
 /// Bytes of datagrams in one segmented send.
 const MAX_GSO_BYTES: usize = 64_000;
 
@@ -58,8 +60,8 @@ impl Buffers {
         let segment = TRANSPORT_HEADER_LEN + usize::from(mtu).max(1500) + SEAL_TAILROOM;
         Buffers {
             tun_read: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            segments: vec![vec![0; segment]; IDEAL_BATCH_SIZE],
-            sizes: vec![0; IDEAL_BATCH_SIZE],
+            segments: vec![vec![0; segment]; SEGMENTS_PER_SUPER_PACKET * 2],
+            sizes: vec![0; SEGMENTS_PER_SUPER_PACKET * 2],
             gso: vec![0; MAX_GSO_BYTES],
             received: vec![vec![0; MAX_DATAGRAM]; RECEIVE_SLOTS],
             meta: [RecvMeta::default(); RECEIVE_SLOTS],
@@ -193,7 +195,8 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
         let b = &mut buffers;
         tokio::select! {
             read = tun.recv_batch(&mut b.tun_read, &mut b.segments, &mut b.sizes, TRANSPORT_HEADER_LEN) => {
-                let count = read.context("reading from the TUN device")?;
+                let first = read.context("reading from the TUN device")?;
+                let count = read_more(&tun, b, first);
                 seal_and_send(&socket, &mut node, b, count).await;
             }
             ready = socket.readable() => {
@@ -275,6 +278,29 @@ impl SegmentRun {
         }
         *self = SegmentRun::default();
     }
+}
+
+/// After a read that returned `count` segments, reads whatever else the TUN device has
+/// ready, as long as a whole super packet still fits, so that single packets (UDP, ICMP)
+/// batch up as well. Returns the total.
+fn read_more(tun: &Tun, b: &mut Buffers, mut count: usize) -> usize {
+    while b.segments.len() - count >= SEGMENTS_PER_SUPER_PACKET {
+        match tun.try_recv_batch(
+            &mut b.tun_read,
+            &mut b.segments[count..],
+            &mut b.sizes[count..],
+            TRANSPORT_HEADER_LEN,
+        ) {
+            Ok(more) => count += more,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "reading from the TUN device failed");
+                }
+                break;
+            }
+        }
+    }
+    count
 }
 
 /// Seals the `count` segments read from the TUN device and sends them, runs of

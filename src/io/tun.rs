@@ -77,6 +77,18 @@ impl Tun {
             .await
     }
 
+    /// Like `recv_batch`, without waiting: `WouldBlock` when nothing is pending.
+    pub fn try_recv_batch(
+        &self,
+        scratch: &mut [u8],
+        segments: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        headroom: usize,
+    ) -> io::Result<usize> {
+        self.device
+            .try_recv_multiple(scratch, segments, sizes, headroom)
+    }
+
     /// Writes packets, each at `packets[i][headroom..]` with `headroom >=
     /// VIRTIO_NET_HDR_LEN`, coalescing segments of one flow when offload is on.
     pub async fn send_batch(
