@@ -1,8 +1,8 @@
 //! The data path end to end, sans IO: encapsulate on one side, decapsulate on the other.
 //!
-//! TODO(policy): the per-packet policy decision bench (allow-list lookup for an identity
-//! pair and the flow-table fast path at ingress) goes in this file together with the
-//! policy module. It is deliberately not written yet.
+//! Also the allow-list decision for a new inbound flow (`policy_decision`): the example
+//! policy compiled for node-a's two identities and 1,000 peer identities. A tracked flow
+//! skips the decision; its cost is part of `node_egress_ingress`.
 //!
 //! Run with `cargo bench --bench datapath`. Numbers are informational; nothing asserts them.
 
@@ -10,7 +10,12 @@ mod common;
 
 use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use meshguard::identity::Principal;
 use meshguard::node::{Egress, Ingress};
+use meshguard::policy::{parse_toml, DefaultAction, Evaluator, Protocol, Request, Target};
 use meshguard::proto::{Received, Sealed};
 
 use common::{DevicePair, NodePair, A_INNER, B_INNER};
@@ -56,4 +61,57 @@ fn node_egress_ingress(bencher: Bencher) {
             other => panic!("not delivered: {other:?}"),
         }
     });
+}
+
+/// One allow-list decision (a new inbound flow) with `config/policy-example.toml`.
+#[divan::bench(args = [true, false])]
+fn policy_decision(bencher: Bencher, allowed: bool) {
+    let text = include_str!("../config/policy-example.toml");
+    let set = parse_toml(text, Path::new("policy-example.toml")).expect("example parses");
+    let locals: Vec<(Principal, BTreeMap<String, String>)> = [
+        (
+            "cluster.local/ns/payments/sa/payment-service",
+            "payment-service",
+        ),
+        ("cluster.local/ns/payments/sa/ledger", "ledger"),
+    ]
+    .iter()
+    .map(|(p, app)| {
+        let labels = BTreeMap::from([("app".to_owned(), (*app).to_owned())]);
+        (p.parse().expect("principal"), labels)
+    })
+    .collect();
+    let targets: Vec<Target> = locals
+        .iter()
+        .map(|(principal, labels)| Target { principal, labels })
+        .collect();
+    let mut peers: Vec<Principal> = (0..999)
+        .map(|i| {
+            format!("cluster.local/ns/ns-{}/sa/service-{i}", i % 50)
+                .parse()
+                .expect("principal")
+        })
+        .collect();
+    peers.push(
+        "cluster.local/ns/web/sa/frontend"
+            .parse()
+            .expect("principal"),
+    );
+    let peer_refs: Vec<&Principal> = peers.iter().collect();
+    let evaluator = Evaluator::new(
+        &set,
+        DefaultAction::Deny,
+        "istio-system",
+        &targets,
+        &peer_refs,
+    );
+    let frontend = peers.len() - 1;
+    let request = Request {
+        source_ip: Some("10.10.2.1".parse().expect("address")),
+        protocol: Protocol::Tcp,
+        port: Some(if allowed { 8080 } else { 9999 }),
+    };
+    assert_eq!(evaluator.evaluate(0, frontend, &request).allowed, allowed);
+    bencher
+        .bench_local(|| evaluator.evaluate(black_box(0), black_box(frontend), black_box(&request)));
 }
