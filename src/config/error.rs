@@ -36,3 +36,12 @@ impl fmt::Display for ConfigError {
         }
     }
 }
+
+/// 1-based line and column of a byte offset in `text` (for TOML spans).
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, col)
+}

@@ -25,11 +25,7 @@ struct Source<'a> {
 impl Source<'_> {
     /// 1-based line and column of a byte offset.
     fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = self.text.get(..offset).unwrap_or(self.text);
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-        (line, col)
+        super::error::line_col(self.text, offset)
     }
 
     fn line(&self, span: &Range<usize>) -> usize {

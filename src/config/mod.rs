@@ -21,6 +21,7 @@ use ipnet::IpNet;
 use crate::identity::{Principal, PrivateKey, PublicKey};
 use crate::policy::{DefaultAction, DEFAULT_ROOT_NAMESPACE};
 
+pub(crate) use error::line_col;
 pub use error::ConfigError;
 pub use load::{load, load_peer_file};
 

@@ -73,11 +73,7 @@ struct Src<'a> {
 impl Src<'_> {
     /// 1-based line and column of a byte offset.
     fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = self.text.get(..offset).unwrap_or(self.text);
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-        (line, col)
+        crate::config::line_col(self.text, offset)
     }
 
     fn line<T>(&self, v: &Spanned<T>) -> Option<usize> {
