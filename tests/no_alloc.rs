@@ -9,22 +9,19 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::backtrace::Backtrace;
 use std::cell::Cell;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ipnet::IpNet;
-use meshguard::config::{
-    InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
-};
-use meshguard::identity::{Principal, PrivateKey};
-use meshguard::node::{Egress, Ingress, Node};
-use meshguard::policy::{DefaultAction, PolicySet};
-use meshguard::proto::{
-    Device, DeviceConfig, Received, Sealed, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
-};
+use meshguard::node::{Egress, Ingress};
+use meshguard::proto::{Received, Sealed};
+
+// The benches' fixtures: two connected devices, or two connected nodes, on a simulated
+// clock.
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use common::{buffer, ipv4_udp, DevicePair, NodePair, A_INNER, B_INNER};
 
 // ---------------------------------------------------------------------------------------
 // Counting allocator
@@ -131,128 +128,73 @@ fn the_counter_sees_allocations_on_the_measuring_thread() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Setup
+// Round trips
 
-const A_ENDPOINT: &str = "198.18.0.1:51820";
-const B_ENDPOINT: &str = "198.18.0.2:51820";
-const UNIX_START: Duration = Duration::from_secs(1_800_000_000);
 const WARM_UP: usize = 300;
 const ROUND_TRIPS: usize = 10_000;
-/// Simulated time between round trips: 10,000 of them span 0.1 s, so no timer falls due.
+/// Simulated time between round trips.
 const TICK: Duration = Duration::from_micros(10);
 
-/// A buffer laid out for sealing in place: headroom, `len` bytes of plaintext, tailroom.
-fn buffer(len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; TRANSPORT_HEADER_LEN + len + SEAL_TAILROOM];
-    for (i, byte) in buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len]
-        .iter_mut()
-        .enumerate()
-    {
-        *byte = i as u8;
+/// Seals `buf` (plaintext of `len` bytes) on one device and opens it on the other. The
+/// plaintext is restored in place, so the buffer can go round again.
+fn device_one_way(pair: &mut DevicePair, a_to_b: bool, buf: &mut [u8], len: usize) {
+    let (from, to, tunnel, source) = if a_to_b {
+        (&mut pair.a, &mut pair.b, pair.ab, pair.a_addr)
+    } else {
+        (&mut pair.b, &mut pair.a, pair.ba, pair.b_addr)
+    };
+    let sealed = match from.seal(pair.now, tunnel, buf, len) {
+        Sealed::Send { len, .. } => len,
+        other => panic!("not sealed: {other:?}"),
+    };
+    match to.receive(pair.now, source, &mut buf[..sealed]) {
+        Received::Data { plaintext, .. } => assert!(plaintext.len() >= len),
+        other => panic!("not received: {other:?}"),
     }
-    buf
 }
 
-/// An IPv4/UDP packet of `total_len` bytes, laid out for sealing in place.
-fn ipv4_udp(source: Ipv4Addr, destination: Ipv4Addr, total_len: usize) -> Vec<u8> {
-    let mut buf = buffer(total_len);
-    let packet = &mut buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + total_len];
-    let ip_len = u16::try_from(total_len).expect("fits an IPv4 packet");
-    packet[..12].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
-    packet[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    packet[12..16].copy_from_slice(&source.octets());
-    packet[16..20].copy_from_slice(&destination.octets());
-    let mut sum: u32 = packet[..20]
-        .chunks_exact(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+/// The same through two nodes: egress on one, ingress on the other.
+fn node_one_way(pair: &mut NodePair, a_to_b: bool, buf: &mut [u8], len: usize) {
+    let (from, to, source) = if a_to_b {
+        (&mut pair.a, &mut pair.b, pair.a_addr)
+    } else {
+        (&mut pair.b, &mut pair.a, pair.b_addr)
+    };
+    let sealed = match from.egress(pair.now, buf, len) {
+        Egress::Send { len, .. } => len,
+        other => panic!("not sent: {other:?}"),
+    };
+    match to.ingress(pair.now, source, &mut buf[..sealed]) {
+        Ingress::Deliver { packet, .. } => assert_eq!(packet.len(), len),
+        other => panic!("not delivered: {other:?}"),
     }
-    packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    packet[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    packet[22..24].copy_from_slice(&5201u16.to_be_bytes());
-    packet[24..26].copy_from_slice(&(ip_len - 20).to_be_bytes());
-    packet[26..28].copy_from_slice(&[0, 0]);
-    buf
 }
 
-struct DevicePair {
-    now: Instant,
-    a: Device,
-    b: Device,
-    ab: TunnelId,
-    ba: TunnelId,
-    a_addr: SocketAddr,
-    b_addr: SocketAddr,
+/// One packet each way, then the clock ticks and the daemon asks for its next wake-up.
+fn device_round_trip(
+    pair: &mut DevicePair,
+    to_b: &mut [u8],
+    b_len: usize,
+    to_a: &mut [u8],
+    a_len: usize,
+) {
+    device_one_way(pair, true, to_b, b_len);
+    device_one_way(pair, false, to_a, a_len);
+    pair.now += TICK;
+    std::hint::black_box((pair.a.poll_timeout(), pair.b.poll_timeout()));
 }
 
-impl DevicePair {
-    fn connected() -> Self {
-        let now = Instant::now();
-        let a_key = PrivateKey::generate();
-        let b_key = PrivateKey::generate();
-        let a_addr: SocketAddr = A_ENDPOINT.parse().unwrap();
-        let b_addr: SocketAddr = B_ENDPOINT.parse().unwrap();
-        let mut a = Device::new(DeviceConfig::default(), now, UNIX_START);
-        let mut b = Device::new(DeviceConfig::default(), now, UNIX_START);
-        let la = a.add_local(a_key.as_bytes());
-        let lb = b.add_local(b_key.as_bytes());
-        let ab = a.add_tunnel(now, la, *b_key.public_key().as_bytes(), Some(b_addr), None);
-        let ba = b.add_tunnel(now, lb, *a_key.public_key().as_bytes(), Some(a_addr), None);
-        let mut pair = DevicePair {
-            now,
-            a,
-            b,
-            ab,
-            ba,
-            a_addr,
-            b_addr,
-        };
-        pair.a.initiate(now, ab);
-        loop {
-            let mut idle = true;
-            while let Some(mut t) = pair.a.poll_transmit() {
-                idle = false;
-                pair.b.receive(pair.now, pair.a_addr, &mut t.data);
-            }
-            while let Some(mut t) = pair.b.poll_transmit() {
-                idle = false;
-                pair.a.receive(pair.now, pair.b_addr, &mut t.data);
-            }
-            if idle {
-                break;
-            }
-        }
-        assert!(pair.a.has_session(ab) && pair.b.has_session(ba));
-        pair
-    }
-
-    /// Seals `buf` (plaintext of `len` bytes) on one side and opens it on the other. The
-    /// plaintext is restored in place, so the buffer can go round again.
-    fn one_way(&mut self, a_to_b: bool, buf: &mut [u8], len: usize) {
-        let (from, to, tunnel, source) = if a_to_b {
-            (&mut self.a, &mut self.b, self.ab, self.a_addr)
-        } else {
-            (&mut self.b, &mut self.a, self.ba, self.b_addr)
-        };
-        let sealed = match from.seal(self.now, tunnel, buf, len) {
-            Sealed::Send { len, .. } => len,
-            other => panic!("not sealed: {other:?}"),
-        };
-        match to.receive(self.now, source, &mut buf[..sealed]) {
-            Received::Data { plaintext, .. } => assert!(plaintext.len() >= len),
-            other => panic!("not received: {other:?}"),
-        }
-    }
-
-    /// One packet each way, then the clock ticks and the daemon asks for its next wake-up.
-    fn round_trip(&mut self, to_b: &mut [u8], to_b_len: usize, to_a: &mut [u8], to_a_len: usize) {
-        self.one_way(true, to_b, to_b_len);
-        self.one_way(false, to_a, to_a_len);
-        self.now += TICK;
-        std::hint::black_box((self.a.poll_timeout(), self.b.poll_timeout()));
-    }
+fn node_round_trip(
+    pair: &mut NodePair,
+    to_b: &mut [u8],
+    b_len: usize,
+    to_a: &mut [u8],
+    a_len: usize,
+) {
+    node_one_way(pair, true, to_b, b_len);
+    node_one_way(pair, false, to_a, a_len);
+    pair.now += TICK;
+    std::hint::black_box((pair.a.poll_timeout(), pair.b.poll_timeout()));
 }
 
 #[test]
@@ -263,11 +205,11 @@ fn device_seal_and_receive_allocate_nothing_per_packet() {
     let mut to_b = buffer(big);
     let mut to_a = buffer(small);
     for _ in 0..WARM_UP {
-        pair.round_trip(&mut to_b, big, &mut to_a, small);
+        device_round_trip(&mut pair, &mut to_b, big, &mut to_a, small);
     }
     let measured = allocations_during(|| {
         for _ in 0..ROUND_TRIPS {
-            pair.round_trip(&mut to_b, big, &mut to_a, small);
+            device_round_trip(&mut pair, &mut to_b, big, &mut to_a, small);
         }
     });
     assert_no_allocations("Device::seal / Device::receive", measured);
@@ -279,163 +221,6 @@ fn device_seal_and_receive_allocate_nothing_per_packet() {
     assert_eq!(pair.b.poll_transmit().map(|t| t.data.len()), None);
 }
 
-// ---------------------------------------------------------------------------------------
-// Nodes
-
-fn node_config(
-    name: &str,
-    listen: SocketAddr,
-    (principal, key, address): (&Principal, &PrivateKey, IpNet),
-    peer_endpoint: SocketAddr,
-    peer: PeerIdentityConfig,
-) -> NodeConfig {
-    let dir = PathBuf::from("/nonexistent/meshguard-no-alloc").join(name);
-    NodeConfig {
-        path: dir.join("node.toml"),
-        name: name.to_owned(),
-        listen,
-        interface: InterfaceConfig {
-            name: "mgnoalloc0".to_owned(),
-            mtu: 1420,
-            addresses: vec![address],
-            offload: false,
-        },
-        peers_dir: dir.join("peers"),
-        // No policies and default allow: these measure the data path, not the allow list.
-        policy: PolicyConfig {
-            default: DefaultAction::Allow,
-            ..PolicyConfig::default()
-        },
-        identities: vec![LocalIdentityConfig {
-            principal: principal.clone(),
-            private_key_file: dir.join("identity.key"),
-            private_key: key.clone(),
-            public_key: key.public_key(),
-            addresses: vec![address],
-            labels: Default::default(),
-        }],
-        peers: vec![PeerConfig {
-            path: dir.join("peers/peer.toml"),
-            name: "peer".to_owned(),
-            endpoint: Some(peer_endpoint),
-            persistent_keepalive: None,
-            identities: vec![peer],
-        }],
-    }
-}
-
-struct NodePair {
-    now: Instant,
-    a: Node,
-    b: Node,
-    a_addr: SocketAddr,
-    b_addr: SocketAddr,
-}
-
-const A_INNER: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
-const B_INNER: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
-
-impl NodePair {
-    fn connected() -> Self {
-        let now = Instant::now();
-        let a_addr: SocketAddr = A_ENDPOINT.parse().unwrap();
-        let b_addr: SocketAddr = B_ENDPOINT.parse().unwrap();
-        let (a_key, b_key) = (PrivateKey::generate(), PrivateKey::generate());
-        let a_principal: Principal = "cluster.local/ns/shop/sa/frontend".parse().unwrap();
-        let b_principal: Principal = "cluster.local/ns/shop/sa/backend".parse().unwrap();
-        let a_net = IpNet::new(A_INNER.into(), 32).unwrap();
-        let b_net = IpNet::new(B_INNER.into(), 32).unwrap();
-        let a_config = node_config(
-            "node-a",
-            a_addr,
-            (&a_principal, &a_key, a_net),
-            b_addr,
-            PeerIdentityConfig {
-                principal: b_principal.clone(),
-                public_key: b_key.public_key(),
-                allowed_ips: vec![b_net],
-            },
-        );
-        let b_config = node_config(
-            "node-b",
-            b_addr,
-            (&b_principal, &b_key, b_net),
-            a_addr,
-            PeerIdentityConfig {
-                principal: a_principal,
-                public_key: a_key.public_key(),
-                allowed_ips: vec![a_net],
-            },
-        );
-        let mut pair = NodePair {
-            now,
-            a: Node::new(
-                &a_config,
-                &PolicySet::default(),
-                DeviceConfig::default(),
-                now,
-                UNIX_START,
-            ),
-            b: Node::new(
-                &b_config,
-                &PolicySet::default(),
-                DeviceConfig::default(),
-                now,
-                UNIX_START,
-            ),
-            a_addr,
-            b_addr,
-        };
-        // The first packet waits for the handshake, which the pump completes.
-        let mut first = ipv4_udp(A_INNER, B_INNER, 64);
-        assert_eq!(pair.a.egress(now, &mut first, 64), Egress::Queued);
-        let mut delivered = 0;
-        loop {
-            let mut idle = true;
-            while let Some(mut t) = pair.a.poll_transmit() {
-                idle = false;
-                if let Ingress::Deliver { .. } = pair.b.ingress(now, a_addr, &mut t.data) {
-                    delivered += 1;
-                }
-            }
-            while let Some(mut t) = pair.b.poll_transmit() {
-                idle = false;
-                if let Ingress::Deliver { .. } = pair.a.ingress(now, b_addr, &mut t.data) {
-                    delivered += 1;
-                }
-            }
-            if idle {
-                break;
-            }
-        }
-        assert_eq!(delivered, 1, "the queued packet went through the handshake");
-        pair
-    }
-
-    fn one_way(&mut self, a_to_b: bool, buf: &mut [u8], len: usize) {
-        let (from, to, source) = if a_to_b {
-            (&mut self.a, &mut self.b, self.a_addr)
-        } else {
-            (&mut self.b, &mut self.a, self.b_addr)
-        };
-        let sealed = match from.egress(self.now, buf, len) {
-            Egress::Send { len, .. } => len,
-            other => panic!("not sent: {other:?}"),
-        };
-        match to.ingress(self.now, source, &mut buf[..sealed]) {
-            Ingress::Deliver { packet, .. } => assert_eq!(packet.len(), len),
-            other => panic!("not delivered: {other:?}"),
-        }
-    }
-
-    fn round_trip(&mut self, to_b: &mut [u8], to_b_len: usize, to_a: &mut [u8], to_a_len: usize) {
-        self.one_way(true, to_b, to_b_len);
-        self.one_way(false, to_a, to_a_len);
-        self.now += TICK;
-        std::hint::black_box((self.a.poll_timeout(), self.b.poll_timeout()));
-    }
-}
-
 #[test]
 fn node_egress_and_ingress_allocate_nothing_per_packet() {
     let mut pair = NodePair::connected();
@@ -443,11 +228,11 @@ fn node_egress_and_ingress_allocate_nothing_per_packet() {
     let mut to_b = ipv4_udp(A_INNER, B_INNER, big);
     let mut to_a = ipv4_udp(B_INNER, A_INNER, small);
     for _ in 0..WARM_UP {
-        pair.round_trip(&mut to_b, big, &mut to_a, small);
+        node_round_trip(&mut pair, &mut to_b, big, &mut to_a, small);
     }
     let measured = allocations_during(|| {
         for _ in 0..ROUND_TRIPS {
-            pair.round_trip(&mut to_b, big, &mut to_a, small);
+            node_round_trip(&mut pair, &mut to_b, big, &mut to_a, small);
         }
     });
     assert_no_allocations("Node::egress / Node::ingress", measured);
