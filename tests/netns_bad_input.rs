@@ -164,7 +164,9 @@ fn attack(
             junk[1..4].fill(0);
         }
         datagrams.push(junk);
-        sent.junk += 1;
+        // And an empty datagram, the shortest garbage there is.
+        datagrams.push(Vec::new());
+        sent.junk += 2;
         if !stale.is_empty() {
             datagrams.push(stale[rng.below(stale.len() as u64)].clone());
             sent.replayed += 1;

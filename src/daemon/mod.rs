@@ -188,6 +188,7 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
     );
 
     let mut buffers = Buffers::new(config.interface.mtu);
+    let mut tun_errors = TunErrors::default();
     loop {
         let wake = node
             .poll_timeout()
@@ -195,9 +196,16 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
         let b = &mut buffers;
         tokio::select! {
             read = tun.recv_batch(&mut b.tun_read, &mut b.segments, &mut b.sizes, TRANSPORT_HEADER_LEN) => {
-                let first = read.context("reading from the TUN device")?;
-                let count = read_more(&tun, b, first);
-                seal_and_send(&socket, &mut node, b, count).await;
+                match read {
+                    Ok(first) => {
+                        tun_errors.clear();
+                        let count = read_more(&tun, b, first);
+                        seal_and_send(&socket, &mut node, b, count).await;
+                    }
+                    // A super packet that cannot be cut up (say, too many segments for a tiny
+                    // MSS) is dropped; a device that keeps failing ends the daemon.
+                    Err(e) => tun_errors.record(e)?,
+                }
             }
             ready = socket.readable() => {
                 if let Err(e) = ready {
@@ -237,6 +245,40 @@ async fn serve(config: NodeConfig, policy: PolicySet) -> Result<()> {
     tracing::info!(counters = %node.counters(), "meshguard stopping");
     drop(tun);
     Ok(())
+}
+
+/// Failed TUN reads in a row: a few are dropped packets, many mean the device is gone.
+#[derive(Default)]
+struct TunErrors {
+    in_a_row: u32,
+    last_logged: Option<Instant>,
+}
+
+impl TunErrors {
+    const FATAL_IN_A_ROW: u32 = 1000;
+
+    fn clear(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    fn record(&mut self, error: std::io::Error) -> Result<()> {
+        self.in_a_row += 1;
+        if self.in_a_row >= Self::FATAL_IN_A_ROW {
+            return Err(anyhow::Error::new(error).context(format!(
+                "reading from the TUN device failed {} times in a row",
+                self.in_a_row
+            )));
+        }
+        let now = Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            self.last_logged = Some(now);
+            tracing::warn!(error = %error, "reading from the TUN device failed; packet dropped");
+        }
+        Ok(())
+    }
 }
 
 /// Datagrams for one peer, back to back in `Buffers::gso`, to leave in one send: all of
@@ -343,6 +385,12 @@ async fn receive_and_deliver(socket: &Udp, node: &mut Node, tun: &Tun, b: &mut B
         };
         let now = Instant::now();
         for (buffer, meta) in b.received.iter_mut().zip(&b.meta).take(received) {
+            if meta.len == 0 {
+                // An empty datagram: not a message; the node counts it as malformed.
+                node.ingress(now, meta.addr, &mut []);
+                continue;
+            }
+            // Without GRO the stride is the whole datagram.
             let stride = if meta.stride == 0 {
                 meta.len
             } else {

@@ -377,8 +377,11 @@ impl Node {
         if matches!(transport, Transport::IcmpEcho { request: false, .. }) {
             return;
         }
+        // Only a SYN opens a TCP flow: a mid-stream packet of a connection the table no
+        // longer holds (idled out, evicted) must not open a way in for the peer.
+        let may_open = !matches!(transport, Transport::Tcp { opening: false, .. });
         if let Some((key, idle)) = flows::key(header, transport, Direction::Outbound) {
-            if self.flows.touch(&key, now).is_none() {
+            if self.flows.touch(&key, now).is_none() && may_open {
                 self.flows.insert(key, FlowState::OpenedLocally, idle, now);
             }
         }

@@ -26,6 +26,8 @@ pub enum Transport {
     Tcp {
         source_port: u16,
         destination_port: u16,
+        /// A SYN without ACK: the first packet of a connection.
+        opening: bool,
     },
     Udp {
         source_port: u16,
@@ -56,9 +58,12 @@ impl IpHeader {
         };
         match self.protocol {
             PROTO_TCP if l4.len() >= 20 => {
+                const SYN: u8 = 0x02;
+                const ACK: u8 = 0x10;
                 ports().map_or(Transport::Other, |(s, d)| Transport::Tcp {
                     source_port: s,
                     destination_port: d,
+                    opening: l4[13] & (SYN | ACK) == SYN,
                 })
             }
             PROTO_UDP if l4.len() >= 8 => {
@@ -160,9 +165,23 @@ mod tests {
             t,
             Transport::Tcp {
                 source_port: 8080,
-                destination_port: 80
+                destination_port: 80,
+                opening: false
             }
         );
+        tcp[13] = 0x02;
+        let p = ipv4(PROTO_TCP, &tcp);
+        assert!(matches!(
+            parse(&p).unwrap().transport(&p),
+            Transport::Tcp { opening: true, .. }
+        ));
+        tcp[13] = 0x12;
+        let p = ipv4(PROTO_TCP, &tcp);
+        assert!(matches!(
+            parse(&p).unwrap().transport(&p),
+            Transport::Tcp { opening: false, .. }
+        ));
+        tcp[13] = 0;
         let p = ipv4(PROTO_TCP, &tcp[..10]);
         assert_eq!(
             parse(&p).unwrap().transport(&p),

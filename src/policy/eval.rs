@@ -174,10 +174,21 @@ impl CDest {
         }
     }
 
+    /// `unknown_port_matches` decides for a TCP or UDP packet whose port is unknown (a
+    /// later fragment, a truncated header): DENY and AUDIT rules treat it as matching any
+    /// port condition of its protocol and ALLOW rules as matching none, so an unknown port
+    /// can never slip past `ports` or `not_ports` (fail closed).
     #[inline]
-    fn matches(&self, protocol: Protocol, port: Option<u16>) -> bool {
-        (self.ports.is_empty() || self.ports.iter().any(|p| p.matches(protocol, port)))
-            && !self.not_ports.iter().any(|p| p.matches(protocol, port))
+    fn matches(&self, protocol: Protocol, port: Option<u16>, unknown_port_matches: bool) -> bool {
+        let unknown = port.is_none() && matches!(protocol, Protocol::Tcp | Protocol::Udp);
+        let hit = |p: &PortMatch, unknown_counts_as: bool| match *p {
+            PortMatch::Ports { tcp, udp, .. } if unknown => {
+                unknown_counts_as && if protocol == Protocol::Tcp { tcp } else { udp }
+            }
+            _ => p.matches(protocol, port),
+        };
+        (self.ports.is_empty() || self.ports.iter().any(|p| hit(p, unknown_port_matches)))
+            && !self.not_ports.iter().any(|p| hit(p, !unknown_port_matches))
     }
 }
 
@@ -217,12 +228,17 @@ struct PairRule {
 
 impl PairRule {
     #[inline]
-    fn matches(&self, ip: Option<IpAddr>, req: &Request, unknown_ip_matches: bool) -> bool {
+    fn matches(&self, ip: Option<IpAddr>, req: &Request, unknown_matches: bool) -> bool {
         let from_ok = match &self.from {
             PairFrom::Any => true,
-            PairFrom::Ip(conds) => conds.iter().any(|c| c.matches(ip, unknown_ip_matches)),
+            PairFrom::Ip(conds) => conds.iter().any(|c| c.matches(ip, unknown_matches)),
         };
-        from_ok && (self.to.is_empty() || self.to.iter().any(|d| d.matches(req.protocol, req.port)))
+        from_ok
+            && (self.to.is_empty()
+                || self
+                    .to
+                    .iter()
+                    .any(|d| d.matches(req.protocol, req.port, unknown_matches)))
     }
 }
 

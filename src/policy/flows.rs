@@ -74,6 +74,7 @@ pub fn key(
         Transport::Tcp {
             source_port,
             destination_port,
+            ..
         } => (header.protocol, source_port, destination_port, TCP_IDLE),
         Transport::Udp {
             source_port,
@@ -167,13 +168,26 @@ impl FlowTable {
         }
     }
 
+    /// Evicts the oldest flow, passing over revoked ones: evicting those would let a
+    /// local reply reopen what a reload shut, so a peer cannot flush them out by opening
+    /// many flows. Only when every flow is revoked does the oldest of them go.
     fn evict_oldest(&mut self) {
+        let mut passes = self.order.len();
         while let Some((key, stamp)) = self.order.pop_front() {
-            if self.flows.get(&key).is_some_and(|f| f.stamp == stamp) {
-                self.flows.remove(&key);
-                self.evictions += 1;
-                return;
+            let Some(flow) = self.flows.get_mut(&key).filter(|f| f.stamp == stamp) else {
+                continue;
+            };
+            if matches!(flow.state, FlowState::Revoked(_)) && passes > 0 {
+                passes -= 1;
+                let stamp = self.next_stamp;
+                self.next_stamp += 1;
+                flow.stamp = stamp;
+                self.order.push_back((key, stamp));
+                continue;
             }
+            self.flows.remove(&key);
+            self.evictions += 1;
+            return;
         }
     }
 
@@ -247,6 +261,32 @@ mod tests {
         t.insert(key_n(2), FlowState::OpenedLocally, UDP_IDLE, now);
         assert!(t.touch(&key_n(0), now).is_none(), "key 0 was the oldest");
         assert!(t.order.len() <= 4, "stale entries are compacted");
+    }
+
+    #[test]
+    fn eviction_passes_over_revoked_flows() {
+        let now = Instant::now();
+        let mut t = FlowTable::new(2);
+        let opened = Opened {
+            local: 0,
+            peer: 0,
+            request: Request {
+                source_ip: None,
+                protocol: super::super::Protocol::Udp,
+                port: Some(1),
+            },
+        };
+        t.insert(key_n(0), FlowState::Revoked(opened), UDP_IDLE, now);
+        for n in 1..50 {
+            t.insert(key_n(n), FlowState::OpenedLocally, UDP_IDLE, now);
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t.touch(&key_n(0), now),
+            Some(FlowState::Revoked(opened)),
+            "still shut"
+        );
+        assert_eq!(t.evictions, 48);
     }
 
     #[test]

@@ -273,7 +273,16 @@ fn ports_and_protocols() {
     let range_not = to("ports", r#"["8000-8999/tcp"]"#) + "not_ports = [\"8443/tcp\"]\n";
     let two_dests = to("ports", r#"["80/tcp"]"#) + "[[policy.rules.to]]\nports = [\"icmp\"]\n";
     let from_and_to = from("principals", &format!("[{FRONTEND:?}]")) + "[[policy.rules.to]]\nports = [\"8080/tcp\"]\n";
+    let deny_22 = "[[policy]]\nname = \"d\"\nnamespace = \"payments\"\naction = \"DENY\"\n[[policy.rules]]\n[[policy.rules.to]]\nports = [\"22/tcp\"]\n".to_owned() + &to("ports", r#"["any"]"#);
+    let denied_22 = "deny: DENY policy payments/d rule 0 matched";
     run(vec![
+        // A packet whose port is unknown (a later fragment): fail closed both ways.
+        row("unknown port, ALLOW ports", to("ports", r#"["8080/tcp"]"#), FRONTEND, "tcp", NO_MATCH),
+        row("unknown port, ALLOW not_ports", to("not_ports", r#"["22/tcp"]"#), FRONTEND, "tcp", NO_MATCH),
+        row("known port, ALLOW not_ports", to("not_ports", r#"["22/tcp"]"#), FRONTEND, "tcp 80", ALLOWED),
+        row("unknown port, DENY ports", deny_22.clone(), FRONTEND, "tcp", denied_22),
+        row("known port, DENY ports", deny_22.clone(), FRONTEND, "tcp 80", ALLOWED),
+        row("unknown port, DENY other protocol", deny_22, FRONTEND, "udp", ALLOWED),
         row("tcp port", to("ports", r#"["8080/tcp"]"#), FRONTEND, "tcp 8080", ALLOWED),
         row("tcp port, udp packet", to("ports", r#"["8080/tcp"]"#), FRONTEND, "udp 8080", NO_MATCH),
         row("tcp port, other port", to("ports", r#"["8080/tcp"]"#), FRONTEND, "tcp 8081", NO_MATCH),
