@@ -14,7 +14,6 @@ pub use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 pub struct Tun {
     device: tun_rs::AsyncDevice,
     name: String,
-    offload: bool,
 }
 
 impl Tun {
@@ -50,16 +49,11 @@ impl Tun {
         Ok(Tun {
             device,
             name: name.to_owned(),
-            offload,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn offload(&self) -> bool {
-        self.offload
     }
 
     /// Reads the next packet, or super packet cut into segments, into `segments[i]`

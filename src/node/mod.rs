@@ -263,18 +263,6 @@ impl Node {
         &self.policy
     }
 
-    /// Index of the local identity that owns `address`.
-    pub fn local_for_address(&self, address: std::net::IpAddr) -> Option<usize> {
-        self.local_by_address
-            .longest_match(address)
-            .map(|(_, &local)| local)
-    }
-
-    /// Index of the peer identity with this principal.
-    pub fn peer_by_principal(&self, principal: &Principal) -> Option<usize> {
-        self.peers.iter().position(|p| &p.principal == principal)
-    }
-
     pub fn decisions(&self, local: usize, peer: usize) -> &PairDecisions {
         &self.decisions[local * self.peers.len() + peer]
     }
@@ -285,10 +273,6 @@ impl Node {
 
     pub fn peers(&self) -> &[PeerIdentity] {
         &self.peers
-    }
-
-    pub fn protocol_stats(&self) -> &proto::Stats {
-        &self.device.stats
     }
 
     fn drop_packet(&mut self, drop: NodeDrop) -> Dropped {

@@ -4,9 +4,13 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{Evaluator, PolicySet, Protocol, Request, Target};
+use std::time::{Duration, Instant};
+
+use super::{PolicySet, Protocol, Request};
 use crate::config::NodeConfig;
 use crate::identity::Principal;
+use crate::node::Node;
+use crate::proto::DeviceConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -30,54 +34,32 @@ pub fn explain(
     let source: Principal = from.parse().map_err(|e: crate::identity::PrincipalError| {
         CheckError::From(from.to_owned(), e.to_string())
     })?;
+    // The same compiled allow list the daemon would run, by building the sans-IO node.
+    let node = Node::new(
+        config,
+        policy,
+        DeviceConfig::default(),
+        Instant::now(),
+        Duration::ZERO,
+    );
     let local = match to.parse::<Principal>() {
-        Ok(principal) => config
-            .identities
-            .iter()
-            .position(|i| i.principal == principal),
+        Ok(principal) => node.locals().iter().position(|l| l.principal == principal),
         Err(_) => to.parse::<IpAddr>().ok().and_then(|address| {
-            config
-                .identities
+            node.locals()
                 .iter()
-                .position(|i| i.addresses.iter().any(|net| net.contains(&address)))
+                .position(|l| l.addresses.iter().any(|net| net.contains(&address)))
         }),
     }
     .ok_or_else(|| CheckError::To(to.to_owned()))?;
-
-    let targets: Vec<Target> = config
-        .identities
-        .iter()
-        .map(|i| Target {
-            principal: &i.principal,
-            labels: &i.labels,
-        })
-        .collect();
-    let peers: Vec<(&Principal, &str)> = config
-        .peers
-        .iter()
-        .flat_map(|p| {
-            p.identities
-                .iter()
-                .map(move |i| (&i.principal, p.name.as_str()))
-        })
-        .collect();
-    let peer_principals: Vec<&Principal> = peers.iter().map(|(p, _)| *p).collect();
-    let evaluator = Evaluator::new(
-        policy,
-        config.policy.default,
-        &config.policy.root_namespace,
-        &targets,
-        &peer_principals,
-    );
     let request = Request {
         source_ip,
         protocol,
         port,
     };
-    let peer = peers.iter().position(|(p, _)| **p == source);
+    let peer = node.peers().iter().position(|p| p.principal == source);
     let decision = match peer {
-        Some(peer) => evaluator.evaluate(local, peer, &request),
-        None => evaluator.evaluate_principal(local, &source, &request),
+        Some(peer) => node.policy().evaluate(local, peer, &request),
+        None => node.policy().evaluate_principal(local, &source, &request),
     };
 
     let mut out = String::new();
@@ -85,14 +67,14 @@ pub fn explain(
     let _ = writeln!(out, "decision: {verdict}");
     let _ = writeln!(out, "because:  {}", decision.explain());
     let origin = match peer {
-        Some(peer) => format!("peer identity on node {}", peers[peer].1),
+        Some(peer) => format!("peer identity on node {}", node.peers()[peer].node),
         None => "not a configured peer: no tunnel can carry its packets today".to_owned(),
     };
     let _ = writeln!(out, "from:     {source} ({origin})");
     let _ = writeln!(
         out,
         "to:       {} (local identity)",
-        config.identities[local].principal
+        node.locals()[local].principal
     );
     let port = port.map_or_else(String::new, |p| format!(" port {p}"));
     let source_ip = source_ip.map_or_else(|| "(none given)".to_owned(), |ip| ip.to_string());

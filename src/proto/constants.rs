@@ -14,8 +14,6 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const COOKIE_REFRESH_TIME: Duration = Duration::from_secs(120);
 /// Initiations from one peer closer together than this are dropped (flood guard).
 pub const MIN_INITIATION_INTERVAL: Duration = Duration::from_millis(20);
-/// Session keys are wiped when no new handshake happened for this long.
-pub const ZERO_KEYS_AFTER: Duration = Duration::from_secs(180 * 3);
 /// When we initiated the current session, we rekey on receive once it is this old,
 /// so that a fresh session exists before the old one is rejected.
 pub const REKEY_ON_RECEIVE_AFTER: Duration = Duration::from_secs(180 - 10 - 5);

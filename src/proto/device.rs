@@ -295,21 +295,8 @@ impl Device {
         }
     }
 
-    pub fn tunnel_count(&self) -> usize {
-        self.tunnels.len()
-    }
-
     pub fn endpoint(&self, tunnel: TunnelId) -> Option<SocketAddr> {
         self.tunnels[tunnel.0].endpoint
-    }
-
-    pub fn last_handshake(&self, tunnel: TunnelId) -> Option<Instant> {
-        self.tunnels[tunnel.0].last_handshake
-    }
-
-    pub fn transfer(&self, tunnel: TunnelId) -> (u64, u64) {
-        let t = &self.tunnels[tunnel.0];
-        (t.rx_bytes, t.tx_bytes)
     }
 
     pub fn has_session(&self, tunnel: TunnelId) -> bool {
@@ -373,7 +360,6 @@ impl Device {
             return Sealed::Queued;
         };
         let sealed_len = session.seal(buf, len);
-        t.tx_bytes += sealed_len as u64;
         t.on_authenticated_send(now);
         if len > 0 {
             t.on_data_sent(now);
@@ -643,7 +629,6 @@ impl Device {
         let t = &mut self.tunnels[tunnel.0];
         t.on_authenticated_receive(now);
         t.on_authenticated_send(now);
-        t.last_handshake = Some(now);
         self.stats.handshakes_completed += 1;
         self.events.push_back(Event::HandshakeCompleted {
             tunnel,
@@ -700,7 +685,6 @@ impl Device {
         }
         let t = &mut self.tunnels[tunnel.0];
         t.attempts_since = None;
-        t.last_handshake = Some(now);
         t.on_authenticated_receive(now);
         self.update_endpoint(tunnel, source);
         self.stats.handshakes_completed += 1;
@@ -755,7 +739,6 @@ impl Device {
             OpenError::Replayed => Drop::Replayed,
             OpenError::Forged => Drop::Forged,
         })?;
-        t.rx_bytes += msg.len() as u64;
         let confirms_next = t.next.as_ref().is_some_and(|s| s.local_index == receiver);
         if confirms_next {
             let next = t.next.take();

@@ -56,10 +56,6 @@ pub struct Tunnel {
     /// Start a handshake then, unless something authenticated arrives first.
     pub new_handshake_at: Option<Instant>,
     pub persistent_keepalive_at: Option<Instant>,
-    pub last_handshake: Option<Instant>,
-
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
 }
 
 impl Tunnel {
@@ -90,9 +86,6 @@ impl Tunnel {
             new_handshake_at: None,
             // A persistent keepalive starts the tunnel at once, as WireGuard does.
             persistent_keepalive_at: persistent_keepalive.map(|_| now),
-            last_handshake: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
         }
     }
 
