@@ -121,6 +121,9 @@ class Run:
     loss_pct: float | None = None  # UDP only
     cpu: float | None = None  # daemon CPU-seconds per second, all daemons summed
     cpu_per_gbit: float | None = None
+    # UDP only: datagrams iperf3 sent, and where the kernel dropped datagrams on the way.
+    datagrams_sent: int | None = None
+    drops: dict[str, int] | None = None
 
 
 @dataclass
@@ -151,6 +154,7 @@ class Options:
     tests: list[str]
     out: Path
     build: bool
+    workers: int | None = None
 
 
 # ---------------------------------------------------------------------- utilities
@@ -343,7 +347,7 @@ def wait_for_ping(ns: str, addr: str, testbed: Testbed) -> None:
 # ----------------------------------------------------------------------- meshguard
 
 
-def meshguard_node_toml(side: int, iface: str, with_policy: bool) -> str:
+def meshguard_node_toml(side: int, iface: str, with_policy: bool, workers: int | None) -> str:
     text = f"""\
 name = "bench-{'ab'[side]}"
 listen = "{UNDERLAY[side]}:{TUNNEL_PORT}"
@@ -353,6 +357,7 @@ peers_dir = "peers"
 name = "{iface}"
 mtu = {TUNNEL_MTU}
 addresses = ["{OVERLAY[side]}/32"]
+{f"workers = {workers}" if workers else ""}
 
 [[identity]]
 principal = "{PRINCIPALS[side]}"
@@ -401,11 +406,16 @@ def write_meshguard_configs(binary: str, workdir: Path) -> list[Path]:
 
 
 def check_meshguard_configs(
-    binary: str, dirs: list[Path], ifaces: tuple[str, str], with_policy: bool
+    binary: str,
+    dirs: list[Path],
+    ifaces: tuple[str, str],
+    with_policy: bool,
+    workers: int | None,
 ) -> str | None:
     """Writes both node files; returns None if `meshguard check` accepts them, else its error."""
     for side, node_dir in enumerate(dirs):
-        (node_dir / "node.toml").write_text(meshguard_node_toml(side, ifaces[side], with_policy))
+        toml = meshguard_node_toml(side, ifaces[side], with_policy, workers)
+        (node_dir / "node.toml").write_text(toml)
         try:
             run_cmd([binary, "check", "--config", str(node_dir / "node.toml")])
         except BenchError as err:
@@ -414,10 +424,14 @@ def check_meshguard_configs(
 
 
 def choose_policy_section(
-    binary: str, dirs: list[Path], ifaces: tuple[str, str], result: SystemResult
+    binary: str,
+    dirs: list[Path],
+    ifaces: tuple[str, str],
+    result: SystemResult,
+    workers: int | None,
 ) -> None:
     """Keeps an allow-all [policy] section if this build knows the key, drops it otherwise."""
-    error = check_meshguard_configs(binary, dirs, ifaces, with_policy=True)
+    error = check_meshguard_configs(binary, dirs, ifaces, True, workers)
     if error is None:
         result.notes.append(
             "allow-all policy loaded ([policy] section accepted by meshguard check)"
@@ -425,7 +439,7 @@ def choose_policy_section(
         return
     if not re.search(r"unknown (field|key) `?policy\b", error):
         raise BenchError(f"meshguard check rejected the config: {error}")
-    error = check_meshguard_configs(binary, dirs, ifaces, with_policy=False)
+    error = check_meshguard_configs(binary, dirs, ifaces, False, workers)
     if error is not None:
         raise BenchError(f"meshguard check rejected the config: {error}")
     result.notes.append("no [policy] section: this build rejects the key (no allow lists yet)")
@@ -444,12 +458,17 @@ def wait_for_log_line(proc: subprocess.Popen, logfile: Path, line: str) -> None:
 
 
 def start_meshguard(
-    res: Resources, namespaces: tuple[str, str], index: int, binary: str, result: SystemResult
+    res: Resources,
+    namespaces: tuple[str, str],
+    index: int,
+    binary: str,
+    result: SystemResult,
+    workers: int | None,
 ) -> Testbed:
     workdir = res.make_tempdir(f"mgbench-{os.getpid()}-meshguard-")
     ifaces = tuple(f"mg{os.getpid() % 10000}{index}{side}" for side in "ab")
     dirs = write_meshguard_configs(binary, workdir)
-    choose_policy_section(binary, dirs, ifaces, result)
+    choose_policy_section(binary, dirs, ifaces, result, workers)
     testbed = Testbed(namespaces[0], namespaces[1], OVERLAY[1])
     env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
     for ns, node_dir, iface in zip(namespaces, dirs, ifaces):
@@ -460,6 +479,9 @@ def start_meshguard(
         testbed.logs.append(logfile)
     for proc, logfile in zip(testbed.daemons, testbed.logs):
         wait_for_log_line(proc, logfile, "meshguard is up")
+    started = re.search(r"workers=(\d+)", testbed.logs[0].read_text(errors="replace"))
+    if started:
+        result.notes.append(f"{started.group(1)} data-path worker(s) per daemon")
     wait_for_ping(namespaces[0], OVERLAY[1], testbed)
     return testbed
 
@@ -617,9 +639,11 @@ def measure_run(
 ) -> Run:
     server = start_iperf_server(res, testbed, logdir / f"iperf3-server-{json_path.stem}.log")
     pids = [p.pid for p in testbed.daemons]
+    drops_before = drop_counters(testbed) if test == "udp" else {}
     cpu_before = [cpu_seconds(pid) for pid in pids]
     output = run_iperf_client(testbed, test, duration)
     cpu_after = [cpu_seconds(pid) for pid in pids]
+    drops_after = drop_counters(testbed) if test == "udp" else {}
     stop_process(server)
     json_path.write_text(output)
     data = json.loads(output)
@@ -627,10 +651,65 @@ def measure_run(
         raise BenchError(f"iperf3: {data['error']}")
     bits, seconds, loss = received_rate(test, data)
     run = Run(gbps=bits / 1e9, seconds=seconds, json_file=json_path.name, loss_pct=loss)
+    if test == "udp":
+        run.datagrams_sent = data["end"]["sum"].get("packets")
+        run.drops = {k: drops_after[k] - drops_before[k] for k in DROP_PLACES}
     if pids and test == CPU_TEST:
         run.cpu = sum(a - b for a, b in zip(cpu_after, cpu_before)) / seconds
         run.cpu_per_gbit = run.cpu / run.gbps if run.gbps > 0 else None
     return run
+
+
+# Where a UDP datagram can be lost, as the kernel counts it, in path order.
+DROP_PLACES = {
+    "sender_tunnel_queue": "sender's tunnel device queue full (TX dropped)",
+    "tunnel_sockets": "tunnel's own UDP socket full (receiving node)",
+    "iperf3_socket": "receiving iperf3 socket full (UdpRcvbufErrors of the rest)",
+}
+
+
+def tunnel_tx_drops(ns: str) -> int:
+    """TX drops of the tunnel devices in ns: every device but loopback and Ethernet (veth)."""
+    links = json.loads(run_cmd(["ip", "-n", ns, "-s", "-j", "link", "show"]))
+    return sum(
+        link.get("stats64", {}).get("tx", {}).get("dropped", 0)
+        for link in links
+        if link.get("link_type") not in ("loopback", "ether")
+    )
+
+
+def udp_receive_buffer_errors(ns: str) -> int:
+    """UdpRcvbufErrors of ns, IPv4 and IPv6 (a dual-stack socket counts in either)."""
+    total = 0
+    for table, prefix in (("/proc/net/snmp", "Udp:"), ("/proc/net/snmp6", "Udp6RcvbufErrors")):
+        lines = run_cmd(in_ns(ns, ["cat", table])).splitlines()
+        if prefix == "Udp:":
+            rows = [line.split()[1:] for line in lines if line.startswith(prefix)]
+            if len(rows) == 2 and "RcvbufErrors" in rows[0]:
+                total += int(rows[1][rows[0].index("RcvbufErrors")])
+        else:
+            total += sum(int(line.split()[1]) for line in lines if line.startswith(prefix))
+    return total
+
+
+def tunnel_socket_drops(ns: str) -> int:
+    """Drops of the UDP sockets bound to the tunnel port in ns (last column of /proc/net/udp)."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in run_cmd(in_ns(ns, ["cat", table])).splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 2 and int(fields[1].rsplit(":", 1)[1], 16) == TUNNEL_PORT:
+                total += int(fields[-1])
+    return total
+
+
+def drop_counters(testbed: Testbed) -> dict[str, int]:
+    tunnel_sockets = tunnel_socket_drops(testbed.server_ns)
+    return {
+        "sender_tunnel_queue": tunnel_tx_drops(testbed.client_ns),
+        "tunnel_sockets": tunnel_sockets,
+        "iperf3_socket": udp_receive_buffer_errors(testbed.server_ns) - tunnel_sockets,
+    }
 
 
 def check_daemons_alive(testbed: Testbed) -> None:
@@ -645,7 +724,36 @@ def describe_run(run: Run) -> str:
         text += f", loss {run.loss_pct:.1f} %"
     if run.cpu is not None:
         text += f", daemon CPU {run.cpu * 100:.0f} %"
+    if run.drops is not None and run.datagrams_sent:
+        text += " (" + loss_places(run) + ")"
     return text
+
+
+def loss_places(run: Run) -> str:
+    """Where a UDP run's datagrams were dropped, as shares of those iperf3 sent."""
+    sent = run.datagrams_sent or 0
+    parts = []
+    for key, count in (run.drops or {}).items():
+        share = f"{100 * count / sent:.1f} %" if sent else "n/a"
+        parts.append(f"{key} {share}")
+    return ", ".join(parts)
+
+
+def udp_loss_lines(results: list[SystemResult]) -> list[str]:
+    """Per system, where the median UDP run lost its datagrams."""
+    lines = []
+    for result in results:
+        runs = sorted(
+            (r for r in result.runs.get("udp", []) if r.drops is not None),
+            key=lambda r: r.gbps,
+        )
+        if runs:
+            median = runs[len(runs) // 2]
+            lines.append(
+                f"- {result.name}: {median.loss_pct:.1f} % lost of "
+                f"{median.datagrams_sent} sent: {loss_places(median)}"
+            )
+    return lines
 
 
 def measure_system(
@@ -696,13 +804,13 @@ def system_binary(system: str, build_error: str | None) -> tuple[str | None, str
 
 
 def start_system(
-    res: Resources, system: str, index: int, binary: str, result: SystemResult
+    res: Resources, system: str, index: int, binary: str, result: SystemResult, opts: Options
 ) -> Testbed:
     namespaces = create_underlay(res, system, index)
     if system == "veth":
         return Testbed(namespaces[0], namespaces[1], UNDERLAY[1])
     if system == "meshguard":
-        return start_meshguard(res, namespaces, index, binary, result)
+        return start_meshguard(res, namespaces, index, binary, result, opts.workers)
     return start_wg_peers(res, namespaces, index, WG_IMPLS[system], binary)
 
 
@@ -717,7 +825,7 @@ def bench_system(system: str, index: int, opts: Options, build_error: str | None
     with Resources() as res:
         try:
             logdir = res.make_tempdir(f"mgbench-{os.getpid()}-iperf-")
-            testbed = start_system(res, system, index, binary, result)
+            testbed = start_system(res, system, index, binary, result, opts)
             measure_system(res, testbed, opts, result, logdir)
         except (BenchError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as err:
             result.status, result.reason = "failed", str(err)
@@ -836,6 +944,15 @@ def markdown_report(results: list[SystemResult], opts: Options, machine: dict) -
     ratios = ratio_lines(columns)
     if ratios:
         lines += ["Ratios, medians (meshguard ÷ other):", *ratios, ""]
+    losses = udp_loss_lines(results)
+    if losses:
+        places = "; ".join(f"{k}: {v}" for k, v in DROP_PLACES.items())
+        lines += [
+            "UDP loss by place, median run, share of datagrams sent "
+            f"(kernel counters; {places}):",
+            *losses,
+            "",
+        ]
     notes = [
         f"- {r.name}: {r.status}: {r.reason.splitlines()[0]}" for r in results if r.status != "ok"
     ]
@@ -1041,12 +1158,25 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
     parser.add_argument(
         "--no-build", action="store_true", help="use the existing target/release/meshguard"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="meshguard's interface.workers (default: the daemon's own choice, one per core)",
+    )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.runs < 1:
         parser.error("--duration and --runs must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
     out = args.out or REPO_ROOT / "results" / now.strftime("%Y%m%dT%H%M%SZ")
     return Options(
-        args.duration, args.runs, args.systems, args.tests, out.resolve(), not args.no_build
+        args.duration,
+        args.runs,
+        args.systems,
+        args.tests,
+        out.resolve(),
+        not args.no_build,
+        args.workers,
     )
 
 

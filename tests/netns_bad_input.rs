@@ -235,6 +235,7 @@ fn garbage_is_dropped_counted_and_never_answered() {
         name: "node-a".into(),
         policy: ALLOW_ALL_POLICY.into(),
         offload: true,
+        workers: None,
         listen: "198.18.3.1:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/a/sa/server",
@@ -245,6 +246,7 @@ fn garbage_is_dropped_counted_and_never_answered() {
         name: "node-b".into(),
         policy: ALLOW_ALL_POLICY.into(),
         offload: true,
+        workers: None,
         listen: "198.18.3.2:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/b/sa/client",

@@ -48,6 +48,7 @@ fn interop(kind: WgKind, initiator: Initiator) {
         name: "meshguard".into(),
         policy: ALLOW_ALL_POLICY.into(),
         offload: true,
+        workers: None,
         listen: SocketAddr::new(ip(MG_UNDERLAY), 51820),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/interop/sa/meshguard",

@@ -28,6 +28,9 @@ fn node_a() -> NodeSpec {
         name: "node-a".into(),
         policy: ALLOW_ALL_POLICY.into(),
         offload: true,
+        // node-a spreads its data path over three workers (TUN queues, sockets); node-b
+        // has one.
+        workers: Some(3),
         listen: "198.18.1.1:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -45,6 +48,7 @@ fn node_b() -> NodeSpec {
         policy: ALLOW_ALL_POLICY.into(),
         // node-b runs without TUN offload: both data paths, talking to each other.
         offload: false,
+        workers: Some(1),
         listen: "198.18.1.2:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new("cluster.local/ns/web/sa/frontend", &["10.10.2.1/32"]),
@@ -75,6 +79,8 @@ fn every_identity_pair_pings_and_transfers_intact() {
         "{}",
         daemon_b.log()
     );
+    assert!(daemon_a.log().contains("workers=3"), "{}", daemon_a.log());
+    assert!(daemon_b.log().contains("workers=1"), "{}", daemon_b.log());
     for (from_ns, to_ns, from, to) in [
         (&ns_a, &ns_b, "10.10.1.1", "10.10.2.1"),
         (&ns_a, &ns_b, "10.10.1.2", "10.10.2.2"),

@@ -121,6 +121,7 @@ fn mesh() -> Mesh {
         name: "node-a".into(),
         policy: POLICY_A.into(),
         offload: true,
+        workers: None,
         listen: "198.18.5.1:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -139,6 +140,7 @@ fn mesh() -> Mesh {
         name: "node-b".into(),
         policy: POLICY_B.into(),
         offload: true,
+        workers: None,
         listen: "198.18.5.2:51820".parse().unwrap(),
         identities: vec![
             IdentitySpec::new(
@@ -155,6 +157,7 @@ fn mesh() -> Mesh {
         name: "node-c".into(),
         policy: ALLOW_ALL_POLICY.into(),
         offload: true,
+        workers: None,
         listen: "198.18.5.3:51820".parse().unwrap(),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/legacy/sa/old-app",

@@ -166,6 +166,7 @@ fn node_config(
             mtu: 1420,
             addresses: vec![address],
             offload: false,
+            workers: None,
         },
         peers_dir: dir.join("peers"),
         // No policies and default allow: these measure the data path, not the allow list.

@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::schema::{RawInterface, RawLocalIdentity, RawNode, RawPeer, RawPeerIdentity, RawPolicy};
 use super::{
     ConfigError, InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig,
-    PolicyConfig, DEFAULT_MTU, MAX_INTERFACE_NAME_LEN, MAX_MTU, MIN_MTU, MIN_MTU_IPV6,
+    PolicyConfig, DEFAULT_MTU, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_WORKERS, MIN_MTU, MIN_MTU_IPV6,
 };
 use crate::identity::{load_private_key_file, Principal, PublicKey};
 
@@ -467,11 +467,25 @@ fn check_interface(
         }
     };
     let (addresses, _) = parse_prefix_list(src, "interface.addresses", &raw.addresses, true)?;
+    let workers = match &raw.workers {
+        None => None,
+        Some(w) => match usize::try_from(*w.get_ref()) {
+            Ok(n @ 1..=MAX_WORKERS) => Some(n),
+            _ => {
+                return Err(src.err_at(
+                    "interface.workers",
+                    w.span(),
+                    &format!("{} is out of range 1..={MAX_WORKERS}", w.get_ref()),
+                ))
+            }
+        },
+    };
     let cfg = InterfaceConfig {
         name: name.clone(),
         mtu,
         addresses,
         offload: raw.offload.unwrap_or(true),
+        workers,
     };
     Ok((cfg, raw.mtu.as_ref().map(|m| m.span())))
 }

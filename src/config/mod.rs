@@ -86,7 +86,15 @@ pub struct InterfaceConfig {
     pub addresses: Vec<IpNet>,
     /// Use the kernel's TUN segmentation offloads when it has them (default true).
     pub offload: bool,
+    /// Data-path workers, each with its own TUN queue and UDP socket; `None`: one per
+    /// available core, at most `MAX_AUTO_WORKERS`.
+    pub workers: Option<usize>,
 }
+
+/// Most workers the daemon starts on its own; more only when asked for.
+pub const MAX_AUTO_WORKERS: usize = 4;
+/// Most workers a node file may ask for.
+pub const MAX_WORKERS: usize = 64;
 
 /// A `[[identity]]` of the node file: a workload identity hosted on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]

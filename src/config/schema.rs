@@ -39,6 +39,7 @@ pub(crate) struct RawInterface {
     pub name: Spanned<String>,
     pub mtu: Option<Spanned<i64>>,
     pub offload: Option<bool>,
+    pub workers: Option<Spanned<i64>>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
 }

@@ -181,6 +181,7 @@ fn valid_config_loads_fully() {
     assert_eq!(cfg.peers_dir, fx.path("peers"));
     assert_eq!(cfg.interface.name, "mgt0");
     assert_eq!(cfg.interface.mtu, DEFAULT_MTU);
+    assert_eq!(cfg.interface.workers, None);
     assert_eq!(
         cfg.interface.addresses,
         vec![
@@ -756,6 +757,26 @@ fn mtu_out_of_range() {
             &[&format!("{bad} is out of range 576..=9000")],
         );
     }
+}
+
+#[test]
+fn workers_in_range() {
+    let fx = Fixture::new();
+    let node = fx.path("node.toml");
+    for bad in ["0", "65", "-2"] {
+        let e = fx.node_with("[interface]", &format!("[interface]\nworkers = {bad}"));
+        check(
+            &e,
+            &node,
+            "interface.workers",
+            &[&format!("{bad} is out of range 1..=64")],
+        );
+    }
+    fx.write(
+        "node.toml",
+        &fx.node.replace("[interface]", "[interface]\nworkers = 3"),
+    );
+    assert_eq!(fx.load().unwrap().interface.workers, Some(3));
 }
 
 #[test]

@@ -32,6 +32,7 @@ fn nodes() -> (NodeSpec, NodeSpec) {
         name: "node-a".into(),
         policy: include_str!("../../config/policy-example.toml").into(),
         offload: true,
+        workers: None,
         listen: "198.18.0.1:51820".parse().expect("literal"),
         identities: vec![
             IdentitySpec::new(
@@ -47,6 +48,7 @@ fn nodes() -> (NodeSpec, NodeSpec) {
         name: "node-b".into(),
         policy: include_str!("../../config/policy-b.toml").into(),
         offload: true,
+        workers: None,
         listen: "198.18.0.2:51820".parse().expect("literal"),
         identities: vec![
             IdentitySpec::new("cluster.local/ns/web/sa/frontend", &["10.10.2.1/32"]),

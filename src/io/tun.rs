@@ -3,7 +3,8 @@
 //!
 //! With offload on (IFF_VNET_HDR + TUNSETOFFLOAD), one read returns a TCP (or UDP) super
 //! packet of up to 64 KiB that `tun-rs` cuts into MTU-sized segments, and one write
-//! carries many coalesced segments of a flow: far fewer system calls per byte.
+//! carries many coalesced segments of a flow: far fewer system calls per byte. With
+//! several queues (IFF_MULTI_QUEUE) the kernel spreads flows over them, one per worker.
 
 use std::io;
 
@@ -17,15 +18,17 @@ pub struct Tun {
 }
 
 impl Tun {
-    /// Creates the device `name` with `mtu`, brings it up, and turns on segmentation
-    /// offload when asked to and the kernel supports it (one log line says which).
-    pub fn create(name: &str, mtu: u16, want_offload: bool) -> io::Result<Tun> {
+    /// Creates the device `name` with `mtu` and `queues` queues (one per worker), brings
+    /// it up, and turns on segmentation offload when asked to and the kernel supports it
+    /// (one log line says which). Returns one `Tun` per queue; any of them may be written.
+    pub fn create(name: &str, mtu: u16, want_offload: bool, queues: usize) -> io::Result<Vec<Tun>> {
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
                 .name(name)
                 .mtu(mtu)
                 .packet_information(false)
                 .offload(offload)
+                .multi_queue(queues > 1)
                 .build_async()
         };
         let (device, offload) = match want_offload.then(|| build(true)) {
@@ -46,10 +49,18 @@ impl Tun {
                 "TUN offload on"
             );
         }
-        Ok(Tun {
-            device,
-            name: name.to_owned(),
-        })
+        let mut devices = Vec::with_capacity(queues);
+        for _ in 1..queues {
+            devices.push(device.try_clone()?);
+        }
+        devices.insert(0, device);
+        Ok(devices
+            .into_iter()
+            .map(|device| Tun {
+                device,
+                name: name.to_owned(),
+            })
+            .collect())
     }
 
     pub fn name(&self) -> &str {

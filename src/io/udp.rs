@@ -4,8 +4,11 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use nix::sys::socket::{
+    self, getsockopt, setsockopt, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+};
 pub use quinn_udp::RecvMeta;
 use quinn_udp::{Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -20,10 +23,40 @@ pub struct Udp {
 }
 
 impl Udp {
-    /// Binds the socket, turns on what offloads the kernel has, and enlarges its buffers,
-    /// beyond `net.core.rmem_max` when allowed (CAP_NET_ADMIN). Logs what it got.
-    pub async fn bind(listen: SocketAddr) -> io::Result<Udp> {
-        let socket = tokio::net::UdpSocket::bind(listen).await?;
+    /// Binds `count` sockets to `listen`, one per worker: with more than one they share
+    /// the port through SO_REUSEPORT, and the kernel keeps each sender on one socket, so
+    /// a peer's packets stay in order. Logs what the first one got.
+    pub fn bind_group(listen: SocketAddr, count: usize) -> io::Result<Vec<Udp>> {
+        if count <= 1 {
+            let socket = std::net::UdpSocket::bind(listen)?;
+            return Ok(vec![Udp::new(socket, true)?]);
+        }
+        let mut sockets = Vec::with_capacity(count);
+        // Later sockets join the first one's port, which the kernel picked if it was 0.
+        let mut address = listen;
+        for index in 0..count {
+            let family = if address.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let fd = socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+                .map_err(io::Error::from)?;
+            setsockopt(&fd, sockopt::ReusePort, &true).map_err(io::Error::from)?;
+            socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(address))
+                .map_err(io::Error::from)?;
+            let socket = std::net::UdpSocket::from(fd);
+            address = socket.local_addr()?;
+            sockets.push(Udp::new(socket, index == 0)?);
+        }
+        Ok(sockets)
+    }
+
+    /// Turns on what offloads the kernel has and enlarges the buffers, beyond
+    /// `net.core.rmem_max` when allowed (CAP_NET_ADMIN).
+    fn new(socket: std::net::UdpSocket, log: bool) -> io::Result<Udp> {
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
         let state = UdpSocketState::new((&socket).into())?;
         let forced = setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER_BYTES).is_ok()
             && setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER_BYTES).is_ok();
@@ -34,6 +67,9 @@ impl Udp {
         }
         let receive = getsockopt(&socket, sockopt::RcvBuf).unwrap_or(0);
         let send = getsockopt(&socket, sockopt::SndBuf).unwrap_or(0);
+        if !log {
+            return Ok(Udp { socket, state });
+        }
         tracing::info!(
             receive_buffer = receive,
             send_buffer = send,

@@ -8,7 +8,7 @@
 //! are remembered, everything else is evaluated against the compiled policy.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,12 @@ pub struct Node {
     peers: Vec<PeerIdentity>,
     local_by_address: PrefixTable<usize>,
     peer_by_address: PrefixTable<usize>,
+    /// The last lookups in those tables, one per use: packets of a batch mostly share
+    /// their addresses, and the tables do not change while the node runs.
+    egress_source: LastLookup,
+    egress_destination: LastLookup,
+    ingress_source: LastLookup,
+    ingress_destination: LastLookup,
     /// Tunnel of (local, peer), at `local * peers.len() + peer`.
     tunnels: Vec<TunnelId>,
     /// (local, peer) of each tunnel, by tunnel index.
@@ -149,6 +155,23 @@ pub struct Node {
     /// Decisions per pair, at `local * peers.len() + peer`.
     decisions: Vec<PairDecisions>,
     pub stats: NodeStats,
+}
+
+/// One remembered prefix-table lookup: the address and the value its longest match gave.
+#[derive(Default)]
+struct LastLookup {
+    address: Option<IpAddr>,
+    owner: Option<usize>,
+}
+
+impl LastLookup {
+    fn owner(&mut self, table: &PrefixTable<usize>, address: IpAddr) -> Option<usize> {
+        if self.address != Some(address) {
+            self.address = Some(address);
+            self.owner = table.longest_match(address).map(|(_, &owner)| owner);
+        }
+        self.owner
+    }
 }
 
 fn protocol_of(header: &IpHeader, transport: Transport) -> (Protocol, Option<u16>) {
@@ -236,6 +259,10 @@ impl Node {
             peers,
             local_by_address,
             peer_by_address,
+            egress_source: LastLookup::default(),
+            egress_destination: LastLookup::default(),
+            ingress_source: LastLookup::default(),
+            ingress_destination: LastLookup::default(),
             tunnels,
             pairs,
             policy_config: config.policy.clone(),
@@ -288,10 +315,16 @@ impl Node {
         else {
             return Egress::Dropped(self.drop_packet(NodeDrop::NotIp));
         };
-        let Some((_, &local)) = self.local_by_address.longest_match(header.source) else {
+        let Some(local) = self
+            .egress_source
+            .owner(&self.local_by_address, header.source)
+        else {
             return Egress::Dropped(self.drop_packet(NodeDrop::NoLocalIdentity));
         };
-        let Some((_, &peer)) = self.peer_by_address.longest_match(header.destination) else {
+        let Some(peer) = self
+            .egress_destination
+            .owner(&self.peer_by_address, header.destination)
+        else {
             return Egress::Dropped(self.drop_packet(NodeDrop::NoPeer));
         };
         let packet = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len];
@@ -318,12 +351,16 @@ impl Node {
         let Some(header) = packet::parse(&datagram[plaintext.clone()]) else {
             return Ingress::Dropped(self.drop_packet(NodeDrop::NotIp));
         };
-        let source_owner = self.peer_by_address.longest_match(header.source);
-        if source_owner.map(|(_, &p)| p) != Some(peer) {
+        let source_owner = self
+            .ingress_source
+            .owner(&self.peer_by_address, header.source);
+        if source_owner != Some(peer) {
             return Ingress::Dropped(self.drop_packet(NodeDrop::SpoofedSource));
         }
-        let destination_owner = self.local_by_address.longest_match(header.destination);
-        if destination_owner.map(|(_, &l)| l) != Some(local) {
+        let destination_owner = self
+            .ingress_destination
+            .owner(&self.local_by_address, header.destination);
+        if destination_owner != Some(local) {
             return Ingress::Dropped(self.drop_packet(NodeDrop::WrongDestination));
         }
         let transport = header.transport(&datagram[plaintext.start..plaintext.start + header.len]);

@@ -9,6 +9,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use ahash::RandomState;
+
 use super::Request;
 use crate::packet::{IpHeader, Transport};
 
@@ -105,7 +107,7 @@ pub fn key(
 }
 
 pub struct FlowTable {
-    flows: HashMap<FlowKey, Flow>,
+    flows: HashMap<FlowKey, Flow, RandomState>,
     /// Insertion order, for evicting the oldest flow; may hold stale entries.
     order: VecDeque<(FlowKey, u64)>,
     next_stamp: u64,
@@ -116,7 +118,7 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(capacity: usize) -> Self {
         FlowTable {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             order: VecDeque::new(),
             next_stamp: 0,
             capacity: capacity.max(1),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use ahash::RandomState;
 use rand_core::{OsRng, RngCore};
 
 use super::constants::*;
@@ -219,9 +220,9 @@ pub struct Device {
     wall_clock_anchor: (Instant, Duration),
     locals: Vec<Local>,
     tunnels: Vec<Tunnel>,
-    by_peer_key: HashMap<(usize, [u8; 32]), TunnelId>,
+    by_peer_key: HashMap<(usize, [u8; 32]), TunnelId, RandomState>,
     /// Receiver index → tunnel, for sessions and handshakes in progress.
-    indices: HashMap<u32, TunnelId>,
+    indices: HashMap<u32, TunnelId, RandomState>,
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
     load: LoadMeter,
@@ -240,8 +241,8 @@ impl Device {
             wall_clock_anchor: (now, now_unix),
             locals: Vec::new(),
             tunnels: Vec::new(),
-            by_peer_key: HashMap::new(),
-            indices: HashMap::new(),
+            by_peer_key: HashMap::default(),
+            indices: HashMap::default(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             load: LoadMeter {

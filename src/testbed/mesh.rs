@@ -61,6 +61,8 @@ pub struct NodeSpec {
     pub policy: String,
     /// `interface.offload`: TUN segmentation offloads when the kernel has them.
     pub offload: bool,
+    /// `interface.workers`; `None` leaves the choice to the daemon.
+    pub workers: Option<usize>,
 }
 
 /// How a node sees one remote node: a peer file.
@@ -119,6 +121,9 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
     writeln!(text, "peers_dir = \"peers\"\n").unwrap();
     writeln!(text, "[interface]\nname = \"mg0\"\nmtu = 1420").unwrap();
     writeln!(text, "offload = {}", node.offload).unwrap();
+    if let Some(workers) = node.workers {
+        writeln!(text, "workers = {workers}").unwrap();
+    }
     writeln!(text, "addresses = {}\n", toml_list(&all_addresses)).unwrap();
     writeln!(
         text,
@@ -266,6 +271,7 @@ mod tests {
             ],
             policy: ALLOW_ALL_POLICY.into(),
             offload: true,
+            workers: Some(2),
         };
         let b = NodeSpec {
             name: "node-b".into(),
@@ -276,10 +282,12 @@ mod tests {
             )],
             policy: ALLOW_ALL_POLICY.into(),
             offload: true,
+            workers: Some(2),
         };
         let path = write_config(dir.path(), &a, &[PeerEntry::for_node(&b)]).unwrap();
         let config = crate::config::load(&path).unwrap();
         assert_eq!(config.identities.len(), 2);
+        assert_eq!(config.interface.workers, Some(2));
         let policy =
             crate::policy::load_files(&config.policy.files, &config.policy.root_namespace).unwrap();
         assert_eq!(policy.policies.len(), 1);

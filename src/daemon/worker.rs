@@ -1,0 +1,378 @@
+//! A data-path worker: one TUN queue and one UDP socket, served a batch at a time.
+//!
+//! A TUN read yields up to a 64 KiB super packet cut into segments (offload); each is
+//! sealed in place and runs of equal-sized datagrams for one peer leave in one send (UDP
+//! GSO). A socket wake-up drains several receives of many datagrams each (recvmmsg, UDP
+//! GRO); their plaintexts reach the TUN device in coalescing writes.
+//!
+//! Workers share the node. Each takes its lock once per batch, for the protocol and
+//! policy work, and does all system calls without it.
+
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::BytesMut;
+use tokio::sync::Notify;
+
+use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use crate::io::udp::{RecvMeta, Udp};
+use crate::node::{Egress, Ingress, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+use crate::proto::Transmit;
+
+/// Largest IP packet (or super packet) read from the TUN device.
+const MAX_PACKET: usize = 65535;
+/// Largest UDP receive (one datagram, or several coalesced by GRO).
+const MAX_DATAGRAM: usize = 65536;
+/// Receive buffers per receive call (recvmmsg).
+const RECEIVE_SLOTS: usize = 8;
+/// Most datagrams one GRO receive holds (the kernel's UDP_GRO limit is 64 segments).
+const DATAGRAMS_PER_SLOT: usize = 64;
+/// Receive calls per socket wake-up, so the TUN side gets its turn.
+const RECEIVES_PER_WAKE: usize = 4;
+/// Room for the segments of one 64 KiB super packet at the smallest MTU (576).
+const SEGMENTS_PER_SUPER_PACKET: usize = 65535 / 536 + 1;
+/// Bytes of datagrams in one segmented send.
+const MAX_GSO_BYTES: usize = 64_000;
+
+/// The node and when the control task's timer is set to wake it.
+pub struct State {
+    pub node: Node,
+    /// The deadline the control task sleeps until (`None`: none).
+    pub armed: Option<Instant>,
+}
+
+/// What the workers and the control task share.
+pub struct Shared {
+    state: Mutex<State>,
+    /// Wakes the control task when a worker moved the node's deadline before `armed`.
+    pub timer_moved: Notify,
+}
+
+impl Shared {
+    pub fn new(node: Node) -> Arc<Shared> {
+        Arc::new(Shared {
+            state: Mutex::new(State { node, armed: None }),
+            timer_moved: Notify::new(),
+        })
+    }
+
+    /// Locks the node. A worker that panicked while holding it ends the daemon (the
+    /// control task sees the failed task), so a poisoned lock is not used further.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .expect("a data-path worker panicked while holding the node")
+    }
+
+    /// After work on the node: takes its queued messages into `transmits`, logs its
+    /// events, and wakes the control task if the node now wants to be woken earlier.
+    pub fn finish(&self, state: &mut State, transmits: &mut Vec<Transmit>) {
+        while let Some(transmit) = state.node.poll_transmit() {
+            transmits.push(transmit);
+        }
+        state.node.log_events();
+        if let Some(wanted) = state.node.poll_timeout() {
+            if state.armed.is_none_or(|armed| wanted < armed) {
+                state.armed = Some(wanted);
+                self.timer_moved.notify_one();
+            }
+        }
+    }
+}
+
+/// Reusable buffers for batches in both directions: nothing is allocated per packet.
+struct Buffers {
+    /// A raw TUN read: virtio header and super packet.
+    tun_read: Vec<u8>,
+    /// Segments from the TUN device, each with transport-header room in front and
+    /// sealing room behind.
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Where each segment goes once sealed (`None`: dropped or queued).
+    sealed: Vec<Option<(SocketAddr, usize)>>,
+    /// Sealed segments for one peer, back to back, for one segmented send.
+    gso: Vec<u8>,
+    /// Datagrams from the network, decrypted in place.
+    received: Vec<Vec<u8>>,
+    meta: [RecvMeta; RECEIVE_SLOTS],
+    /// Plaintexts to deliver: (receive slot, range in it).
+    plaintexts: Vec<(usize, Range<usize>)>,
+    /// Plaintexts for the TUN device, each after virtio-header room.
+    to_tun: Vec<BytesMut>,
+    gro: GROTable,
+    /// Handshake and keepalive messages the node queued during a batch.
+    transmits: Vec<Transmit>,
+}
+
+impl Buffers {
+    fn new(mtu: u16) -> Self {
+        let segment = TRANSPORT_HEADER_LEN + usize::from(mtu).max(1500) + SEAL_TAILROOM;
+        let segments = SEGMENTS_PER_SUPER_PACKET * 2;
+        Buffers {
+            tun_read: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            segments: vec![vec![0; segment]; segments],
+            sizes: vec![0; segments],
+            sealed: Vec::with_capacity(segments),
+            gso: vec![0; MAX_GSO_BYTES],
+            received: vec![vec![0; MAX_DATAGRAM]; RECEIVE_SLOTS],
+            meta: [RecvMeta::default(); RECEIVE_SLOTS],
+            plaintexts: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
+            to_tun: (0..IDEAL_BATCH_SIZE)
+                .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
+                .collect(),
+            gro: GROTable::default(),
+            transmits: Vec::new(),
+        }
+    }
+}
+
+/// Serves one TUN queue and one socket until the device fails.
+pub async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u16) -> Result<()> {
+    let mut buffers = Buffers::new(mtu);
+    let mut tun_errors = TunErrors::default();
+    loop {
+        let b = &mut buffers;
+        tokio::select! {
+            read = tun.recv_batch(&mut b.tun_read, &mut b.segments, &mut b.sizes, TRANSPORT_HEADER_LEN) => {
+                match read {
+                    Ok(first) => {
+                        tun_errors.clear();
+                        let count = read_more(&tun, b, first);
+                        seal_and_send(&socket, &shared, b, count).await;
+                    }
+                    // A super packet that cannot be cut up (say, too many segments for a tiny
+                    // MSS) is dropped; a device that keeps failing ends the daemon.
+                    Err(e) => tun_errors.record(e)?,
+                }
+            }
+            ready = socket.readable() => {
+                if let Err(e) = ready {
+                    tracing::debug!(error = %e, "UDP socket error");
+                }
+                receive_and_deliver(&socket, &shared, &tun, b).await;
+            }
+        }
+        send_transmits(&socket, &mut b.transmits).await;
+    }
+}
+
+/// Failed TUN reads in a row: a few are dropped packets, many mean the device is gone.
+#[derive(Default)]
+struct TunErrors {
+    in_a_row: u32,
+    last_logged: Option<Instant>,
+}
+
+impl TunErrors {
+    const FATAL_IN_A_ROW: u32 = 1000;
+
+    fn clear(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    fn record(&mut self, error: std::io::Error) -> Result<()> {
+        self.in_a_row += 1;
+        if self.in_a_row >= Self::FATAL_IN_A_ROW {
+            return Err(anyhow::Error::new(error).context(format!(
+                "reading from the TUN device failed {} times in a row",
+                self.in_a_row
+            )));
+        }
+        let now = Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            self.last_logged = Some(now);
+            tracing::warn!(error = %error, "reading from the TUN device failed; packet dropped");
+        }
+        Ok(())
+    }
+}
+
+/// Datagrams for one peer, back to back in `Buffers::gso`, to leave in one send: all of
+/// one size but the last, which may be shorter.
+#[derive(Default)]
+struct SegmentRun {
+    destination: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    bytes: usize,
+    /// A shorter datagram ended the run.
+    closed: bool,
+}
+
+impl SegmentRun {
+    fn accepts(&self, destination: SocketAddr, len: usize, max_segments: usize) -> bool {
+        self.count == 0
+            || (self.destination == Some(destination)
+                && !self.closed
+                && self.count < max_segments
+                && len <= self.segment
+                && self.bytes + len <= MAX_GSO_BYTES)
+    }
+
+    fn push(&mut self, destination: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.destination = Some(destination);
+            self.segment = len;
+        }
+        self.closed = len < self.segment;
+        self.count += 1;
+        self.bytes += len;
+    }
+
+    async fn flush(&mut self, socket: &Udp, gso: &[u8]) {
+        if let Some(destination) = self.destination.filter(|_| self.count > 0) {
+            let segment = (self.count > 1).then_some(self.segment);
+            send(socket, &gso[..self.bytes], destination, segment).await;
+        }
+        *self = SegmentRun::default();
+    }
+}
+
+/// After a read that returned `count` segments, reads whatever else the TUN device has
+/// ready, as long as a whole super packet still fits, so that single packets (UDP, ICMP)
+/// batch up as well. Returns the total.
+fn read_more(tun: &Tun, b: &mut Buffers, mut count: usize) -> usize {
+    while b.segments.len() - count >= SEGMENTS_PER_SUPER_PACKET {
+        match tun.try_recv_batch(
+            &mut b.tun_read,
+            &mut b.segments[count..],
+            &mut b.sizes[count..],
+            TRANSPORT_HEADER_LEN,
+        ) {
+            Ok(more) => count += more,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "reading from the TUN device failed");
+                }
+                break;
+            }
+        }
+    }
+    count
+}
+
+/// Seals the `count` segments read from the TUN device under one lock of the node, then
+/// sends them, runs of equal-sized datagrams for one peer in one call.
+async fn seal_and_send(socket: &Udp, shared: &Shared, b: &mut Buffers, count: usize) {
+    b.sealed.clear();
+    {
+        let mut state = shared.lock();
+        let now = Instant::now();
+        for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
+            b.sealed.push(match state.node.egress(now, segment, len) {
+                Egress::Send { destination, len } => Some((destination, len)),
+                _ => None,
+            });
+        }
+        shared.finish(&mut state, &mut b.transmits);
+    }
+    let max_segments = socket.max_segments().max(1);
+    let mut run = SegmentRun::default();
+    for (segment, sealed) in b.segments.iter().zip(&b.sealed) {
+        let Some((destination, len)) = *sealed else {
+            continue;
+        };
+        if !run.accepts(destination, len, max_segments) {
+            run.flush(socket, &b.gso).await;
+        }
+        b.gso[run.bytes..run.bytes + len].copy_from_slice(&segment[..len]);
+        run.push(destination, len);
+    }
+    run.flush(socket, &b.gso).await;
+}
+
+/// Drains the socket for a while without blocking. Each receive is authenticated and
+/// decrypted in place under one lock of the node; then its plaintexts are copied behind
+/// virtio-header room into `to_tun` and written to the TUN device.
+async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut Buffers) {
+    for _ in 0..RECEIVES_PER_WAKE {
+        let mut buffers = b.received.iter_mut();
+        let mut slices: [IoSliceMut; RECEIVE_SLOTS] = std::array::from_fn(|_| {
+            IoSliceMut::new(buffers.next().expect("one buffer per receive slot"))
+        });
+        let received = match socket.try_recv(&mut slices, &mut b.meta) {
+            Ok(received) => received,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // ICMP errors from earlier sends surface here; they are not fatal.
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        open_received(shared, b, received);
+        let mut pending = 0;
+        for (slot, range) in &b.plaintexts {
+            if pending == b.to_tun.len() {
+                write_to_tun(tun, &mut b.gro, &mut b.to_tun[..pending]).await;
+                pending = 0;
+            }
+            let out = &mut b.to_tun[pending];
+            out.clear();
+            out.extend_from_slice(&[0; VIRTIO_NET_HDR_LEN]);
+            out.extend_from_slice(&b.received[*slot][range.clone()]);
+            pending += 1;
+        }
+        write_to_tun(tun, &mut b.gro, &mut b.to_tun[..pending]).await;
+    }
+}
+
+/// Feeds the datagrams of the first `received` slots to the node, recording in
+/// `plaintexts` where each packet to deliver now lies.
+fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
+    b.plaintexts.clear();
+    let mut state = shared.lock();
+    let now = Instant::now();
+    for (slot, (buffer, meta)) in b.received.iter_mut().zip(&b.meta).enumerate() {
+        if slot == received {
+            break;
+        }
+        if meta.len == 0 {
+            // An empty datagram: not a message; the node counts it as malformed.
+            state.node.ingress(now, meta.addr, &mut []);
+            continue;
+        }
+        // Without GRO the stride is the whole datagram.
+        let stride = if meta.stride == 0 {
+            meta.len
+        } else {
+            meta.stride
+        };
+        for (index, datagram) in buffer[..meta.len].chunks_mut(stride).enumerate() {
+            if let Ingress::Deliver { packet, .. } = state.node.ingress(now, meta.addr, datagram) {
+                let start = index * stride;
+                b.plaintexts
+                    .push((slot, start + packet.start..start + packet.end));
+            }
+        }
+    }
+    shared.finish(&mut state, &mut b.transmits);
+}
+
+async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
+    if packets.is_empty() {
+        return;
+    }
+    if let Err(e) = tun.send_batch(gro, packets, VIRTIO_NET_HDR_LEN).await {
+        tracing::debug!(error = %e, "writing to the TUN device failed");
+    }
+}
+
+/// Sends (and empties) the messages the node queued.
+pub async fn send_transmits(socket: &Udp, transmits: &mut Vec<Transmit>) {
+    for transmit in transmits.drain(..) {
+        send(socket, &transmit.data, transmit.destination, None).await;
+    }
+}
+
+async fn send(socket: &Udp, datagrams: &[u8], destination: SocketAddr, segment: Option<usize>) {
+    if let Err(e) = socket.send(destination, datagrams, segment).await {
+        tracing::debug!(error = %e, %destination, "UDP send failed");
+    }
+}
