@@ -5,8 +5,9 @@
 //! GSO). A socket wake-up drains several receives of many datagrams each (recvmmsg, UDP
 //! GRO); their plaintexts reach the TUN device in coalescing writes.
 //!
-//! Workers share the node. Each takes its lock once per batch, for the protocol and
-//! policy work, and does all system calls without it.
+//! Workers share the node. Each takes its lock per batch for the protocol and policy
+//! bookkeeping only: encryption and decryption, and all system calls, happen without it,
+//! so workers seal and open in parallel.
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
@@ -20,8 +21,8 @@ use tokio::sync::Notify;
 
 use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use crate::io::udp::{RecvMeta, Udp};
-use crate::node::{Egress, Ingress, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
-use crate::proto::Transmit;
+use crate::node::{EgressStep, Ingress, IngressStep, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+use crate::proto::{OpenError, SealJob, Transmit, TransportOpen};
 
 /// Largest IP packet (or super packet) read from the TUN device.
 const MAX_PACKET: usize = 65535;
@@ -92,13 +93,15 @@ struct Buffers {
     /// sealing room behind.
     segments: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    /// Where each segment goes once sealed (`None`: dropped or queued).
-    sealed: Vec<Option<(SocketAddr, usize)>>,
+    /// Where each segment goes and the sealing left to do (`None`: dropped or queued).
+    sealing: Vec<Option<(SocketAddr, SealJob)>>,
     /// Sealed segments for one peer, back to back, for one segmented send.
     gso: Vec<u8>,
     /// Datagrams from the network, decrypted in place.
     received: Vec<Vec<u8>>,
     meta: [RecvMeta; RECEIVE_SLOTS],
+    /// Transport messages of one receive to decrypt without the node.
+    opening: Vec<Opening>,
     /// Plaintexts to deliver: (receive slot, range in it).
     plaintexts: Vec<(usize, Range<usize>)>,
     /// Plaintexts for the TUN device, each after virtio-header room.
@@ -116,10 +119,11 @@ impl Buffers {
             tun_read: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
             segments: vec![vec![0; segment]; segments],
             sizes: vec![0; segments],
-            sealed: Vec::with_capacity(segments),
+            sealing: Vec::with_capacity(segments),
             gso: vec![0; MAX_GSO_BYTES],
             received: vec![vec![0; MAX_DATAGRAM]; RECEIVE_SLOTS],
             meta: [RecvMeta::default(); RECEIVE_SLOTS],
+            opening: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             plaintexts: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             to_tun: (0..IDEAL_BATCH_SIZE)
                 .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
@@ -258,39 +262,51 @@ fn read_more(tun: &Tun, b: &mut Buffers, mut count: usize) -> usize {
     count
 }
 
-/// Seals the `count` segments read from the TUN device under one lock of the node, then
-/// sends them, runs of equal-sized datagrams for one peer in one call.
+/// Seals the `count` segments read from the TUN device and sends them, runs of
+/// equal-sized datagrams for one peer in one call. The node is locked once, to route the
+/// segments and reserve their counters; the encryption runs after.
 async fn seal_and_send(socket: &Udp, shared: &Shared, b: &mut Buffers, count: usize) {
-    b.sealed.clear();
+    b.sealing.clear();
     {
         let mut state = shared.lock();
         let now = Instant::now();
         for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
-            b.sealed.push(match state.node.egress(now, segment, len) {
-                Egress::Send { destination, len } => Some((destination, len)),
-                _ => None,
-            });
+            b.sealing
+                .push(match state.node.begin_egress(now, segment, len) {
+                    EgressStep::Seal { destination, job } => Some((destination, job)),
+                    EgressStep::Done(_) => None,
+                });
         }
         shared.finish(&mut state, &mut b.transmits);
     }
     let max_segments = socket.max_segments().max(1);
     let mut run = SegmentRun::default();
-    for (segment, sealed) in b.segments.iter().zip(&b.sealed) {
-        let Some((destination, len)) = *sealed else {
+    for (segment, sealing) in b.segments.iter_mut().zip(&b.sealing) {
+        let Some((destination, job)) = sealing else {
             continue;
         };
-        if !run.accepts(destination, len, max_segments) {
+        let len = job.seal(segment);
+        if !run.accepts(*destination, len, max_segments) {
             run.flush(socket, &b.gso).await;
         }
         b.gso[run.bytes..run.bytes + len].copy_from_slice(&segment[..len]);
-        run.push(destination, len);
+        run.push(*destination, len);
     }
     run.flush(socket, &b.gso).await;
 }
 
-/// Drains the socket for a while without blocking. Each receive is authenticated and
-/// decrypted in place under one lock of the node; then its plaintexts are copied behind
-/// virtio-header room into `to_tun` and written to the TUN device.
+/// A transport message in a receive buffer, on its way through decryption.
+struct Opening {
+    slot: usize,
+    at: Range<usize>,
+    open: TransportOpen,
+    opened: Result<Range<usize>, OpenError>,
+}
+
+/// Drains the socket for a while without blocking. The datagrams of each receive are
+/// checked under the node's lock, decrypted in place without it, and admitted under it
+/// again; then their plaintexts are copied behind virtio-header room into `to_tun` and
+/// written to the TUN device.
 async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut Buffers) {
     for _ in 0..RECEIVES_PER_WAKE {
         let mut buffers = b.received.iter_mut();
@@ -327,29 +343,61 @@ async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut B
 /// `plaintexts` where each packet to deliver now lies.
 fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
     b.plaintexts.clear();
-    let mut state = shared.lock();
+    b.opening.clear();
     let now = Instant::now();
-    for (slot, (buffer, meta)) in b.received.iter_mut().zip(&b.meta).enumerate() {
-        if slot == received {
-            break;
-        }
-        if meta.len == 0 {
-            // An empty datagram: not a message; the node counts it as malformed.
-            state.node.ingress(now, meta.addr, &mut []);
-            continue;
-        }
-        // Without GRO the stride is the whole datagram.
-        let stride = if meta.stride == 0 {
-            meta.len
-        } else {
-            meta.stride
-        };
-        for (index, datagram) in buffer[..meta.len].chunks_mut(stride).enumerate() {
-            if let Ingress::Deliver { packet, .. } = state.node.ingress(now, meta.addr, datagram) {
-                let start = index * stride;
-                b.plaintexts
-                    .push((slot, start + packet.start..start + packet.end));
+    {
+        let mut state = shared.lock();
+        for (slot, (buffer, meta)) in b.received.iter_mut().zip(&b.meta).enumerate() {
+            if slot == received {
+                break;
             }
+            if meta.len == 0 {
+                // An empty datagram: not a message; the node counts it as malformed.
+                state.node.begin_ingress(now, meta.addr, &mut []);
+                continue;
+            }
+            // Without GRO the stride is the whole datagram.
+            let stride = if meta.stride == 0 {
+                meta.len
+            } else {
+                meta.stride
+            };
+            for (index, datagram) in buffer[..meta.len].chunks_mut(stride).enumerate() {
+                let start = index * stride;
+                match state.node.begin_ingress(now, meta.addr, datagram) {
+                    IngressStep::Open(open) => b.opening.push(Opening {
+                        slot,
+                        at: start..start + datagram.len(),
+                        open,
+                        opened: Err(OpenError::Forged),
+                    }),
+                    IngressStep::Done(Ingress::Deliver { packet, .. }) => b
+                        .plaintexts
+                        .push((slot, start + packet.start..start + packet.end)),
+                    IngressStep::Done(_) => {}
+                }
+            }
+        }
+    }
+    for opening in &mut b.opening {
+        let datagram = &mut b.received[opening.slot][opening.at.clone()];
+        opening.opened = opening.open.open(datagram);
+    }
+    let mut state = shared.lock();
+    for opening in b.opening.drain(..) {
+        let Opening {
+            slot,
+            at,
+            open,
+            opened,
+        } = opening;
+        let addr = b.meta[slot].addr;
+        let datagram = &b.received[slot][at.clone()];
+        if let Ingress::Deliver { packet, .. } =
+            state.node.finish_ingress(now, addr, datagram, open, opened)
+        {
+            b.plaintexts
+                .push((slot, at.start + packet.start..at.start + packet.end));
         }
     }
     shared.finish(&mut state, &mut b.transmits);

@@ -19,7 +19,10 @@ use crate::identity::{PrefixTable, Principal, PublicKey};
 use crate::packet::{self, IpHeader, Transport};
 use crate::policy::flows::{self, Direction, FlowState, FlowTable, Opened};
 use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
-use crate::proto::{self, Device, DeviceConfig, Event, Received, Sealed, TunnelId};
+use crate::proto::{
+    self, Device, DeviceConfig, Event, OpenError, ReceiveStep, Received, SealJob, SealStep, Sealed,
+    TransportOpen, TunnelId,
+};
 
 /// How often idle flows are swept out of the flow table.
 const FLOW_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -111,6 +114,23 @@ pub enum Egress {
     /// Waiting for a handshake; see `poll_transmit`.
     Queued,
     Dropped(Dropped),
+}
+
+/// `begin_egress`'s answer: the encryption left to do, or the outcome.
+pub enum EgressStep {
+    /// Finish with `job.seal(buf)`, which needs no access to the node.
+    Seal {
+        destination: SocketAddr,
+        job: SealJob,
+    },
+    Done(Egress),
+}
+
+/// `begin_ingress`'s answer: a transport message to decrypt, or the outcome.
+pub enum IngressStep {
+    /// Decrypt with `open.open(datagram)` without the node, then call `finish_ingress`.
+    Open(TransportOpen),
+    Done(Ingress),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,38 +331,96 @@ impl Node {
     /// Seals the IP packet at `buf[16..16 + len]` for the tunnel its addresses select.
     /// `buf` must hold `SEAL_TAILROOM` more bytes after it.
     pub fn egress(&mut self, now: Instant, buf: &mut [u8], len: usize) -> Egress {
+        match self.begin_egress(now, buf, len) {
+            EgressStep::Seal { destination, job } => Egress::Send {
+                destination,
+                len: job.seal(buf),
+            },
+            EgressStep::Done(egress) => egress,
+        }
+    }
+
+    /// `egress` up to the encryption, which the returned job does without the node: so
+    /// that workers sharing the node hold it only for the bookkeeping.
+    pub fn begin_egress(&mut self, now: Instant, buf: &mut [u8], len: usize) -> EgressStep {
+        let done = EgressStep::Done;
         let Some(header) = packet::parse(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len])
         else {
-            return Egress::Dropped(self.drop_packet(NodeDrop::NotIp));
+            return done(Egress::Dropped(self.drop_packet(NodeDrop::NotIp)));
         };
         let Some(local) = self
             .egress_source
             .owner(&self.local_by_address, header.source)
         else {
-            return Egress::Dropped(self.drop_packet(NodeDrop::NoLocalIdentity));
+            return done(Egress::Dropped(self.drop_packet(NodeDrop::NoLocalIdentity)));
         };
         let Some(peer) = self
             .egress_destination
             .owner(&self.peer_by_address, header.destination)
         else {
-            return Egress::Dropped(self.drop_packet(NodeDrop::NoPeer));
+            return done(Egress::Dropped(self.drop_packet(NodeDrop::NoPeer)));
         };
         let packet = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len];
         self.track_outbound(now, &header, header.transport(packet));
         let tunnel = self.tunnels[local * self.peers.len() + peer];
-        match self.device.seal(now, tunnel, buf, len) {
-            Sealed::Send { destination, len } => {
+        match self.device.prepare_seal(now, tunnel, buf, len) {
+            SealStep::Seal { destination, job } => {
                 self.stats.packets_out += 1;
-                Egress::Send { destination, len }
+                EgressStep::Seal { destination, job }
             }
-            Sealed::Queued => Egress::Queued,
-            Sealed::Dropped(drop) => Egress::Dropped(Dropped::Protocol(drop)),
+            SealStep::Done(Sealed::Queued) => done(Egress::Queued),
+            SealStep::Done(Sealed::Dropped(drop)) => done(Egress::Dropped(Dropped::Protocol(drop))),
+            // `prepare_seal` leaves sending to the job.
+            SealStep::Done(Sealed::Send { destination, len }) => {
+                done(Egress::Send { destination, len })
+            }
         }
     }
 
-    /// Authenticates and decrypts a datagram in place, then applies cryptokey routing.
+    /// Authenticates and decrypts a datagram in place, then applies cryptokey routing and
+    /// the allow list.
     pub fn ingress(&mut self, now: Instant, source: SocketAddr, datagram: &mut [u8]) -> Ingress {
-        let (tunnel, plaintext) = match self.device.receive(now, source, datagram) {
+        match self.begin_ingress(now, source, datagram) {
+            IngressStep::Open(open) => {
+                let opened = open.open(datagram);
+                self.finish_ingress(now, source, datagram, open, opened)
+            }
+            IngressStep::Done(ingress) => ingress,
+        }
+    }
+
+    /// `ingress` up to the decryption of transport data, which the returned job does
+    /// without the node. Handshake messages are processed completely.
+    pub fn begin_ingress(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        datagram: &mut [u8],
+    ) -> IngressStep {
+        match self.device.prepare_receive(now, source, datagram) {
+            ReceiveStep::Open(open) => IngressStep::Open(open),
+            ReceiveStep::Done(received) => {
+                IngressStep::Done(self.admit_received(now, datagram, received))
+            }
+        }
+    }
+
+    /// The rest of `ingress` once `open` was tried on the datagram.
+    pub fn finish_ingress(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        datagram: &[u8],
+        open: TransportOpen,
+        opened: Result<Range<usize>, OpenError>,
+    ) -> Ingress {
+        let received = self.device.finish_receive(now, source, open, opened);
+        self.admit_received(now, datagram, received)
+    }
+
+    /// Cryptokey routing and the allow list for what the device made of a datagram.
+    fn admit_received(&mut self, now: Instant, datagram: &[u8], received: Received) -> Ingress {
+        let (tunnel, plaintext) = match received {
             Received::Data { tunnel, plaintext } => (tunnel, plaintext),
             Received::Control => return Ingress::Control,
             Received::Dropped(drop) => return Ingress::Dropped(Dropped::Protocol(drop)),

@@ -19,7 +19,7 @@ use super::handshake::{self, TransportKeys};
 use super::messages::{
     classify, read_u32, Kind, INITIATION_LEN, RESPONSE_LEN, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
 };
-use super::session::{OpenError, Session};
+use super::session::{OpenError, OpenJob, SealJob, Session};
 use super::tunnel::{Initiating, Tunnel};
 
 /// Index of a local identity in the device, in the order they were added.
@@ -154,6 +154,45 @@ pub enum Sealed {
     /// No session yet: the packet waits for the handshake that is now under way.
     Queued,
     Dropped(Drop),
+}
+
+/// `prepare_seal`'s answer: the encryption left to do, or the outcome.
+pub enum SealStep {
+    /// Finish with `job.seal(buf)`, then send the message to `destination`.
+    Seal {
+        destination: SocketAddr,
+        job: SealJob,
+    },
+    Done(Sealed),
+}
+
+/// `prepare_receive`'s answer: a transport message to decrypt, or the outcome.
+pub enum ReceiveStep {
+    /// Decrypt with `open.open(datagram)`, then hand the result to `finish_receive`.
+    Open(TransportOpen),
+    Done(Received),
+}
+
+/// A transport message that passed every check that needs the device.
+pub struct TransportOpen {
+    tunnel: TunnelId,
+    receiver: u32,
+    job: OpenJob,
+}
+
+impl TransportOpen {
+    /// Authenticates and decrypts `datagram` in place; needs no access to the device.
+    pub fn open(&self, datagram: &mut [u8]) -> Result<Range<usize>, OpenError> {
+        self.job.open(datagram)
+    }
+}
+
+fn open_drop(error: OpenError) -> Drop {
+    match error {
+        OpenError::Expired => Drop::Expired,
+        OpenError::Replayed => Drop::Replayed,
+        OpenError::Forged => Drop::Forged,
+    }
 }
 
 /// The outcome of a datagram from the network.
@@ -345,10 +384,27 @@ impl Device {
     /// Seals the plaintext at `buf[16..16 + len]` in place for `tunnel`. `buf` must hold
     /// `SEAL_TAILROOM` bytes more after the plaintext.
     pub fn seal(&mut self, now: Instant, tunnel: TunnelId, buf: &mut [u8], len: usize) -> Sealed {
+        match self.prepare_seal(now, tunnel, buf, len) {
+            SealStep::Seal { destination, job } => Sealed::Send {
+                destination,
+                len: job.seal(buf),
+            },
+            SealStep::Done(sealed) => sealed,
+        }
+    }
+
+    /// `seal` up to the encryption, which the returned job does without the device.
+    pub fn prepare_seal(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        buf: &mut [u8],
+        len: usize,
+    ) -> SealStep {
         let t = &mut self.tunnels[tunnel.0];
         let Some(destination) = t.endpoint else {
             self.stats.count(Drop::NoEndpoint);
-            return Sealed::Dropped(Drop::NoEndpoint);
+            return SealStep::Done(Sealed::Dropped(Drop::NoEndpoint));
         };
         let Some(session) = t.sending_session(now) else {
             let mut packet = vec![0u8; TRANSPORT_HEADER_LEN + len + SEAL_TAILROOM];
@@ -358,9 +414,9 @@ impl Device {
                 self.stats.count(Drop::QueueOverflow);
             }
             self.initiate(now, tunnel);
-            return Sealed::Queued;
+            return SealStep::Done(Sealed::Queued);
         };
-        let sealed_len = session.seal(buf, len);
+        let job = session.prepare_seal(buf, len);
         t.on_authenticated_send(now);
         if len > 0 {
             t.on_data_sent(now);
@@ -369,22 +425,57 @@ impl Device {
             self.initiate(now, tunnel);
         }
         self.fold_deadline(tunnel);
-        Sealed::Send {
-            destination,
-            len: sealed_len,
-        }
+        SealStep::Seal { destination, job }
     }
 
     /// Processes one datagram from `source`, decrypting transport data in place.
     pub fn receive(&mut self, now: Instant, source: SocketAddr, datagram: &mut [u8]) -> Received {
+        match self.prepare_receive(now, source, datagram) {
+            ReceiveStep::Open(open) => {
+                let opened = open.open(datagram);
+                self.finish_receive(now, source, open, opened)
+            }
+            ReceiveStep::Done(received) => received,
+        }
+    }
+
+    /// `receive` up to the decryption of transport data, which the returned job does
+    /// without the device. Handshake messages are processed completely.
+    pub fn prepare_receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        datagram: &mut [u8],
+    ) -> ReceiveStep {
         self.touched = None;
         let outcome = match classify(datagram) {
             None => Err(Drop::Malformed),
             Some(Kind::Initiation) => self.receive_initiation(now, source, datagram),
             Some(Kind::Response) => self.receive_response(now, source, datagram),
             Some(Kind::CookieReply) => self.receive_cookie_reply(now, datagram),
-            Some(Kind::Transport) => self.receive_transport(now, source, datagram),
+            Some(Kind::Transport) => match self.prepare_transport(now, datagram) {
+                Ok(open) => return ReceiveStep::Open(open),
+                Err(drop) => Err(drop),
+            },
         };
+        ReceiveStep::Done(self.conclude(source, outcome))
+    }
+
+    /// The rest of `receive` once `open` was tried on the datagram.
+    pub fn finish_receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        open: TransportOpen,
+        opened: Result<Range<usize>, OpenError>,
+    ) -> Received {
+        self.touched = None;
+        let outcome = self.finish_transport(now, source, open, opened);
+        self.conclude(source, outcome)
+    }
+
+    /// Folds the deadline of the tunnel a datagram touched and counts a drop.
+    fn conclude(&mut self, source: SocketAddr, outcome: Result<Received, Drop>) -> Received {
         if let Some(tunnel) = self.touched.take() {
             self.fold_deadline(tunnel);
         }
@@ -724,22 +815,36 @@ impl Device {
         Ok(Received::Control)
     }
 
-    fn receive_transport(
+    fn prepare_transport(&mut self, now: Instant, msg: &[u8]) -> Result<TransportOpen, Drop> {
+        let receiver = read_u32(msg, 4);
+        let tunnel = *self.indices.get(&receiver).ok_or(Drop::UnknownIndex)?;
+        let t = &mut self.tunnels[tunnel.0];
+        let session = t.session_by_index(receiver).ok_or(Drop::UnknownIndex)?;
+        let job = session.prepare_open(now, msg).map_err(open_drop)?;
+        Ok(TransportOpen {
+            tunnel,
+            receiver,
+            job,
+        })
+    }
+
+    fn finish_transport(
         &mut self,
         now: Instant,
         source: SocketAddr,
-        msg: &mut [u8],
+        open: TransportOpen,
+        opened: Result<Range<usize>, OpenError>,
     ) -> Result<Received, Drop> {
-        let receiver = read_u32(msg, 4);
-        let tunnel = *self.indices.get(&receiver).ok_or(Drop::UnknownIndex)?;
+        let plaintext = opened.map_err(open_drop)?;
+        let (tunnel, receiver) = (open.tunnel, open.receiver);
         self.touched = Some(tunnel);
         let t = &mut self.tunnels[tunnel.0];
-        let session = t.session_by_index(receiver).ok_or(Drop::UnknownIndex)?;
-        let plaintext = session.open(now, msg).map_err(|e| match e {
-            OpenError::Expired => Drop::Expired,
-            OpenError::Replayed => Drop::Replayed,
-            OpenError::Forged => Drop::Forged,
-        })?;
+        // The session may have been replaced since the job was made.
+        let session = t
+            .session_by_index(receiver)
+            .filter(|s| s.issued(&open.job))
+            .ok_or(Drop::UnknownIndex)?;
+        session.accept(open.job.counter()).map_err(open_drop)?;
         let confirms_next = t.next.as_ref().is_some_and(|s| s.local_index == receiver);
         if confirms_next {
             let next = t.next.take();

@@ -11,6 +11,8 @@ pub mod session;
 pub mod tunnel;
 
 pub use device::{
-    Device, DeviceConfig, Drop, Event, LocalId, Received, Sealed, Stats, Transmit, TunnelId,
+    Device, DeviceConfig, Drop, Event, LocalId, ReceiveStep, Received, SealStep, Sealed, Stats,
+    Transmit, TransportOpen, TunnelId,
 };
 pub use messages::{SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+pub use session::{OpenError, SealJob};

@@ -1,7 +1,13 @@
 //! One transport session: a pair of ChaCha20-Poly1305 keys from a completed handshake,
 //! the send counter and the receive replay window. Sealing and opening work in place.
+//!
+//! Each is split in two so that the encryption can run without the state: the session
+//! hands out a `SealJob` (counter reserved, header written) or an `OpenJob` (counter read,
+//! replay pre-checked), which any thread can finish; an opened counter is only accepted
+//! into the replay window afterwards, by the session.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
@@ -24,8 +30,8 @@ pub struct Session {
     /// Whether we sent the initiation; only the initiator rekeys on age.
     pub we_initiated: bool,
     pub created: Instant,
-    send_key: LessSafeKey,
-    receive_key: LessSafeKey,
+    send_key: Arc<LessSafeKey>,
+    receive_key: Arc<LessSafeKey>,
     send_counter: u64,
     replay: ReplayWindow,
 }
@@ -54,8 +60,8 @@ impl Session {
             remote_index,
             we_initiated,
             created: now,
-            send_key: aead_key(send_key),
-            receive_key: aead_key(receive_key),
+            send_key: Arc::new(aead_key(send_key)),
+            receive_key: Arc::new(aead_key(receive_key)),
             send_counter: 0,
             replay: ReplayWindow::new(),
         }
@@ -80,22 +86,87 @@ impl Session {
     /// by `buf`, which must hold at least `len + SEAL_TAILROOM` bytes after the header.
     /// Returns the length of the whole message.
     pub fn seal(&mut self, buf: &mut [u8], len: usize) -> usize {
-        let padded = len.next_multiple_of(16);
-        let end = TRANSPORT_HEADER_LEN + padded;
-        assert!(
-            buf.len() >= end + AEAD_TAG_LEN,
-            "caller must reserve tailroom"
-        );
-        buf[TRANSPORT_HEADER_LEN + len..end].fill(0);
+        self.prepare_seal(buf, len).seal(buf)
+    }
+
+    /// The part of sealing that needs the session: reserves the counter and writes the
+    /// header into `buf[..16]`.
+    pub fn prepare_seal(&mut self, buf: &mut [u8], len: usize) -> SealJob {
         let counter = self.send_counter;
         self.send_counter += 1;
         write_header(buf, TYPE_TRANSPORT);
         buf[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
         buf[8..16].copy_from_slice(&counter.to_le_bytes());
+        SealJob {
+            key: Arc::clone(&self.send_key),
+            counter,
+            len,
+        }
+    }
+
+    /// Opens a transport message in place. On success returns the range of `msg` that
+    /// holds the (possibly padded) plaintext; an empty range is a keepalive.
+    pub fn open(&mut self, now: Instant, msg: &mut [u8]) -> Result<Range<usize>, OpenError> {
+        let job = self.prepare_open(now, msg)?;
+        let plaintext = job.open(msg)?;
+        self.accept(job.counter)?;
+        Ok(plaintext)
+    }
+
+    /// The part of opening that needs the session before decryption: refuses expired
+    /// sessions and counters the replay window already rules out.
+    pub fn prepare_open(&self, now: Instant, msg: &[u8]) -> Result<OpenJob, OpenError> {
+        if self.age(now) >= REJECT_AFTER_TIME {
+            return Err(OpenError::Expired);
+        }
+        let counter = read_u64(msg, 8);
+        if !self.replay.may_accept(counter) {
+            return Err(OpenError::Replayed);
+        }
+        Ok(OpenJob {
+            key: Arc::clone(&self.receive_key),
+            counter,
+        })
+    }
+
+    /// Whether `job` was made by this session (and not by one it replaced).
+    pub fn issued(&self, job: &OpenJob) -> bool {
+        Arc::ptr_eq(&self.receive_key, &job.key)
+    }
+
+    /// After a successful `OpenJob::open`: records the counter, unless a copy of the same
+    /// message was accepted in between.
+    pub fn accept(&mut self, counter: u64) -> Result<(), OpenError> {
+        if self.replay.accept(counter) {
+            Ok(())
+        } else {
+            Err(OpenError::Replayed)
+        }
+    }
+}
+
+/// A seal with its counter reserved and header written, to finish without the session.
+pub struct SealJob {
+    key: Arc<LessSafeKey>,
+    counter: u64,
+    len: usize,
+}
+
+impl SealJob {
+    /// Pads and encrypts the plaintext at `buf[16..16 + len]` in place and appends the
+    /// tag. Returns the length of the whole message.
+    pub fn seal(&self, buf: &mut [u8]) -> usize {
+        let padded = self.len.next_multiple_of(16);
+        let end = TRANSPORT_HEADER_LEN + padded;
+        assert!(
+            buf.len() >= end + AEAD_TAG_LEN,
+            "caller must reserve tailroom"
+        );
+        buf[TRANSPORT_HEADER_LEN + self.len..end].fill(0);
         let tag = self
-            .send_key
+            .key
             .seal_in_place_separate_tag(
-                nonce(counter),
+                nonce(self.counter),
                 Aad::empty(),
                 &mut buf[TRANSPORT_HEADER_LEN..end],
             )
@@ -104,30 +175,37 @@ impl Session {
         end + AEAD_TAG_LEN
     }
 
-    /// Opens a transport message in place. On success returns the range of `msg` that
-    /// holds the (possibly padded) plaintext; an empty range is a keepalive.
-    pub fn open(&mut self, now: Instant, msg: &mut [u8]) -> Result<Range<usize>, OpenError> {
-        if self.age(now) >= REJECT_AFTER_TIME {
-            return Err(OpenError::Expired);
-        }
-        let counter = read_u64(msg, 8);
-        if !self.replay.may_accept(counter) {
-            return Err(OpenError::Replayed);
-        }
+    /// The length of the sealed message.
+    pub fn sealed_len(&self) -> usize {
+        TRANSPORT_HEADER_LEN + self.len.next_multiple_of(16) + AEAD_TAG_LEN
+    }
+}
+
+/// A transport message that passed the session's checks, to decrypt without it.
+#[derive(Clone)]
+pub struct OpenJob {
+    key: Arc<LessSafeKey>,
+    counter: u64,
+}
+
+impl OpenJob {
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// Authenticates and decrypts `msg` in place; returns the plaintext's range.
+    pub fn open(&self, msg: &mut [u8]) -> Result<Range<usize>, OpenError> {
         let tag_at = msg.len() - AEAD_TAG_LEN;
         let tag: [u8; AEAD_TAG_LEN] = msg[tag_at..].try_into().expect("16 bytes");
-        self.receive_key
+        self.key
             .open_in_place_separate_tag(
-                nonce(counter),
+                nonce(self.counter),
                 Aad::empty(),
                 Tag::from(tag),
                 &mut msg[TRANSPORT_HEADER_LEN..tag_at],
                 0..,
             )
             .map_err(|_| OpenError::Forged)?;
-        if !self.replay.accept(counter) {
-            return Err(OpenError::Replayed);
-        }
         Ok(TRANSPORT_HEADER_LEN..tag_at)
     }
 }
