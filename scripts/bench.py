@@ -1161,7 +1161,7 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
     parser.add_argument(
         "--workers",
         type=int,
-        help="meshguard's interface.workers (default: the daemon's own choice, one per core)",
+        help="meshguard's interface.workers (default: the daemon's own choice)",
     )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.runs < 1:

@@ -87,7 +87,7 @@ pub struct InterfaceConfig {
     /// Use the kernel's TUN segmentation offloads when it has them (default true).
     pub offload: bool,
     /// Data-path workers, each with its own TUN queue and UDP socket; `None`: one per
-    /// available core, at most `MAX_AUTO_WORKERS`.
+    /// two available cores, at most `MAX_AUTO_WORKERS`.
     pub workers: Option<usize>,
 }
 

@@ -44,13 +44,14 @@ pub fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
     runtime.block_on(serve(config, policy, workers))
 }
 
-/// `interface.workers`, or one per core this process may run on, up to
-/// `MAX_AUTO_WORKERS`.
+/// `interface.workers`, or one per two cores this process may run on (at least one, at
+/// most `MAX_AUTO_WORKERS`): the kernel's half of every packet (TUN, UDP, the workloads'
+/// own TCP stacks) needs about as much CPU as the daemon's. On two cores one worker
+/// measured faster than two (`scripts/bench.sh --workers`).
 fn worker_count(config: &NodeConfig) -> usize {
     config.interface.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_AUTO_WORKERS)
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / 2).clamp(1, MAX_AUTO_WORKERS)
     })
 }
 
