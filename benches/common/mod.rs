@@ -167,6 +167,7 @@ fn node_config(
             addresses: vec![address],
             offload: false,
             workers: None,
+            queue_length: 4000,
         },
         peers_dir: dir.join("peers"),
         // No policies and default allow: these measure the data path, not the allow list.

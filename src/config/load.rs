@@ -12,7 +12,8 @@ use toml::Spanned;
 use super::schema::{RawInterface, RawLocalIdentity, RawNode, RawPeer, RawPeerIdentity, RawPolicy};
 use super::{
     ConfigError, InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig,
-    PolicyConfig, DEFAULT_MTU, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_WORKERS, MIN_MTU, MIN_MTU_IPV6,
+    PolicyConfig, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, MAX_INTERFACE_NAME_LEN, MAX_MTU,
+    MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU, MIN_MTU_IPV6, MIN_QUEUE_LENGTH,
 };
 use crate::identity::{load_private_key_file, Principal, PublicKey};
 
@@ -480,12 +481,29 @@ fn check_interface(
             }
         },
     };
+    let queue_length = match &raw.queue_length {
+        None => DEFAULT_QUEUE_LENGTH,
+        Some(q) => match u32::try_from(*q.get_ref()) {
+            Ok(n @ MIN_QUEUE_LENGTH..=MAX_QUEUE_LENGTH) => n,
+            _ => {
+                return Err(src.err_at(
+                    "interface.queue_length",
+                    q.span(),
+                    &format!(
+                        "{} is out of range {MIN_QUEUE_LENGTH}..={MAX_QUEUE_LENGTH}",
+                        q.get_ref()
+                    ),
+                ))
+            }
+        },
+    };
     let cfg = InterfaceConfig {
         name: name.clone(),
         mtu,
         addresses,
         offload: raw.offload.unwrap_or(true),
         workers,
+        queue_length,
     };
     Ok((cfg, raw.mtu.as_ref().map(|m| m.span())))
 }

@@ -40,6 +40,7 @@ pub(crate) struct RawInterface {
     pub mtu: Option<Spanned<i64>>,
     pub offload: Option<bool>,
     pub workers: Option<Spanned<i64>>,
+    pub queue_length: Option<Spanned<i64>>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
 }

@@ -182,6 +182,7 @@ fn valid_config_loads_fully() {
     assert_eq!(cfg.interface.name, "mgt0");
     assert_eq!(cfg.interface.mtu, DEFAULT_MTU);
     assert_eq!(cfg.interface.workers, None);
+    assert_eq!(cfg.interface.queue_length, 4000);
     assert_eq!(
         cfg.interface.addresses,
         vec![
@@ -777,6 +778,27 @@ fn workers_in_range() {
         &fx.node.replace("[interface]", "[interface]\nworkers = 3"),
     );
     assert_eq!(fx.load().unwrap().interface.workers, Some(3));
+}
+
+#[test]
+fn queue_length_in_range() {
+    let fx = Fixture::new();
+    let node = fx.path("node.toml");
+    for bad in ["15", "65537", "-1"] {
+        let e = fx.node_with("[interface]", &format!("[interface]\nqueue_length = {bad}"));
+        check(
+            &e,
+            &node,
+            "interface.queue_length",
+            &[&format!("{bad} is out of range 16..=65536")],
+        );
+    }
+    fx.write(
+        "node.toml",
+        &fx.node
+            .replace("[interface]", "[interface]\nqueue_length = 1000"),
+    );
+    assert_eq!(fx.load().unwrap().interface.queue_length, 1000);
 }
 
 #[test]

@@ -120,6 +120,7 @@ fn setup_interface(config: &NodeConfig, queues: usize) -> Result<Vec<Tun>> {
     let tun = Tun::create(&interface.name, interface.mtu, interface.offload, queues)
         .with_context(|| format!("creating TUN device {}", interface.name))?;
     let name = interface.name.as_str();
+    netconf::set_queue_length(name, interface.queue_length)?;
     for address in &interface.addresses {
         netconf::add_address(name, address)?;
     }
