@@ -740,12 +740,12 @@ def loss_places(run: Run) -> str:
 
 
 def udp_loss_lines(results: list[SystemResult]) -> list[str]:
-    """Per system, where the median UDP run lost its datagrams."""
+    """Per system, where the UDP run with the median loss lost its datagrams."""
     lines = []
     for result in results:
         runs = sorted(
             (r for r in result.runs.get("udp", []) if r.drops is not None),
-            key=lambda r: r.gbps,
+            key=lambda r: r.loss_pct or 0.0,
         )
         if runs:
             median = runs[len(runs) // 2]
@@ -948,7 +948,7 @@ def markdown_report(results: list[SystemResult], opts: Options, machine: dict) -
     if losses:
         places = "; ".join(f"{k}: {v}" for k, v in DROP_PLACES.items())
         lines += [
-            "UDP loss by place, median run, share of datagrams sent "
+            "UDP loss by place, in the run with the median loss, as shares of the datagrams sent "
             f"(kernel counters; {places}):",
             *losses,
             "",
