@@ -402,6 +402,33 @@ fn sealing_and_opening_finished_outside_the_device() {
     );
 }
 
+/// A job made by a session that two handshakes have since replaced decrypts (its key is
+/// its own) but is not accepted: the session under its index is gone.
+#[test]
+fn a_job_whose_session_was_replaced_is_not_accepted() {
+    let mut p = Pair::new();
+    p.handshake();
+    let mut late = seal(&mut p.a, p.now, p.ab, b"late").unwrap();
+    let ReceiveStep::Open(open) = p.b.prepare_receive(p.now, p.a_addr, &mut late) else {
+        panic!("not opened");
+    };
+    for _ in 0..2 {
+        // Past REKEY_TIMEOUT, so that a new initiation may go out.
+        p.advance(REKEY_TIMEOUT + Duration::from_secs(1));
+        p.handshake();
+        // Data on the new session makes it b's current one; the old one moves back.
+        let mut confirm = seal(&mut p.a, p.now, p.ab, b"new").unwrap();
+        let received = p.b.receive(p.now, p.a_addr, &mut confirm);
+        assert!(matches!(received, Received::Data { .. }), "{received:?}");
+    }
+    let opened = open.open(&mut late);
+    assert!(opened.is_ok(), "the old key still decrypts");
+    assert_eq!(
+        p.b.finish_receive(p.now, p.a_addr, open, opened),
+        Received::Dropped(Drop::UnknownIndex)
+    );
+}
+
 #[test]
 fn tampered_transport_is_dropped() {
     let mut p = Pair::new();
