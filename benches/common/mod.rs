@@ -155,6 +155,7 @@ fn node_config(
     listen: SocketAddr,
     (principal, key, address): (&Principal, &PrivateKey, IpNet),
     (peer_name, peer_endpoint, peer): (&str, SocketAddr, PeerIdentityConfig),
+    default: DefaultAction,
 ) -> NodeConfig {
     let dir = PathBuf::from("/nonexistent/meshguard-bench").join(name);
     NodeConfig {
@@ -170,9 +171,9 @@ fn node_config(
             queue_length: 4000,
         },
         peers_dir: dir.join("peers"),
-        // No policies and default allow: these measure the data path, not the allow list.
+        // No policies: the default decides every new inbound flow.
         policy: PolicyConfig {
-            default: DefaultAction::Allow,
+            default,
             ..PolicyConfig::default()
         },
         identities: vec![LocalIdentityConfig {
@@ -203,7 +204,14 @@ pub struct NodePair {
 }
 
 impl NodePair {
+    /// Nodes whose allow lists have no policies and allow every flow: the benches
+    /// measure the data path, not the allow list.
     pub fn new() -> Self {
+        Self::with_defaults(DefaultAction::Allow, DefaultAction::Allow)
+    }
+
+    /// Nodes without policies whose defaults are `a_default` and `b_default`.
+    pub fn with_defaults(a_default: DefaultAction, b_default: DefaultAction) -> Self {
         let now = Instant::now();
         let a_addr: SocketAddr = A_ENDPOINT.parse().expect("address");
         let b_addr: SocketAddr = B_ENDPOINT.parse().expect("address");
@@ -226,6 +234,7 @@ impl NodePair {
                     allowed_ips: vec![b_net],
                 },
             ),
+            a_default,
         );
         let b_config = node_config(
             "node-b",
@@ -240,6 +249,7 @@ impl NodePair {
                     allowed_ips: vec![a_net],
                 },
             ),
+            b_default,
         );
         NodePair {
             now,
@@ -265,7 +275,12 @@ impl NodePair {
     /// A pair whose handshake is complete: the first packet from A waits for it and is
     /// delivered to B, which confirms B's session.
     pub fn connected() -> Self {
-        let mut pair = Self::new();
+        Self::new().connect()
+    }
+
+    /// Completes the handshake with a first packet from A, which B must let in.
+    pub fn connect(self) -> Self {
+        let mut pair = self;
         let mut first = ipv4_udp(A_INNER, B_INNER, 64);
         assert_eq!(pair.a.egress(pair.now, &mut first, 64), Egress::Queued);
         let delivered = pair.pump();

@@ -441,8 +441,13 @@ impl Node {
         if destination_owner != Some(local) {
             return Ingress::Dropped(self.drop_packet(NodeDrop::WrongDestination));
         }
-        let transport = header.transport(&datagram[plaintext.start..plaintext.start + header.len]);
-        if let Err(drop) = self.admit_inbound(now, local, peer, &header, transport) {
+        let packet = &datagram[plaintext.start..plaintext.start + header.len];
+        let transport = header.transport(packet);
+        let quoted = match transport {
+            Transport::IcmpOther => header.quoted(packet),
+            _ => None,
+        };
+        if let Err(drop) = self.admit_inbound(now, local, peer, &header, transport, quoted) {
             return Ingress::Dropped(self.drop_packet(drop));
         }
         self.stats.packets_in += 1;
@@ -486,8 +491,9 @@ impl Node {
         }
     }
 
-    /// The stateful allow list at ingress: tracked flows pass (or stay revoked), anything
-    /// else is evaluated and, when allowed, tracked.
+    /// The stateful allow list at ingress: tracked flows pass (or stay revoked), ICMP
+    /// errors about a packet of a tracked flow go with that flow, anything else is
+    /// evaluated and, when allowed, tracked.
     fn admit_inbound(
         &mut self,
         now: Instant,
@@ -495,10 +501,26 @@ impl Node {
         peer: usize,
         header: &IpHeader,
         transport: Transport,
+        quoted: Option<(IpHeader, Transport)>,
     ) -> Result<(), NodeDrop> {
         let flow = flows::key(header, transport, Direction::Inbound);
         if let Some((key, _)) = &flow {
             match self.flows.touch(key, now) {
+                Some(FlowState::OpenedLocally | FlowState::Allowed(_)) => return Ok(()),
+                Some(FlowState::Revoked(_)) => return Err(NodeDrop::FlowRevoked),
+                None => {}
+            }
+        }
+        // An error about a packet this identity sent ("fragmentation needed", "port
+        // unreachable") belongs to that packet's flow, as conntrack's RELATED does. It
+        // does not keep the flow alive.
+        let related = quoted
+            .filter(|(inner, _)| inner.source == header.destination)
+            .and_then(|(inner, inner_transport)| {
+                flows::key(&inner, inner_transport, Direction::Outbound)
+            });
+        if let Some((key, _)) = related {
+            match self.flows.peek(&key, now) {
                 Some(FlowState::OpenedLocally | FlowState::Allowed(_)) => return Ok(()),
                 Some(FlowState::Revoked(_)) => return Err(NodeDrop::FlowRevoked),
                 None => {}

@@ -90,11 +90,73 @@ impl IpHeader {
             _ => Transport::Other,
         }
     }
+
+    /// For an ICMP or ICMPv6 error (destination unreachable, packet too big, time
+    /// exceeded, parameter problem): the packet it quotes, as far as the error carries
+    /// it (addresses, protocol, ports). `None` for anything else.
+    pub fn quoted(&self, packet: &[u8]) -> Option<(IpHeader, Transport)> {
+        let at = self.transport_offset?;
+        let l4 = &packet[at..self.len];
+        let error = match self.protocol {
+            PROTO_ICMP => matches!(l4.first(), Some(3 | 11 | 12)),
+            PROTO_ICMPV6 => matches!(l4.first(), Some(1..=4)),
+            _ => false,
+        };
+        if !error || l4.len() < 8 {
+            return None;
+        }
+        let inner = &l4[8..];
+        let header = parse_header(inner, Length::Truncated)?;
+        Some((header, header.quoted_transport(inner)))
+    }
+
+    /// Like `transport`, for a quoted packet: at least 8 bytes of its transport header
+    /// are present, enough for ports (a TCP segment counts as not opening).
+    fn quoted_transport(&self, packet: &[u8]) -> Transport {
+        let Some(at) = self.transport_offset else {
+            return Transport::Other;
+        };
+        let l4 = &packet[at..self.len];
+        if l4.len() < 4 {
+            return Transport::Other;
+        }
+        let source_port = u16::from_be_bytes([l4[0], l4[1]]);
+        let destination_port = u16::from_be_bytes([l4[2], l4[3]]);
+        match self.protocol {
+            PROTO_TCP => Transport::Tcp {
+                source_port,
+                destination_port,
+                opening: false,
+            },
+            PROTO_UDP => Transport::Udp {
+                source_port,
+                destination_port,
+            },
+            _ => self.transport(packet),
+        }
+    }
+}
+
+/// Whether a header's length field must fit the buffer (a whole packet) or may run past
+/// it (a packet quoted, cut short, in an ICMP error).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Length {
+    Whole,
+    Truncated,
 }
 
 /// Parses the header of the IP packet at the start of `packet`; `None` if it is not a
 /// well-formed IPv4 or IPv6 packet that fits in the buffer.
 pub fn parse(packet: &[u8]) -> Option<IpHeader> {
+    parse_header(packet, Length::Whole)
+}
+
+fn parse_header(packet: &[u8], length: Length) -> Option<IpHeader> {
+    // A quoted packet's length field counts bytes the error left out.
+    let fit = |len: usize| match length {
+        Length::Whole => (len <= packet.len()).then_some(len),
+        Length::Truncated => Some(len.min(packet.len())),
+    };
     match packet.first()? >> 4 {
         4 => {
             if packet.len() < 20 {
@@ -102,9 +164,10 @@ pub fn parse(packet: &[u8]) -> Option<IpHeader> {
             }
             let header_len = usize::from(packet[0] & 0x0f) * 4;
             let len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-            if header_len < 20 || len < header_len || len > packet.len() {
+            if header_len < 20 || len < header_len || packet.len() < header_len {
                 return None;
             }
+            let len = fit(len)?;
             let src: [u8; 4] = packet[12..16].try_into().ok()?;
             let dst: [u8; 4] = packet[16..20].try_into().ok()?;
             // Only the first fragment carries the transport header.
@@ -121,10 +184,7 @@ pub fn parse(packet: &[u8]) -> Option<IpHeader> {
             if packet.len() < 40 {
                 return None;
             }
-            let len = 40 + usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-            if len > packet.len() {
-                return None;
-            }
+            let len = fit(40 + usize::from(u16::from_be_bytes([packet[4], packet[5]])))?;
             let src: [u8; 16] = packet[8..24].try_into().ok()?;
             let dst: [u8; 16] = packet[24..40].try_into().ok()?;
             // Extension headers are not walked: such packets count as `Transport::Other`.
@@ -215,6 +275,70 @@ mod tests {
         );
         let p = ipv4(47, &[0; 8]);
         assert_eq!(parse(&p).unwrap().transport(&p), Transport::Other);
+    }
+
+    /// An ICMP error quoting `quoted`, cut to its IP header and 8 more bytes.
+    fn icmp_error(icmp_type: u8, quoted: &[u8]) -> Vec<u8> {
+        let mut l4 = vec![icmp_type, 4, 0, 0, 0, 0, 5, 0xdc];
+        l4.extend_from_slice(&quoted[..28.min(quoted.len())]);
+        ipv4(PROTO_ICMP, &l4)
+    }
+
+    #[test]
+    fn icmp_errors_quote_their_packet() {
+        let mut tcp = ipv4(
+            PROTO_TCP,
+            &[0x1f, 0x90, 0x00, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02],
+        );
+        tcp.resize(20 + 20 + 100, 0);
+        tcp[2..4].copy_from_slice(&140u16.to_be_bytes());
+        tcp[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        tcp[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        // Destination unreachable (fragmentation needed), quoting 28 of 140 bytes.
+        let error = icmp_error(3, &tcp);
+        let outer = parse(&error).unwrap();
+        assert_eq!(outer.transport(&error), Transport::IcmpOther);
+        let (inner, transport) = outer.quoted(&error).expect("quoted packet");
+        assert_eq!(inner.source, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(inner.destination, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(inner.protocol, PROTO_TCP);
+        assert_eq!(
+            transport,
+            Transport::Tcp {
+                source_port: 8080,
+                destination_port: 80,
+                opening: false
+            }
+        );
+        // Time exceeded and parameter problem quote too; echo and redirect do not.
+        assert!(parse(&icmp_error(11, &tcp))
+            .unwrap()
+            .quoted(&icmp_error(11, &tcp))
+            .is_some());
+        assert!(parse(&icmp_error(12, &tcp))
+            .unwrap()
+            .quoted(&icmp_error(12, &tcp))
+            .is_some());
+        for not_error in [0, 5, 8] {
+            let p = icmp_error(not_error, &tcp);
+            assert_eq!(parse(&p).unwrap().quoted(&p), None, "type {not_error}");
+        }
+        // Too short to hold a quoted IP header.
+        let p = ipv4(PROTO_ICMP, &[3, 1, 0, 0, 0, 0, 0, 0, 0x45, 0]);
+        assert_eq!(parse(&p).unwrap().quoted(&p), None);
+        // A quoted UDP header cut to its ports still gives them.
+        let mut udp = ipv4(PROTO_UDP, &[0, 53, 0x30, 0x39, 0, 8, 0, 0]);
+        udp[2..4].copy_from_slice(&1000u16.to_be_bytes());
+        let p = icmp_error(3, &udp[..24]);
+        assert_eq!(
+            parse(&p).unwrap().quoted(&p).map(|(_, t)| t),
+            Some(Transport::Udp {
+                source_port: 53,
+                destination_port: 12345
+            })
+        );
+        // A packet that is not an error is not parsed as one by a whole-packet parse.
+        assert_eq!(parse(&tcp[..40]), None, "length beyond the buffer");
     }
 
     #[test]

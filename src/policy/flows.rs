@@ -145,6 +145,14 @@ impl FlowTable {
         Some(flow.state)
     }
 
+    /// The state of a live flow, without marking it as seen.
+    pub fn peek(&self, key: &FlowKey, now: Instant) -> Option<FlowState> {
+        self.flows
+            .get(key)
+            .filter(|flow| now.saturating_duration_since(flow.last_seen) < flow.idle)
+            .map(|flow| flow.state)
+    }
+
     pub fn insert(&mut self, key: FlowKey, state: FlowState, idle: Duration, now: Instant) {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
