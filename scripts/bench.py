@@ -16,6 +16,7 @@ Tests (each repeated --runs times, median reported):
 Usage (as root, from anywhere):
   scripts/bench.sh [--duration S] [--runs N] [--systems veth,meshguard,...]
                    [--tests tcp,tcp4,reverse,udp] [--out DIR] [--no-build]
+                   [--workers N] [--queue-length N]   (meshguard's [interface] keys)
 
 Results go to results/<UTC timestamp>/ (or --out): table.md, summary.json, chart.png
 and the raw iperf3 JSON of every run. Everything the script creates (namespaces,
@@ -154,7 +155,7 @@ class Options:
     tests: list[str]
     out: Path
     build: bool
-    workers: int | None = None
+    interface: dict[str, int] = field(default_factory=dict)  # extra [interface] keys
 
 
 # ---------------------------------------------------------------------- utilities
@@ -347,7 +348,10 @@ def wait_for_ping(ns: str, addr: str, testbed: Testbed) -> None:
 # ----------------------------------------------------------------------- meshguard
 
 
-def meshguard_node_toml(side: int, iface: str, with_policy: bool, workers: int | None) -> str:
+def meshguard_node_toml(
+    side: int, iface: str, with_policy: bool, interface: dict[str, int]
+) -> str:
+    extra = "".join(f"{key} = {value}\n" for key, value in interface.items())
     text = f"""\
 name = "bench-{'ab'[side]}"
 listen = "{UNDERLAY[side]}:{TUNNEL_PORT}"
@@ -357,8 +361,7 @@ peers_dir = "peers"
 name = "{iface}"
 mtu = {TUNNEL_MTU}
 addresses = ["{OVERLAY[side]}/32"]
-{f"workers = {workers}" if workers else ""}
-
+{extra}
 [[identity]]
 principal = "{PRINCIPALS[side]}"
 private_key_file = "key"
@@ -410,11 +413,11 @@ def check_meshguard_configs(
     dirs: list[Path],
     ifaces: tuple[str, str],
     with_policy: bool,
-    workers: int | None,
+    interface: dict[str, int],
 ) -> str | None:
     """Writes both node files; returns None if `meshguard check` accepts them, else its error."""
     for side, node_dir in enumerate(dirs):
-        toml = meshguard_node_toml(side, ifaces[side], with_policy, workers)
+        toml = meshguard_node_toml(side, ifaces[side], with_policy, interface)
         (node_dir / "node.toml").write_text(toml)
         try:
             run_cmd([binary, "check", "--config", str(node_dir / "node.toml")])
@@ -428,10 +431,10 @@ def choose_policy_section(
     dirs: list[Path],
     ifaces: tuple[str, str],
     result: SystemResult,
-    workers: int | None,
+    interface: dict[str, int],
 ) -> None:
     """Keeps an allow-all [policy] section if this build knows the key, drops it otherwise."""
-    error = check_meshguard_configs(binary, dirs, ifaces, True, workers)
+    error = check_meshguard_configs(binary, dirs, ifaces, True, interface)
     if error is None:
         result.notes.append(
             "allow-all policy loaded ([policy] section accepted by meshguard check)"
@@ -439,7 +442,7 @@ def choose_policy_section(
         return
     if not re.search(r"unknown (field|key) `?policy\b", error):
         raise BenchError(f"meshguard check rejected the config: {error}")
-    error = check_meshguard_configs(binary, dirs, ifaces, False, workers)
+    error = check_meshguard_configs(binary, dirs, ifaces, False, interface)
     if error is not None:
         raise BenchError(f"meshguard check rejected the config: {error}")
     result.notes.append("no [policy] section: this build rejects the key (no allow lists yet)")
@@ -463,12 +466,12 @@ def start_meshguard(
     index: int,
     binary: str,
     result: SystemResult,
-    workers: int | None,
+    interface: dict[str, int],
 ) -> Testbed:
     workdir = res.make_tempdir(f"mgbench-{os.getpid()}-meshguard-")
     ifaces = tuple(f"mg{os.getpid() % 10000}{index}{side}" for side in "ab")
     dirs = write_meshguard_configs(binary, workdir)
-    choose_policy_section(binary, dirs, ifaces, result, workers)
+    choose_policy_section(binary, dirs, ifaces, result, interface)
     testbed = Testbed(namespaces[0], namespaces[1], OVERLAY[1])
     env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
     for ns, node_dir, iface in zip(namespaces, dirs, ifaces):
@@ -482,6 +485,8 @@ def start_meshguard(
     started = re.search(r"workers=(\d+)", testbed.logs[0].read_text(errors="replace"))
     if started:
         result.notes.append(f"{started.group(1)} data-path worker(s) per daemon")
+    if "queue_length" in interface:
+        result.notes.append(f"TUN queue length {interface['queue_length']} (--queue-length)")
     wait_for_ping(namespaces[0], OVERLAY[1], testbed)
     return testbed
 
@@ -810,7 +815,7 @@ def start_system(
     if system == "veth":
         return Testbed(namespaces[0], namespaces[1], UNDERLAY[1])
     if system == "meshguard":
-        return start_meshguard(res, namespaces, index, binary, result, opts.workers)
+        return start_meshguard(res, namespaces, index, binary, result, opts.interface)
     return start_wg_peers(res, namespaces, index, WG_IMPLS[system], binary)
 
 
@@ -1163,11 +1168,21 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
         type=int,
         help="meshguard's interface.workers (default: the daemon's own choice)",
     )
+    parser.add_argument(
+        "--queue-length",
+        type=int,
+        help="meshguard's interface.queue_length (default: the daemon's, 4000)",
+    )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.runs < 1:
         parser.error("--duration and --runs must be at least 1")
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    interface = {
+        key: value
+        for key, value in (("workers", args.workers), ("queue_length", args.queue_length))
+        if value is not None
+    }
     out = args.out or REPO_ROOT / "results" / now.strftime("%Y%m%dT%H%M%SZ")
     return Options(
         args.duration,
@@ -1176,7 +1191,7 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
         args.tests,
         out.resolve(),
         not args.no_build,
-        args.workers,
+        interface,
     )
 
 

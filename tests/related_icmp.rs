@@ -8,7 +8,9 @@ mod common;
 
 use common::{buffer, ipv4_udp, NodePair, A_INNER, B_INNER};
 use meshguard::node::{Dropped, Egress, Ingress, NodeDrop};
-use meshguard::policy::DefaultAction;
+use std::path::Path;
+
+use meshguard::policy::{parse_toml, DefaultAction};
 use meshguard::proto::TRANSPORT_HEADER_LEN;
 
 /// Bytes of the offending packet an ICMPv4 error quotes here: its IP header and 8 more.
@@ -86,4 +88,36 @@ fn an_error_about_a_tracked_flow_passes_an_allow_list_without_icmp() {
     let (mut echo, len) = icmp_error(8, B_INNER, A_INNER, sent);
     echo[TRANSPORT_HEADER_LEN + 21] = 0;
     assert_eq!(from_b(&mut pair, (echo, len)), denied());
+}
+
+#[test]
+fn an_error_about_a_revoked_flow_is_dropped() {
+    // A opens UDP to B; B's default lets it in and tracks it as allowed.
+    let mut pair = NodePair::with_defaults(DefaultAction::Deny, DefaultAction::Allow).connect();
+    // B's reply leg of that flow, as B would send it, quoted in an error from A.
+    let reply = ipv4_udp(B_INNER, A_INNER, 64);
+    let mut reply = reply[TRANSPORT_HEADER_LEN..].to_vec();
+    reply[20..22].copy_from_slice(&5201u16.to_be_bytes());
+    reply[22..24].copy_from_slice(&40000u16.to_be_bytes());
+    let from_a = |pair: &mut NodePair| {
+        let (mut buf, len) = icmp_error(3, A_INNER, B_INNER, &reply);
+        let Egress::Send { len, .. } = pair.a.egress(pair.now, &mut buf, len) else {
+            panic!("A has a session and sends at once");
+        };
+        pair.b.ingress(pair.now, pair.a_addr, &mut buf[..len])
+    };
+    assert!(matches!(from_a(&mut pair), Ingress::Deliver { .. }));
+
+    // An allow-nothing policy for B's namespace revokes the flow; the error goes with it.
+    let nothing = "[[policy]]\nname = \"nothing\"\nnamespace = \"bench\"\naction = \"ALLOW\"\n";
+    let policy = parse_toml(nothing, Path::new("nothing.toml")).unwrap();
+    assert_eq!(
+        pair.b.set_policy(&policy),
+        1,
+        "the flow A opened is revoked"
+    );
+    assert_eq!(
+        from_a(&mut pair),
+        Ingress::Dropped(Dropped::Node(NodeDrop::FlowRevoked))
+    );
 }

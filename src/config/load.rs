@@ -3,7 +3,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -16,6 +16,7 @@ use super::{
     MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU, MIN_MTU_IPV6, MIN_QUEUE_LENGTH,
 };
 use crate::identity::{load_private_key_file, Principal, PublicKey};
+use crate::policy;
 
 /// One file being validated: its path and text, to turn spans into line numbers.
 struct Source<'a> {
@@ -212,22 +213,13 @@ fn load_peer(path: &Path) -> Result<(PeerConfig, Positions), ConfigError> {
         None => None,
     };
     let persistent_keepalive = match &raw.persistent_keepalive {
-        Some(k) => {
-            let v = *k.get_ref();
-            match u16::try_from(v) {
-                Ok(v) if v >= 1 => Some(v),
-                _ => {
-                    return Err(src.err_at(
-                        "persistent_keepalive",
-                        k.span(),
-                        &format!(
-                            "{v} is out of range 1..=65535 (seconds); leave the key out to \
-                             disable keepalives"
-                        ),
-                    ))
-                }
-            }
-        }
+        Some(k) => Some(int_in(
+            &src,
+            "persistent_keepalive",
+            k,
+            1..=u16::MAX,
+            " (seconds); leave the key out to disable keepalives",
+        )?),
         None => None,
     };
     if raw.identity.is_empty() {
@@ -372,6 +364,33 @@ fn resolve_path(
     Ok(base.join(v.get_ref()))
 }
 
+/// An integer setting within `range`; out of range, an error naming the range and then
+/// `hint`.
+fn int_in<T>(
+    src: &Source,
+    key: &str,
+    value: &Spanned<i64>,
+    range: RangeInclusive<T>,
+    hint: &str,
+) -> Result<T, ConfigError>
+where
+    T: TryFrom<i64> + PartialOrd + std::fmt::Display,
+{
+    let v = *value.get_ref();
+    match T::try_from(v) {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(src.err_at(
+            key,
+            value.span(),
+            &format!(
+                "{v} is out of range {}..={}{hint}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
 fn check_policy(
     src: &Source,
     base: &Path,
@@ -384,11 +403,7 @@ fn check_policy(
     for (i, file) in raw.files.iter().enumerate() {
         let key = format!("policy.files[{i}]");
         let path = resolve_path(src, base, &key, file)?;
-        let known = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("toml" | "yaml" | "yml")
-        );
-        if !known {
+        if policy::FileKind::of(&path).is_none() {
             return Err(src.err_at(
                 key,
                 file.span(),
@@ -404,20 +419,9 @@ fn check_policy(
             .map_err(|reason: String| src.err_at("policy.default", default.span(), &reason))?;
     }
     if let Some(root) = &raw.root_namespace {
-        let name = root.get_ref();
-        let valid = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !valid {
-            return Err(src.err_at(
-                "policy.root_namespace",
-                root.span(),
-                &format!("{name:?} is not a Kubernetes namespace name"),
-            ));
-        }
-        policy.root_namespace = name.clone();
+        policy::validate_namespace(root.get_ref())
+            .map_err(|reason| src.err_at("policy.root_namespace", root.span(), &reason))?;
+        policy.root_namespace = root.get_ref().clone();
     }
     Ok(policy)
 }
@@ -453,49 +457,22 @@ fn check_interface(
 
     let mtu = match &raw.mtu {
         None => DEFAULT_MTU,
-        Some(m) => {
-            let v = *m.get_ref();
-            match u16::try_from(v) {
-                Ok(v) if (MIN_MTU..=MAX_MTU).contains(&v) => v,
-                _ => {
-                    return Err(src.err_at(
-                        "interface.mtu",
-                        m.span(),
-                        &format!("{v} is out of range {MIN_MTU}..={MAX_MTU}"),
-                    ))
-                }
-            }
-        }
+        Some(m) => int_in(src, "interface.mtu", m, MIN_MTU..=MAX_MTU, "")?,
     };
     let (addresses, _) = parse_prefix_list(src, "interface.addresses", &raw.addresses, true)?;
     let workers = match &raw.workers {
         None => None,
-        Some(w) => match usize::try_from(*w.get_ref()) {
-            Ok(n @ 1..=MAX_WORKERS) => Some(n),
-            _ => {
-                return Err(src.err_at(
-                    "interface.workers",
-                    w.span(),
-                    &format!("{} is out of range 1..={MAX_WORKERS}", w.get_ref()),
-                ))
-            }
-        },
+        Some(w) => Some(int_in(src, "interface.workers", w, 1..=MAX_WORKERS, "")?),
     };
     let queue_length = match &raw.queue_length {
         None => DEFAULT_QUEUE_LENGTH,
-        Some(q) => match u32::try_from(*q.get_ref()) {
-            Ok(n @ MIN_QUEUE_LENGTH..=MAX_QUEUE_LENGTH) => n,
-            _ => {
-                return Err(src.err_at(
-                    "interface.queue_length",
-                    q.span(),
-                    &format!(
-                        "{} is out of range {MIN_QUEUE_LENGTH}..={MAX_QUEUE_LENGTH}",
-                        q.get_ref()
-                    ),
-                ))
-            }
-        },
+        Some(q) => int_in(
+            src,
+            "interface.queue_length",
+            q,
+            MIN_QUEUE_LENGTH..=MAX_QUEUE_LENGTH,
+            "",
+        )?,
     };
     let cfg = InterfaceConfig {
         name: name.clone(),

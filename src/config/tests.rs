@@ -781,6 +781,33 @@ fn workers_in_range() {
 }
 
 #[test]
+fn policy_section_errors() {
+    let fx = Fixture::new();
+    let node = fx.path("node.toml");
+    let with_policy =
+        |section: &str| fx.node_with("[interface]", &format!("{section}\n[interface]"));
+    let e = with_policy("[policy]\nroot_namespace = \"Istio_System\"\n");
+    check(
+        &e,
+        &node,
+        "policy.root_namespace",
+        &["invalid namespace \"Istio_System\""],
+    );
+    let e = with_policy("[policy]\nfiles = [\"allow.json\"]\n");
+    check(&e, &node, "policy.files[0]", &["end in .toml"]);
+    // Extensions are told apart in any case, as the policy loader does.
+    fx.write("allow.TOML", "");
+    fx.write(
+        "node.toml",
+        &fx.node.replace(
+            "[interface]",
+            "[policy]\nfiles = [\"allow.TOML\"]\n\n[interface]",
+        ),
+    );
+    assert_eq!(fx.load().unwrap().policy.files, vec![fx.path("allow.TOML")]);
+}
+
+#[test]
 fn queue_length_in_range() {
     let fx = Fixture::new();
     let node = fx.path("node.toml");

@@ -117,10 +117,15 @@ fn unix_now() -> Duration {
 /// Returns one handle per queue.
 fn setup_interface(config: &NodeConfig, queues: usize) -> Result<Vec<Tun>> {
     let interface = &config.interface;
-    let tun = Tun::create(&interface.name, interface.mtu, interface.offload, queues)
-        .with_context(|| format!("creating TUN device {}", interface.name))?;
+    let tun = Tun::create(
+        &interface.name,
+        interface.mtu,
+        interface.offload,
+        queues,
+        interface.queue_length,
+    )
+    .with_context(|| format!("creating TUN device {}", interface.name))?;
     let name = interface.name.as_str();
-    netconf::set_queue_length(name, interface.queue_length)?;
     for address in &interface.addresses {
         netconf::add_address(name, address)?;
     }

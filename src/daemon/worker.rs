@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use crate::io::udp::{RecvMeta, Udp};
 use crate::node::{EgressStep, Ingress, IngressStep, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
-use crate::proto::{OpenError, SealJob, Transmit, TransportOpen};
+use crate::proto::{self, OpenError, SealJob, Transmit, TransportOpen};
 
 /// Largest IP packet (or super packet) read from the TUN device.
 const MAX_PACKET: usize = 65535;
@@ -155,7 +155,7 @@ pub async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u16) -> R
             }
             ready = socket.readable() => {
                 if let Err(e) = ready {
-                    tracing::debug!(error = %e, "UDP socket error");
+                    tracing::trace!(error = %e, "UDP socket error");
                 }
                 receive_and_deliver(&socket, &shared, &tun, b).await;
             }
@@ -253,7 +253,7 @@ fn read_more(tun: &Tun, b: &mut Buffers, mut count: usize) -> usize {
             Ok(more) => count += more,
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::WouldBlock {
-                    tracing::debug!(error = %e, "reading from the TUN device failed");
+                    tracing::trace!(error = %e, "reading from the TUN device failed");
                 }
                 break;
             }
@@ -267,9 +267,9 @@ fn read_more(tun: &Tun, b: &mut Buffers, mut count: usize) -> usize {
 /// segments and reserve their counters; the encryption runs after.
 async fn seal_and_send(socket: &Udp, shared: &Shared, b: &mut Buffers, count: usize) {
     b.sealing.clear();
+    let now = Instant::now();
     {
         let mut state = shared.lock();
-        let now = Instant::now();
         for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
             b.sealing
                 .push(match state.node.begin_egress(now, segment, len) {
@@ -318,7 +318,7 @@ async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut B
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             // ICMP errors from earlier sends surface here; they are not fatal.
             Err(e) => {
-                tracing::debug!(error = %e, "UDP receive error");
+                tracing::trace!(error = %e, "UDP receive error");
                 continue;
             }
         };
@@ -347,10 +347,8 @@ fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
     let now = Instant::now();
     {
         let mut state = shared.lock();
-        for (slot, (buffer, meta)) in b.received.iter_mut().zip(&b.meta).enumerate() {
-            if slot == received {
-                break;
-            }
+        for slot in 0..received {
+            let meta = b.meta[slot];
             if meta.len == 0 {
                 // An empty datagram: not a message; the node counts it as malformed.
                 state.node.begin_ingress(now, meta.addr, &mut []);
@@ -362,12 +360,20 @@ fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
             } else {
                 meta.stride
             };
-            for (index, datagram) in buffer[..meta.len].chunks_mut(stride).enumerate() {
-                let start = index * stride;
+            for start in (0..meta.len).step_by(stride) {
+                let at = start..(start + stride).min(meta.len);
+                let datagram = &mut b.received[slot][at.clone()];
+                // A handshake message can replace sessions: the transport data before
+                // it is finished first, as if each datagram went through alone.
+                if !proto::is_transport(datagram) && !b.opening.is_empty() {
+                    decrypt(&mut b.opening, &mut b.received);
+                    admit(&mut state, now, b);
+                }
+                let datagram = &mut b.received[slot][at.clone()];
                 match state.node.begin_ingress(now, meta.addr, datagram) {
                     IngressStep::Open(open) => b.opening.push(Opening {
                         slot,
-                        at: start..start + datagram.len(),
+                        at,
                         open,
                         opened: Err(OpenError::Forged),
                     }),
@@ -379,18 +385,29 @@ fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
             }
         }
     }
-    for opening in &mut b.opening {
-        let datagram = &mut b.received[opening.slot][opening.at.clone()];
-        opening.opened = opening.open.open(datagram);
-    }
+    decrypt(&mut b.opening, &mut b.received);
     let mut state = shared.lock();
-    for opening in b.opening.drain(..) {
-        let Opening {
-            slot,
-            at,
-            open,
-            opened,
-        } = opening;
+    admit(&mut state, now, b);
+    shared.finish(&mut state, &mut b.transmits);
+}
+
+/// Decrypts every pending transport message in place; needs no lock.
+fn decrypt(opening: &mut [Opening], received: &mut [Vec<u8>]) {
+    for o in opening {
+        o.opened = o.open.open(&mut received[o.slot][o.at.clone()]);
+    }
+}
+
+/// Hands the decrypted messages to the node, in arrival order, and records where the
+/// packets to deliver lie.
+fn admit(state: &mut State, now: Instant, b: &mut Buffers) {
+    for Opening {
+        slot,
+        at,
+        open,
+        opened,
+    } in b.opening.drain(..)
+    {
         let addr = b.meta[slot].addr;
         let datagram = &b.received[slot][at.clone()];
         if let Ingress::Deliver { packet, .. } =
@@ -400,7 +417,6 @@ fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
                 .push((slot, at.start + packet.start..at.start + packet.end));
         }
     }
-    shared.finish(&mut state, &mut b.transmits);
 }
 
 async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
@@ -408,7 +424,7 @@ async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
         return;
     }
     if let Err(e) = tun.send_batch(gro, packets, VIRTIO_NET_HDR_LEN).await {
-        tracing::debug!(error = %e, "writing to the TUN device failed");
+        tracing::trace!(error = %e, "writing to the TUN device failed");
     }
 }
 
@@ -421,6 +437,6 @@ pub async fn send_transmits(socket: &Udp, transmits: &mut Vec<Transmit>) {
 
 async fn send(socket: &Udp, datagrams: &[u8], destination: SocketAddr, segment: Option<usize>) {
     if let Err(e) = socket.send(destination, datagrams, segment).await {
-        tracing::debug!(error = %e, %destination, "UDP send failed");
+        tracing::trace!(error = %e, %destination, "UDP send failed");
     }
 }

@@ -41,15 +41,3 @@ pub fn add_address(interface: &str, address: &IpNet) -> Result<(), NetconfError>
 pub fn add_route(interface: &str, net: &IpNet) -> Result<(), NetconfError> {
     ip(&["route", "replace", &net.to_string(), "dev", interface])
 }
-
-/// Sets the length of the device's transmit queue (for TUN: the ring the daemon reads).
-pub fn set_queue_length(interface: &str, packets: u32) -> Result<(), NetconfError> {
-    ip(&[
-        "link",
-        "set",
-        "dev",
-        interface,
-        "txqueuelen",
-        &packets.to_string(),
-    ])
-}

@@ -14,18 +14,24 @@ pub use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 /// An open TUN device; the kernel removes it (and its routes) when this is dropped.
 pub struct Tun {
     device: tun_rs::AsyncDevice,
-    name: String,
 }
 
 impl Tun {
     /// Creates the device `name` with `mtu` and `queues` queues (one per worker), brings
     /// it up, and turns on segmentation offload when asked to and the kernel supports it
     /// (one log line says which). Returns one `Tun` per queue; any of them may be written.
-    pub fn create(name: &str, mtu: u16, want_offload: bool, queues: usize) -> io::Result<Vec<Tun>> {
+    pub fn create(
+        name: &str,
+        mtu: u16,
+        want_offload: bool,
+        queues: usize,
+        queue_length: u32,
+    ) -> io::Result<Vec<Tun>> {
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
                 .name(name)
                 .mtu(mtu)
+                .tx_queue_len(queue_length)
                 .packet_information(false)
                 .offload(offload)
                 .multi_queue(queues > 1)
@@ -49,22 +55,12 @@ impl Tun {
                 "TUN offload on"
             );
         }
-        let mut devices = Vec::with_capacity(queues);
+        let mut devices = vec![device];
         for _ in 1..queues {
-            devices.push(device.try_clone()?);
+            let queue = devices[0].try_clone()?;
+            devices.push(queue);
         }
-        devices.insert(0, device);
-        Ok(devices
-            .into_iter()
-            .map(|device| Tun {
-                device,
-                name: name.to_owned(),
-            })
-            .collect())
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
+        Ok(devices.into_iter().map(|device| Tun { device }).collect())
     }
 
     /// Reads the next packet, or super packet cut into segments, into `segments[i]`

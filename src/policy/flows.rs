@@ -113,6 +113,10 @@ pub struct FlowTable {
     next_stamp: u64,
     capacity: usize,
     pub evictions: u64,
+    /// The last flow `touch` found, with the instant it was touched at: the segments of a
+    /// batch share one flow and one `now`, so they share one hash lookup. Any change to
+    /// the table forgets it.
+    recent: Option<(FlowKey, Instant, FlowState)>,
 }
 
 impl FlowTable {
@@ -123,6 +127,7 @@ impl FlowTable {
             next_stamp: 0,
             capacity: capacity.max(1),
             evictions: 0,
+            recent: None,
         }
     }
 
@@ -136,12 +141,18 @@ impl FlowTable {
 
     /// The state of a live flow, marking it as seen now.
     pub fn touch(&mut self, key: &FlowKey, now: Instant) -> Option<FlowState> {
+        if let Some((recent, at, state)) = self.recent {
+            if recent == *key && at == now {
+                return Some(state);
+            }
+        }
         let flow = self.flows.get_mut(key)?;
         if now.saturating_duration_since(flow.last_seen) >= flow.idle {
             self.flows.remove(key);
             return None;
         }
         flow.last_seen = now;
+        self.recent = Some((*key, now, flow.state));
         Some(flow.state)
     }
 
@@ -154,6 +165,7 @@ impl FlowTable {
     }
 
     pub fn insert(&mut self, key: FlowKey, state: FlowState, idle: Duration, now: Instant) {
+        self.recent = None;
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         let replaced = self.flows.insert(
@@ -203,6 +215,7 @@ impl FlowTable {
 
     /// Drops flows idle past their timeout.
     pub fn expire(&mut self, now: Instant) {
+        self.recent = None;
         self.flows
             .retain(|_, f| now.saturating_duration_since(f.last_seen) < f.idle);
     }
@@ -211,6 +224,7 @@ impl FlowTable {
     /// revoked ones that are allowed again become `Allowed`. Returns how many flows are
     /// newly revoked.
     pub fn recheck(&mut self, mut allowed: impl FnMut(&Opened) -> bool) -> usize {
+        self.recent = None;
         let mut revoked = 0;
         for flow in self.flows.values_mut() {
             flow.state = match flow.state {
@@ -238,6 +252,32 @@ mod tests {
             remote: "10.0.0.2".parse().unwrap(),
             remote_port: 80,
         }
+    }
+
+    #[test]
+    fn repeated_touches_see_every_change() {
+        let now = Instant::now();
+        let mut t = FlowTable::new(2);
+        let opened = Opened {
+            local: 0,
+            peer: 0,
+            request: Request {
+                source_ip: None,
+                protocol: crate::policy::Protocol::Tcp,
+                port: Some(80),
+            },
+        };
+        t.insert(key_n(0), FlowState::Allowed(opened), TCP_IDLE, now);
+        assert_eq!(t.touch(&key_n(0), now), Some(FlowState::Allowed(opened)));
+        // A reload at the same instant revokes it: the next touch says so.
+        assert_eq!(t.recheck(|_| false), 1);
+        assert_eq!(t.touch(&key_n(0), now), Some(FlowState::Revoked(opened)));
+        t.recheck(|_| true);
+        assert_eq!(t.touch(&key_n(0), now), Some(FlowState::Allowed(opened)));
+        // Evicted by inserts at the same instant: gone.
+        t.insert(key_n(1), FlowState::OpenedLocally, TCP_IDLE, now);
+        t.insert(key_n(2), FlowState::OpenedLocally, TCP_IDLE, now);
+        assert_eq!(t.touch(&key_n(0), now), None);
     }
 
     #[test]

@@ -120,6 +120,7 @@ use std::path::{Path, PathBuf};
 
 pub use eval::{Decision, Evaluator, Reason, Request, Target};
 pub use istio::parse_istio_yaml;
+pub(crate) use model::validate_namespace;
 pub use model::{
     Action, DefaultAction, Destination, Pattern, Policy, PolicyError, PolicySet, PortMatch,
     Protocol, Rule, Source, StrictWorkload,
@@ -132,19 +133,35 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// Loads and merges policy files: `.toml` files in meshguard's form, `.yaml`/`.yml` files
 /// of Istio documents. `root_namespace` decides which `PeerAuthentication` is mesh-wide;
 /// pass the same one to [`Evaluator::new`].
+/// The two forms a policy file can take, told apart by its extension (any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// `.toml`: meshguard's form.
+    Toml,
+    /// `.yaml` or `.yml`: Istio `AuthorizationPolicy` / `PeerAuthentication`.
+    IstioYaml,
+}
+
+impl FileKind {
+    pub fn of(path: &Path) -> Option<FileKind> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "toml" => Some(FileKind::Toml),
+            "yaml" | "yml" => Some(FileKind::IstioYaml),
+            _ => None,
+        }
+    }
+}
+
 pub fn load_files(paths: &[PathBuf], root_namespace: &str) -> Result<PolicySet, PolicyError> {
     let mut all = PolicySet::default();
     for path in paths {
         let text = std::fs::read_to_string(path)
             .map_err(|e| PolicyError::new(path, "", format!("cannot read file: {e}")))?;
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let set = match ext.as_deref() {
-            Some("toml") => parse_toml(&text, path)?,
-            Some("yaml") | Some("yml") => parse_istio_yaml(&text, path, root_namespace)?,
-            _ => {
+        let set = match FileKind::of(path) {
+            Some(FileKind::Toml) => parse_toml(&text, path)?,
+            Some(FileKind::IstioYaml) => parse_istio_yaml(&text, path, root_namespace)?,
+            None => {
                 return Err(PolicyError::new(
                     path,
                     "",

@@ -393,16 +393,21 @@ pub(crate) fn parse_principal_pattern(s: &str) -> Result<Pattern, String> {
                 .map_err(|err| format!("invalid principal {s:?}: {err}"))?;
             Ok(Pattern::Exact(p.to_string()))
         }
-        Pattern::Prefix(v) => {
-            check_pattern_chars(&v, s, principal_char, "principal")?;
-            Ok(Pattern::Prefix(v))
-        }
-        Pattern::Suffix(v) => {
-            check_pattern_chars(&v, s, principal_char, "principal")?;
-            Ok(Pattern::Suffix(v))
-        }
-        Pattern::Any => Ok(Pattern::Any),
+        wildcard => check_wildcard(wildcard, s, principal_char, "principal"),
     }
+}
+
+/// A prefix or suffix pattern keeps to `allowed` characters; `*` is always fine.
+fn check_wildcard(
+    pattern: Pattern,
+    full: &str,
+    allowed: fn(char) -> bool,
+    what: &str,
+) -> Result<Pattern, String> {
+    if let Pattern::Prefix(v) | Pattern::Suffix(v) = &pattern {
+        check_pattern_chars(v, full, allowed, what)?;
+    }
+    Ok(pattern)
 }
 
 fn principal_char(c: char) -> bool {
@@ -420,15 +425,7 @@ pub(crate) fn parse_namespace_pattern(s: &str) -> Result<Pattern, String> {
             validate_namespace(&e)?;
             Ok(Pattern::Exact(e))
         }
-        Pattern::Prefix(v) => {
-            check_pattern_chars(&v, s, k8s_name_char, "namespace")?;
-            Ok(Pattern::Prefix(v))
-        }
-        Pattern::Suffix(v) => {
-            check_pattern_chars(&v, s, k8s_name_char, "namespace")?;
-            Ok(Pattern::Suffix(v))
-        }
-        Pattern::Any => Ok(Pattern::Any),
+        wildcard => check_wildcard(wildcard, s, k8s_name_char, "namespace"),
     }
 }
 

@@ -675,7 +675,7 @@ ports = ["8080/tcp", "icmp", "9000-9100", "any", "udp"]
 
 /// (case, TOML text, expected key, expected reason fragment)
 const TOML_ERRORS: &[(&str, &str, &str, &str)] = &[
-    ("syntax", "[[policy]\n", "line 1, column 9", ""),
+    ("syntax", "[[policy]\n", "line 1, column 9", "invalid table header"),
     ("unknown top-level key", "polcy = 1\n", "line 1, column 1", "unknown field `polcy`"),
     (
         "unknown policy key",

@@ -46,6 +46,11 @@ pub fn classify(datagram: &[u8]) -> Option<Kind> {
     }
 }
 
+/// Whether `datagram` claims to be transport data (by its type byte only).
+pub fn is_transport(datagram: &[u8]) -> bool {
+    datagram.first() == Some(&TYPE_TRANSPORT)
+}
+
 pub fn read_u32(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
 }

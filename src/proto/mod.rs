@@ -14,5 +14,5 @@ pub use device::{
     Device, DeviceConfig, Drop, Event, LocalId, ReceiveStep, Received, SealStep, Sealed, Stats,
     Transmit, TransportOpen, TunnelId,
 };
-pub use messages::{SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+pub use messages::{is_transport, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 pub use session::{OpenError, SealJob};

@@ -182,7 +182,6 @@ impl SealJob {
 }
 
 /// A transport message that passed the session's checks, to decrypt without it.
-#[derive(Clone)]
 pub struct OpenJob {
     key: Arc<LessSafeKey>,
     counter: u64,
