@@ -6,8 +6,6 @@
 //!
 //! Run with `cargo bench --bench datapath`. Numbers are informational; nothing asserts them.
 
-mod common;
-
 use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
 use std::collections::BTreeMap;
@@ -18,7 +16,7 @@ use meshguard::node::{Egress, Ingress};
 use meshguard::policy::{parse_toml, DefaultAction, Evaluator, Protocol, Request, Target};
 use meshguard::proto::{Received, Sealed};
 
-use common::{DevicePair, NodePair, A_INNER, B_INNER};
+use meshguard::testbed::fixtures::{buffer, ipv4_udp, DevicePair, NodePair, A_INNER, B_INNER};
 
 fn main() {
     divan::main();
@@ -29,7 +27,7 @@ fn main() {
 #[divan::bench(args = [64, 1420])]
 fn device_seal_receive(bencher: Bencher, size: usize) {
     let mut pair = DevicePair::connected();
-    let mut buf = common::buffer(size);
+    let mut buf = buffer(size);
     let now = pair.now;
     bencher.counter(BytesCount::new(size)).bench_local(|| {
         let len = match pair.a.seal(now, pair.ab, black_box(&mut buf), size) {
@@ -49,7 +47,7 @@ fn device_seal_receive(bencher: Bencher, size: usize) {
 fn node_egress_ingress(bencher: Bencher) {
     const SIZE: usize = 1420;
     let mut pair = NodePair::connected();
-    let mut buf = common::ipv4_udp(A_INNER, B_INNER, SIZE);
+    let mut buf = ipv4_udp(A_INNER, B_INNER, SIZE);
     let now = pair.now;
     bencher.counter(BytesCount::new(SIZE)).bench_local(|| {
         let len = match pair.a.egress(now, black_box(&mut buf), SIZE) {

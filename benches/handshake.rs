@@ -2,15 +2,13 @@
 //!
 //! Run with `cargo bench --bench handshake`. Numbers are informational; nothing asserts them.
 
-mod common;
-
 use std::time::Duration;
 
 use divan::counter::ItemsCount;
 use divan::Bencher;
 use meshguard::proto::{Device, Received};
 
-use common::DevicePair;
+use meshguard::testbed::fixtures::DevicePair;
 
 fn main() {
     divan::main();

@@ -8,5 +8,5 @@ if ! command -v ip >/dev/null || ! command -v ping >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 iputils-ping
 fi
-cargo build --quiet
+cargo build --quiet --features demo
 exec ./target/debug/meshguard demo

@@ -161,12 +161,24 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             println!("{answer}");
         }
-        Command::Demo => {
-            let binary = std::env::current_exe().context("locating this executable")?;
-            meshguard::demo::run(&binary)?;
-        }
+        Command::Demo => demo()?,
     }
     Ok(())
+}
+
+#[cfg(feature = "demo")]
+fn demo() -> Result<()> {
+    let binary = std::env::current_exe().context("locating this executable")?;
+    meshguard::demo::run(&binary)
+}
+
+/// Release builds leave the demo's namespace tooling out.
+#[cfg(not(feature = "demo"))]
+fn demo() -> Result<()> {
+    anyhow::bail!(
+        "this meshguard was built without the demo: run scripts/demo.sh, or build with \
+         `cargo build --features demo`"
+    )
 }
 
 fn main() -> ExitCode {

@@ -6,6 +6,10 @@
 //! The first allocation inside a measured section records a backtrace, printed on failure,
 //! which names the line that allocated.
 
+// A global allocator is `unsafe` by nature; this test tool is the crate's only `unsafe`
+// outside src/io, and it never ships in the daemon.
+#![allow(unsafe_code)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::backtrace::Backtrace;
 use std::cell::Cell;
@@ -16,12 +20,8 @@ use std::time::Duration;
 use meshguard::node::{Egress, Ingress};
 use meshguard::proto::{Received, Sealed};
 
-// The benches' fixtures: two connected devices, or two connected nodes, on a simulated
-// clock.
-#[path = "../benches/common/mod.rs"]
-mod common;
-
-use common::{buffer, ipv4_udp, DevicePair, NodePair, A_INNER, B_INNER};
+// Two connected devices, or two connected nodes, on a simulated clock.
+use meshguard::testbed::fixtures::{buffer, ipv4_udp, DevicePair, NodePair, A_INNER, B_INNER};
 
 // ---------------------------------------------------------------------------------------
 // Counting allocator

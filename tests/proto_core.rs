@@ -5,127 +5,21 @@ use std::time::{Duration, Instant};
 
 use meshguard::proto::constants::*;
 use meshguard::proto::{
-    Device, DeviceConfig, Drop, ReceiveStep, Received, SealStep, Sealed, Transmit, TunnelId,
-    SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+    Device, DeviceConfig, Drop, ReceiveStep, Received, SealStep, Sealed, TunnelId,
+};
+use meshguard::testbed::fixtures::{
+    sealable, DevicePair as Pair, A_ENDPOINT, B_ENDPOINT, UNIX_START,
 };
 use x25519_dalek::{PublicKey, StaticSecret};
-
-const A_ADDR: &str = "198.18.0.1:51820";
-const B_ADDR: &str = "198.18.0.2:51820";
 
 fn keypair() -> ([u8; 32], [u8; 32]) {
     let secret = StaticSecret::random_from_rng(rand_core::OsRng);
     (secret.to_bytes(), PublicKey::from(&secret).to_bytes())
 }
 
-/// Two devices that know each other, and the simulated clock.
-struct Pair {
-    now: Instant,
-    a: Device,
-    b: Device,
-    ab: TunnelId,
-    ba: TunnelId,
-    a_addr: SocketAddr,
-    b_addr: SocketAddr,
-    b_pub: [u8; 32],
-}
-
-impl Pair {
-    fn new() -> Self {
-        Self::with_config(DeviceConfig::default())
-    }
-
-    fn with_config(b_config: DeviceConfig) -> Self {
-        let now = Instant::now();
-        let unix = Duration::from_secs(1_800_000_000);
-        let (a_priv, a_pub) = keypair();
-        let (b_priv, b_pub) = keypair();
-        let a_addr: SocketAddr = A_ADDR.parse().unwrap();
-        let b_addr: SocketAddr = B_ADDR.parse().unwrap();
-        let mut a = Device::new(DeviceConfig::default(), now, unix);
-        let mut b = Device::new(b_config, now, unix);
-        let la = a.add_local(a_priv);
-        let lb = b.add_local(b_priv);
-        let ab = a.add_tunnel(now, la, b_pub, Some(b_addr), None);
-        let ba = b.add_tunnel(now, lb, a_pub, Some(a_addr), None);
-        Pair {
-            now,
-            a,
-            b,
-            ab,
-            ba,
-            a_addr,
-            b_addr,
-            b_pub,
-        }
-    }
-
-    fn advance(&mut self, by: Duration) {
-        self.now += by;
-        self.a.handle_timeout(self.now);
-        self.b.handle_timeout(self.now);
-        // In debug builds this also checks the cached deadline against every tunnel's.
-        let _ = (self.a.poll_timeout(), self.b.poll_timeout());
-    }
-
-    fn outbox(dev: &mut Device) -> Vec<Transmit> {
-        std::iter::from_fn(|| dev.poll_transmit()).collect()
-    }
-
-    /// Delivers queued datagrams both ways until both outboxes are empty, dropping those
-    /// `lose` says to. Returns the data packets each side received.
-    fn pump_filtered(&mut self, lose: impl Fn(&[u8]) -> bool) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
-        let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
-        loop {
-            let from_a = Self::outbox(&mut self.a);
-            let from_b = Self::outbox(&mut self.b);
-            if from_a.is_empty() && from_b.is_empty() {
-                return (to_a, to_b);
-            }
-            for mut t in from_a.into_iter().filter(|t| !lose(&t.data)) {
-                assert_eq!(t.destination, self.b_addr);
-                if let Received::Data { plaintext, .. } =
-                    self.b.receive(self.now, self.a_addr, &mut t.data)
-                {
-                    to_b.push(t.data[plaintext].to_vec());
-                }
-            }
-            for mut t in from_b.into_iter().filter(|t| !lose(&t.data)) {
-                assert_eq!(t.destination, self.a_addr);
-                if let Received::Data { plaintext, .. } =
-                    self.a.receive(self.now, self.b_addr, &mut t.data)
-                {
-                    to_a.push(t.data[plaintext].to_vec());
-                }
-            }
-        }
-    }
-
-    fn pump(&mut self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
-        self.pump_filtered(|_| false)
-    }
-
-    fn handshake(&mut self) {
-        self.a.initiate(self.now, self.ab);
-        self.pump();
-        assert!(self.a.has_session(self.ab));
-        assert!(
-            self.b.has_session(self.ba),
-            "keepalive confirmed the session"
-        );
-    }
-}
-
-/// A plaintext laid out for sealing in place.
-fn packet(payload: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; TRANSPORT_HEADER_LEN + payload.len() + SEAL_TAILROOM];
-    buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + payload.len()].copy_from_slice(payload);
-    buf
-}
-
 /// Seals `payload` on `dev`; `Some(datagram)` when it could be sent at once.
 fn seal(dev: &mut Device, now: Instant, tunnel: TunnelId, payload: &[u8]) -> Option<Vec<u8>> {
-    let mut buf = packet(payload);
+    let mut buf = sealable(payload);
     match dev.seal(now, tunnel, &mut buf, payload.len()) {
         Sealed::Send { len, .. } => {
             buf.truncate(len);
@@ -157,10 +51,10 @@ fn handshake_and_data_both_ways() {
     let mut p = Pair::new();
     // The first packet waits for the handshake and flows once it completes.
     assert!(seal(&mut p.a, p.now, p.ab, b"hello from a").is_none());
-    let (to_a, to_b) = p.pump();
-    assert!(to_a.is_empty());
-    assert_eq!(&to_b[0][..12], b"hello from a");
-    assert_eq!(to_b[0].len(), 16, "padded to a multiple of 16");
+    let delivered = p.pump();
+    assert!(delivered.to_a.is_empty());
+    assert_eq!(&delivered.to_b[0][..12], b"hello from a");
+    assert_eq!(delivered.to_b[0].len(), 16, "padded to a multiple of 16");
 
     for i in 0..50u32 {
         let msg = format!("b says {i}");
@@ -198,8 +92,8 @@ fn rekey_after_120s_loses_no_packet() {
             }
         }
         // Handshake messages travel with the data.
-        let (ra, rb) = p.pump();
-        assert!(ra.is_empty() && rb.is_empty());
+        let delivered = p.pump();
+        assert!(delivered.to_a.is_empty() && delivered.to_b.is_empty());
         p.advance(Duration::from_millis(500));
     }
     assert_eq!(sent, received, "no packet lost across rekeys");
@@ -274,9 +168,9 @@ fn lost_initiation_is_retried_after_rekey_timeout() {
         "no retry before REKEY_TIMEOUT"
     );
     p.advance(Duration::from_millis(1) + REKEY_TIMEOUT_JITTER_MAX);
-    let (_, to_b) = p.pump();
+    let delivered = p.pump();
     assert_eq!(
-        &to_b[0][..5],
+        &delivered.to_b[0][..5],
         b"waits",
         "queued packet delivered after the retry"
     );
@@ -348,7 +242,7 @@ fn sealing_and_opening_finished_outside_the_device() {
     let mut p = Pair::new();
     p.handshake();
     // Counters are reserved in order; the encryption runs later, in reverse.
-    let mut bufs: Vec<Vec<u8>> = (0..8u8).map(|i| packet(&[i; 40])).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..8u8).map(|i| sealable(&[i; 40])).collect();
     let jobs: Vec<_> = bufs
         .iter_mut()
         .map(|buf| match p.a.prepare_seal(p.now, p.ab, buf, 40) {
@@ -446,12 +340,8 @@ fn unknown_key_and_bad_mac1_get_no_answer() {
     let mut p = Pair::new();
     // A stranger who knows B's public key but is not configured on B.
     let (c_priv, _) = keypair();
-    let b_pub = p.b_pub;
-    let mut c = Device::new(
-        DeviceConfig::default(),
-        p.now,
-        Duration::from_secs(1_800_000_000),
-    );
+    let b_pub = p.b_public;
+    let mut c = Device::new(DeviceConfig::default(), p.now, UNIX_START);
     let lc = c.add_local(c_priv);
     let cb = c.add_tunnel(p.now, lc, b_pub, Some(p.b_addr), None);
     c.initiate(p.now, cb);
@@ -497,9 +387,12 @@ fn replayed_initiation_is_dropped() {
 #[test]
 fn under_load_initiation_gets_a_cookie_and_the_retry_with_mac2_succeeds() {
     // Threshold 0: every handshake message counts as load.
-    let mut p = Pair::with_config(DeviceConfig {
-        under_load_threshold: 0,
-    });
+    let mut p = Pair::with_configs(
+        DeviceConfig::default(),
+        DeviceConfig {
+            under_load_threshold: 0,
+        },
+    );
     assert!(seal(&mut p.a, p.now, p.ab, b"after cookie").is_none());
     let init = p.a.poll_transmit().unwrap();
     assert_eq!(
@@ -517,8 +410,8 @@ fn under_load_initiation_gets_a_cookie_and_the_retry_with_mac2_succeeds() {
     );
     // The retry carries mac2 made with the cookie and is answered.
     p.advance(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
-    let (_, to_b) = p.pump();
-    assert_eq!(&to_b[0][..12], b"after cookie");
+    let delivered = p.pump();
+    assert_eq!(&delivered.to_b[0][..12], b"after cookie");
     assert_eq!(p.b.stats.cookie_replies_sent, 1);
     assert_eq!(p.b.stats.handshakes_completed, 1);
 }
@@ -559,8 +452,8 @@ fn roaming_moves_the_endpoint_only_after_authentication() {
 #[test]
 fn mac1_dispatches_an_initiation_to_the_right_local_identity() {
     let now = Instant::now();
-    let unix = Duration::from_secs(1_800_000_000);
-    let responder_addr: SocketAddr = B_ADDR.parse().unwrap();
+    let unix = UNIX_START;
+    let responder_addr: SocketAddr = B_ENDPOINT.parse().unwrap();
     // The responder hosts three identities; the initiator knows only the third.
     let mut responder = Device::new(DeviceConfig::default(), now, unix);
     let (init_priv, init_pub) = keypair();
@@ -577,7 +470,7 @@ fn mac1_dispatches_an_initiation_to_the_right_local_identity() {
     let tunnel = initiator.add_tunnel(now, local, publics[2], Some(responder_addr), None);
     initiator.initiate(now, tunnel);
     let mut init = initiator.poll_transmit().unwrap().data;
-    let from: SocketAddr = A_ADDR.parse().unwrap();
+    let from: SocketAddr = A_ENDPOINT.parse().unwrap();
     assert_eq!(responder.receive(now, from, &mut init), Received::Control);
     assert!(!responder.has_session(tunnels[0]) && !responder.has_session(tunnels[1]));
     let mut response = responder

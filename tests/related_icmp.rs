@@ -2,12 +2,8 @@
 //! that sent the packet even when the allow list lets no ICMP in; any other ICMP error
 //! is judged by the allow list like any ICMP. Two nodes on a simulated clock, no sockets.
 
-// The benches' fixtures: two connected nodes.
-#[path = "../benches/common/mod.rs"]
-mod common;
-
-use common::{buffer, ipv4_udp, NodePair, A_INNER, B_INNER};
 use meshguard::node::{Dropped, Egress, Ingress, NodeDrop};
+use meshguard::testbed::fixtures::{buffer, ipv4_udp, NodePair, A_INNER, B_INNER};
 use std::path::Path;
 
 use meshguard::policy::{parse_toml, DefaultAction};

@@ -1,7 +1,11 @@
-//! Throw-away network topologies on this machine, for the namespace tests in `tests/`
-//! and for `meshguard demo`.
+//! Test tooling, compiled only for tests, benches and the demo (feature `testing`):
 //!
-//! Everything here needs root. The building blocks:
+//! - [`fixtures`]: sans-IO pairs of devices and of nodes on a simulated clock, for unit
+//!   tests, `tests/` and `benches/`;
+//! - throw-away network topologies on this machine, for the namespace tests in `tests/`
+//!   and for `meshguard demo`.
+//!
+//! The topologies need root. The building blocks:
 //! - [`Netns`]: a uniquely named network namespace with `lo` up; commands, daemons
 //!   ([`ChildGuard`]) and closures ([`Netns::run`]) run inside it.
 //! - [`Link`]: a veth pair between two namespaces; [`Lan`]: a switch namespace with a
@@ -28,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fixtures;
 mod link;
 mod mesh;
 mod netns;

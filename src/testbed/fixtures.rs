@@ -1,8 +1,6 @@
-//! Setup shared by the benches: two protocol devices or two nodes that know each other,
-//! driven on a simulated clock (nothing here touches a socket or sleeps).
-//!
-//! Each bench binary includes this module and uses only part of it.
-#![allow(dead_code)]
+//! Sans-IO fixtures for unit tests, `tests/` and `benches/`: two protocol devices or two
+//! nodes that know each other, driven on a simulated clock. Nothing here touches a socket
+//! or sleeps, and nothing needs root.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -10,14 +8,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use meshguard::config::{
+
+use crate::config::{
     InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
 };
-use meshguard::identity::{Principal, PrivateKey};
-use meshguard::node::{Egress, Ingress, Node};
-use meshguard::policy::{DefaultAction, PolicySet};
-use meshguard::proto::{
-    Device, DeviceConfig, Received, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+use crate::identity::{Principal, PrivateKey};
+use crate::node::{Egress, Ingress, Node};
+use crate::policy::{DefaultAction, PolicySet};
+use crate::proto::{
+    Device, DeviceConfig, Received, Transmit, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
 };
 
 /// UDP endpoints of the two sides. Sans-IO: nothing is ever sent to them.
@@ -26,7 +25,12 @@ pub const B_ENDPOINT: &str = "198.18.0.2:51820";
 /// Wall-clock time at the start of the simulated clock (handshake timestamps).
 pub const UNIX_START: Duration = Duration::from_secs(1_800_000_000);
 
-/// A buffer laid out for sealing in place: headroom, `len` bytes of plaintext, tailroom.
+/// Inner (tunnelled) address of the identity on node A, and on node B.
+pub const A_INNER: [u8; 4] = [10, 1, 0, 1];
+pub const B_INNER: [u8; 4] = [10, 2, 0, 1];
+
+/// A buffer laid out for sealing in place: headroom, `len` bytes of plaintext (a counting
+/// pattern), tailroom.
 pub fn buffer(len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; TRANSPORT_HEADER_LEN + len + SEAL_TAILROOM];
     for (i, byte) in buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len]
@@ -38,6 +42,25 @@ pub fn buffer(len: usize) -> Vec<u8> {
     buf
 }
 
+/// `payload` laid out for sealing in place.
+pub fn sealable(payload: &[u8]) -> Vec<u8> {
+    let mut buf = buffer(payload.len());
+    buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    buf
+}
+
+/// The datagrams of one side's outbox.
+fn outbox(device: &mut Device) -> Vec<Transmit> {
+    std::iter::from_fn(|| device.poll_transmit()).collect()
+}
+
+/// Plaintexts each side received while datagrams were pumped.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub to_a: Vec<Vec<u8>>,
+    pub to_b: Vec<Vec<u8>>,
+}
+
 /// Two devices with one identity each and a tunnel to each other.
 pub struct DevicePair {
     pub now: Instant,
@@ -47,21 +70,35 @@ pub struct DevicePair {
     pub ba: TunnelId,
     pub a_addr: SocketAddr,
     pub b_addr: SocketAddr,
+    pub a_public: [u8; 32],
+    pub b_public: [u8; 32],
+}
+
+impl Default for DevicePair {
+    fn default() -> Self {
+        Self::with_configs(DeviceConfig::default(), DeviceConfig::default())
+    }
 }
 
 impl DevicePair {
     pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_configs(a_config: DeviceConfig, b_config: DeviceConfig) -> Self {
         let now = Instant::now();
         let a_key = PrivateKey::generate();
         let b_key = PrivateKey::generate();
+        let a_public = *a_key.public_key().as_bytes();
+        let b_public = *b_key.public_key().as_bytes();
         let a_addr: SocketAddr = A_ENDPOINT.parse().expect("address");
         let b_addr: SocketAddr = B_ENDPOINT.parse().expect("address");
-        let mut a = Device::new(DeviceConfig::default(), now, UNIX_START);
-        let mut b = Device::new(DeviceConfig::default(), now, UNIX_START);
+        let mut a = Device::new(a_config, now, UNIX_START);
+        let mut b = Device::new(b_config, now, UNIX_START);
         let la = a.add_local(a_key.as_bytes());
         let lb = b.add_local(b_key.as_bytes());
-        let ab = a.add_tunnel(now, la, *b_key.public_key().as_bytes(), Some(b_addr), None);
-        let ba = b.add_tunnel(now, lb, *a_key.public_key().as_bytes(), Some(a_addr), None);
+        let ab = a.add_tunnel(now, la, b_public, Some(b_addr), None);
+        let ba = b.add_tunnel(now, lb, a_public, Some(a_addr), None);
         DevicePair {
             now,
             a,
@@ -70,49 +107,74 @@ impl DevicePair {
             ba,
             a_addr,
             b_addr,
+            a_public,
+            b_public,
         }
     }
 
     /// A pair whose handshake is complete and confirmed on both sides.
     pub fn connected() -> Self {
         let mut pair = Self::new();
-        pair.a.initiate(pair.now, pair.ab);
-        pair.pump();
-        assert!(pair.a.has_session(pair.ab) && pair.b.has_session(pair.ba));
+        pair.handshake();
         pair
     }
 
-    /// Delivers queued datagrams both ways until neither side has anything to send.
-    pub fn pump(&mut self) {
+    /// A starts a handshake; it completes, and A's keepalive confirms B's session.
+    pub fn handshake(&mut self) {
+        self.a.initiate(self.now, self.ab);
+        self.pump();
+        assert!(self.a.has_session(self.ab), "A has a session");
+        assert!(
+            self.b.has_session(self.ba),
+            "A's keepalive confirmed B's session"
+        );
+    }
+
+    /// Moves the clock on and runs both sides' due timers.
+    pub fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+        // In debug builds this also checks the cached deadline against every tunnel's.
+        let _ = (self.a.poll_timeout(), self.b.poll_timeout());
+    }
+
+    /// Delivers queued datagrams both ways until both outboxes are empty.
+    pub fn pump(&mut self) -> Delivered {
+        self.pump_filtered(|_| false)
+    }
+
+    /// Like `pump`, losing the datagrams `lose` picks.
+    pub fn pump_filtered(&mut self, lose: impl Fn(&[u8]) -> bool) -> Delivered {
+        let mut delivered = Delivered::default();
         loop {
-            let mut idle = true;
-            while let Some(mut t) = self.a.poll_transmit() {
-                idle = false;
-                if let Received::Dropped(drop) = self.b.receive(self.now, self.a_addr, &mut t.data)
+            let from_a = outbox(&mut self.a);
+            let from_b = outbox(&mut self.b);
+            if from_a.is_empty() && from_b.is_empty() {
+                return delivered;
+            }
+            for mut t in from_a.into_iter().filter(|t| !lose(&t.data)) {
+                assert_eq!(t.destination, self.b_addr);
+                if let Received::Data { plaintext, .. } =
+                    self.b.receive(self.now, self.a_addr, &mut t.data)
                 {
-                    panic!("b dropped a datagram from a: {drop:?}");
+                    delivered.to_b.push(t.data[plaintext].to_vec());
                 }
             }
-            while let Some(mut t) = self.b.poll_transmit() {
-                idle = false;
-                if let Received::Dropped(drop) = self.a.receive(self.now, self.b_addr, &mut t.data)
+            for mut t in from_b.into_iter().filter(|t| !lose(&t.data)) {
+                assert_eq!(t.destination, self.a_addr);
+                if let Received::Data { plaintext, .. } =
+                    self.a.receive(self.now, self.b_addr, &mut t.data)
                 {
-                    panic!("a dropped a datagram from b: {drop:?}");
+                    delivered.to_a.push(t.data[plaintext].to_vec());
                 }
-            }
-            if idle {
-                return;
             }
         }
     }
 }
 
-/// Inner (tunnelled) address of the identity on node A, and on node B.
-pub const A_INNER: [u8; 4] = [10, 1, 0, 1];
-pub const B_INNER: [u8; 4] = [10, 2, 0, 1];
-
-/// An IPv4/UDP packet of `total_len` bytes from `source` to `destination`, laid out for
-/// sealing in place (headroom and tailroom around it).
+/// An IPv4/UDP packet of `total_len` bytes from `source` to `destination` (ports 40000 →
+/// 5201), laid out for sealing in place.
 pub fn ipv4_udp(source: [u8; 4], destination: [u8; 4], total_len: usize) -> Vec<u8> {
     assert!((28..=usize::from(u16::MAX)).contains(&total_len));
     let mut buf = buffer(total_len);
@@ -149,23 +211,26 @@ fn ipv4_header_checksum(header: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// A node configuration with one local identity and one peer node carrying one identity.
-fn node_config(
-    name: &str,
-    listen: SocketAddr,
-    (principal, key, address): (&Principal, &PrivateKey, IpNet),
-    (peer_name, peer_endpoint, peer): (&str, SocketAddr, PeerIdentityConfig),
-    default: DefaultAction,
-) -> NodeConfig {
-    let dir = PathBuf::from("/nonexistent/meshguard-bench").join(name);
+/// One side of a node pair: its identity and the one node it knows.
+struct Side<'a> {
+    name: &'a str,
+    endpoint: SocketAddr,
+    principal: &'a Principal,
+    key: &'a PrivateKey,
+    inner: IpNet,
+}
+
+/// A node configuration with `local`'s identity and one peer node carrying `peer`'s.
+fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig {
+    let dir = PathBuf::from("/nonexistent/meshguard-fixture").join(local.name);
     NodeConfig {
         path: dir.join("node.toml"),
-        name: name.to_owned(),
-        listen,
+        name: local.name.to_owned(),
+        listen: local.endpoint,
         interface: InterfaceConfig {
-            name: "mgbench0".to_owned(),
+            name: "mgfixture0".to_owned(),
             mtu: 1420,
-            addresses: vec![address],
+            addresses: vec![local.inner],
             offload: false,
             workers: None,
             queue_length: 4000,
@@ -177,19 +242,23 @@ fn node_config(
             ..PolicyConfig::default()
         },
         identities: vec![LocalIdentityConfig {
-            principal: principal.clone(),
+            principal: local.principal.clone(),
             private_key_file: dir.join("identity.key"),
-            private_key: key.clone(),
-            public_key: key.public_key(),
-            addresses: vec![address],
+            private_key: local.key.clone(),
+            public_key: local.key.public_key(),
+            addresses: vec![local.inner],
             labels: BTreeMap::new(),
         }],
         peers: vec![PeerConfig {
-            path: dir.join("peers").join(format!("{peer_name}.toml")),
-            name: peer_name.to_owned(),
-            endpoint: Some(peer_endpoint),
+            path: dir.join("peers").join(format!("{}.toml", peer.name)),
+            name: peer.name.to_owned(),
+            endpoint: Some(peer.endpoint),
             persistent_keepalive: None,
-            identities: vec![peer],
+            identities: vec![PeerIdentityConfig {
+                principal: peer.principal.clone(),
+                public_key: peer.key.public_key(),
+                allowed_ips: vec![peer.inner],
+            }],
         }],
     }
 }
@@ -203,72 +272,55 @@ pub struct NodePair {
     pub b_addr: SocketAddr,
 }
 
-impl NodePair {
-    /// Nodes whose allow lists have no policies and allow every flow: the benches
-    /// measure the data path, not the allow list.
-    pub fn new() -> Self {
+impl Default for NodePair {
+    /// Nodes whose allow lists have no policies and allow every flow: for measuring the
+    /// data path, not the allow list.
+    fn default() -> Self {
         Self::with_defaults(DefaultAction::Allow, DefaultAction::Allow)
+    }
+}
+
+impl NodePair {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Nodes without policies whose defaults are `a_default` and `b_default`.
     pub fn with_defaults(a_default: DefaultAction, b_default: DefaultAction) -> Self {
         let now = Instant::now();
-        let a_addr: SocketAddr = A_ENDPOINT.parse().expect("address");
-        let b_addr: SocketAddr = B_ENDPOINT.parse().expect("address");
         let a_key = PrivateKey::generate();
         let b_key = PrivateKey::generate();
         let a_principal: Principal = "cluster.local/ns/bench/sa/client".parse().expect("valid");
         let b_principal: Principal = "cluster.local/ns/bench/sa/server".parse().expect("valid");
-        let a_net = IpNet::new(Ipv4Addr::from(A_INNER).into(), 32).expect("prefix");
-        let b_net = IpNet::new(Ipv4Addr::from(B_INNER).into(), 32).expect("prefix");
-        let a_config = node_config(
-            "node-a",
-            a_addr,
-            (&a_principal, &a_key, a_net),
-            (
-                "node-b",
-                b_addr,
-                PeerIdentityConfig {
-                    principal: b_principal.clone(),
-                    public_key: b_key.public_key(),
-                    allowed_ips: vec![b_net],
-                },
-            ),
-            a_default,
-        );
-        let b_config = node_config(
-            "node-b",
-            b_addr,
-            (&b_principal, &b_key, b_net),
-            (
-                "node-a",
-                a_addr,
-                PeerIdentityConfig {
-                    principal: a_principal,
-                    public_key: a_key.public_key(),
-                    allowed_ips: vec![a_net],
-                },
-            ),
-            b_default,
-        );
+        let a = Side {
+            name: "node-a",
+            endpoint: A_ENDPOINT.parse().expect("address"),
+            principal: &a_principal,
+            key: &a_key,
+            inner: IpNet::new(Ipv4Addr::from(A_INNER).into(), 32).expect("prefix"),
+        };
+        let b = Side {
+            name: "node-b",
+            endpoint: B_ENDPOINT.parse().expect("address"),
+            principal: &b_principal,
+            key: &b_key,
+            inner: IpNet::new(Ipv4Addr::from(B_INNER).into(), 32).expect("prefix"),
+        };
+        let node = |config: &NodeConfig| {
+            Node::new(
+                config,
+                &PolicySet::default(),
+                DeviceConfig::default(),
+                now,
+                UNIX_START,
+            )
+        };
         NodePair {
             now,
-            a: Node::new(
-                &a_config,
-                &PolicySet::default(),
-                DeviceConfig::default(),
-                now,
-                UNIX_START,
-            ),
-            b: Node::new(
-                &b_config,
-                &PolicySet::default(),
-                DeviceConfig::default(),
-                now,
-                UNIX_START,
-            ),
-            a_addr,
-            b_addr,
+            a: node(&node_config(&a, &b, a_default)),
+            b: node(&node_config(&b, &a, b_default)),
+            a_addr: a.endpoint,
+            b_addr: b.endpoint,
         }
     }
 
