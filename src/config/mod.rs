@@ -3,9 +3,10 @@
 //!
 //! [`load`] reads a node file and every `*.toml` file of its peers directory, checks
 //! everything (see [`load`] for the list), and returns a fully resolved [`NodeConfig`] or
-//! the first [`ConfigError`], which names the file, the key and the reason.
+//! the first [`FileError`](crate::file_error::FileError), which names the file, the key and the reason.
 
-mod error;
+mod cross_checks;
+mod fields;
 mod load;
 mod schema;
 #[cfg(test)]
@@ -21,8 +22,6 @@ use ipnet::IpNet;
 use crate::identity::{Principal, PrivateKey, PublicKey};
 use crate::policy::{DefaultAction, DEFAULT_ROOT_NAMESPACE};
 
-pub(crate) use error::line_col;
-pub use error::ConfigError;
 pub use load::{load, load_peer_file};
 
 /// MTU used when `interface.mtu` is not given.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
+use crate::file_error::FileError;
 use crate::identity::{PrivateKey, PublicKey};
 
 /// A temporary directory with a valid two-identity node, two peer files and key files.
@@ -122,24 +123,24 @@ allowed_ips = ["10.10.3.0/24"]
         key.public_key()
     }
 
-    fn load(&self) -> Result<NodeConfig, ConfigError> {
+    fn load(&self) -> Result<NodeConfig, FileError> {
         load(&self.path("node.toml"))
     }
 
     /// Rewrites the node file with `from` replaced by `to` (which must occur), then loads.
-    fn node_with(&self, from: &str, to: &str) -> ConfigError {
+    fn node_with(&self, from: &str, to: &str) -> FileError {
         assert!(self.node.contains(from), "fixture has no {from:?}");
         self.write("node.toml", &self.node.replacen(from, to, 1));
         self.load().expect_err("config should be rejected")
     }
 
-    fn peer_b_with(&self, from: &str, to: &str) -> ConfigError {
+    fn peer_b_with(&self, from: &str, to: &str) -> FileError {
         assert!(self.peer_b.contains(from), "fixture has no {from:?}");
         self.write("peers/b.toml", &self.peer_b.replacen(from, to, 1));
         self.load().expect_err("config should be rejected")
     }
 
-    fn peer_c_with(&self, from: &str, to: &str) -> ConfigError {
+    fn peer_c_with(&self, from: &str, to: &str) -> FileError {
         assert!(self.peer_c.contains(from), "fixture has no {from:?}");
         self.write("peers/c.toml", &self.peer_c.replacen(from, to, 1));
         self.load().expect_err("config should be rejected")
@@ -149,7 +150,7 @@ allowed_ips = ["10.10.3.0/24"]
 /// Asserts that the error is about `file` and `key`, that its reason contains each of
 /// `reason_parts`, and that the displayed message carries all three.
 #[track_caller]
-fn check(e: &ConfigError, file: &Path, key: &str, reason_parts: &[&str]) {
+fn check(e: &FileError, file: &Path, key: &str, reason_parts: &[&str]) {
     let msg = e.to_string();
     assert_eq!(e.file, file, "{msg}");
     assert_eq!(e.key, key, "{msg}");

@@ -7,20 +7,28 @@ use std::path::Path;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use super::model::{
-    build_destination, build_source, parse_port_istio, validate_name, validate_namespace,
-    validate_selector, Action, Fail, Item, List, Policy, PolicyError, PolicySet, Rule, SourceLists,
-    SourceNames, StrictWorkload,
+use super::build::{
+    build_policy, DestinationDraft, Entries, Form, KeyError, L7Field, PolicyDraft, RuleDraft,
+    SourceDraft, SourceLists, Warning, WrittenList,
 };
+use super::model::{Action, Policy, PolicySet, StrictWorkload};
+use super::values::{parse_port_istio, validate_name, validate_namespace, validate_selector};
+use crate::file_error::FileError;
 
-const SOURCE_NAMES: SourceNames = [
-    "principals",
-    "notPrincipals",
-    "namespaces",
-    "notNamespaces",
-    "ipBlocks",
-    "notIpBlocks",
-];
+const FORM: Form = Form {
+    source_fields: [
+        "principals",
+        "notPrincipals",
+        "namespaces",
+        "notNamespaces",
+        "ipBlocks",
+        "notIpBlocks",
+    ],
+    port_fields: ["ports", "notPorts"],
+    destination_entry: "operation",
+    parse_port: parse_port_istio,
+    match_all_rule: "`rules: [{}]`",
+};
 
 const API_GROUP: &str = "security.istio.io";
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -79,7 +87,7 @@ struct Selector {
     match_labels: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AuthzSpec {
     selector: Option<Selector>,
@@ -87,34 +95,34 @@ struct AuthzSpec {
     target_refs: Option<IgnoredAny>,
     action: Option<String>,
     provider: Option<IgnoredAny>,
-    rules: Option<Vec<YRule>>,
+    rules: Option<Vec<IstioRule>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct YRule {
-    from: Option<Vec<YFrom>>,
-    to: Option<Vec<YTo>>,
-    when: Option<Vec<YCondition>>,
+struct IstioRule {
+    from: Option<Vec<IstioFrom>>,
+    to: Option<Vec<IstioTo>>,
+    when: Option<Vec<IstioCondition>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct YFrom {
-    source: Option<YSource>,
+struct IstioFrom {
+    source: Option<IstioSource>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct YTo {
-    operation: Option<YOperation>,
+struct IstioTo {
+    operation: Option<IstioOperation>,
 }
 
 type StrList = Option<Vec<String>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct YSource {
+struct IstioSource {
     principals: StrList,
     not_principals: StrList,
     namespaces: StrList,
@@ -133,7 +141,7 @@ struct YSource {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct YOperation {
+struct IstioOperation {
     ports: StrList,
     not_ports: StrList,
     // L7-only:
@@ -147,7 +155,7 @@ struct YOperation {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct YCondition {
+struct IstioCondition {
     #[allow(dead_code)]
     key: Option<String>,
     #[allow(dead_code)]
@@ -170,9 +178,9 @@ struct Mtls {
     mode: Option<String>,
 }
 
-/// Turns a YAML error into a `PolicyError`: the key is `document N: <path>` (or the
+/// Turns a YAML error into a `FileError`: the key is `document N: <path>` (or the
 /// position when the error has no path), the reason ends with the position.
-fn yaml_error(file: &Path, doc: usize, e: &serde_yaml_ng::Error) -> PolicyError {
+fn yaml_error(file: &Path, doc: usize, e: &serde_yaml_ng::Error) -> FileError {
     let mut msg = e.to_string();
     let loc = e.location();
     if let Some(l) = &loc {
@@ -194,14 +202,14 @@ fn yaml_error(file: &Path, doc: usize, e: &serde_yaml_ng::Error) -> PolicyError 
     };
     let position = loc.map(|l| format!("line {}, column {}", l.line(), l.column()));
     match (path, position) {
-        (Some(p), Some(pos)) => PolicyError::new(
+        (Some(p), Some(pos)) => FileError::new(
             file,
             format!("document {doc}: {p}"),
             format!("{reason} ({pos})"),
         ),
-        (Some(p), None) => PolicyError::new(file, format!("document {doc}: {p}"), reason),
-        (None, Some(pos)) => PolicyError::new(file, format!("document {doc}: {pos}"), reason),
-        (None, None) => PolicyError::new(file, format!("document {doc}"), reason),
+        (Some(p), None) => FileError::new(file, format!("document {doc}: {p}"), reason),
+        (None, Some(pos)) => FileError::new(file, format!("document {doc}: {pos}"), reason),
+        (None, None) => FileError::new(file, format!("document {doc}"), reason),
     }
 }
 
@@ -212,7 +220,19 @@ pub fn parse_istio_yaml(
     text: &str,
     origin: &Path,
     root_namespace: &str,
-) -> Result<PolicySet, PolicyError> {
+) -> Result<PolicySet, FileError> {
+    let mut set = PolicySet::default();
+    read_istio_yaml(text, origin, root_namespace, &mut set)?;
+    Ok(set)
+}
+
+/// Parses a YAML file of Istio documents into `set`.
+pub(crate) fn read_istio_yaml(
+    text: &str,
+    origin: &Path,
+    root_namespace: &str,
+    set: &mut PolicySet,
+) -> Result<(), FileError> {
     // First pass: what each document is. The typed pass below needs the kind first, and
     // deserializing from the text again (not from a parsed value) keeps line numbers.
     let mut kinds = Vec::new();
@@ -237,7 +257,6 @@ pub fn parse_istio_yaml(
         kinds.push(Some(check_kind(origin, n, &header)?));
     }
 
-    let mut set = PolicySet::default();
     let docs = serde_yaml_ng::Deserializer::from_str(text);
     for (i, (doc, kind)) in docs.zip(kinds).enumerate() {
         let n = i + 1;
@@ -246,33 +265,44 @@ pub fn parse_istio_yaml(
             Some(Kind::AuthorizationPolicy) => {
                 let obj =
                     Object::<AuthzSpec>::deserialize(doc).map_err(|e| yaml_error(origin, n, &e))?;
-                let prefix = format!("document {n}: ");
-                let policy = authorization_policy(obj, origin, n, &mut set.warnings)
-                    .map_err(|(k, r)| PolicyError::new(origin, format!("{prefix}{k}"), r))?;
-                super::push_policy(&mut set, policy, origin, &format!("document {n}"))?;
+                let (policy, warnings) =
+                    authorization_policy(obj, origin, n).map_err(|e| in_document(origin, n, e))?;
+                for w in warnings {
+                    set.warnings.push(format!(
+                        "{}: document {n}: {}: {}",
+                        origin.display(),
+                        w.key,
+                        w.message
+                    ));
+                }
+                set.add(policy, origin, &format!("document {n}"))?;
             }
             Some(Kind::PeerAuthentication) => {
                 let obj = Object::<PeerAuthnSpec>::deserialize(doc)
                     .map_err(|e| yaml_error(origin, n, &e))?;
-                let prefix = format!("document {n}: ");
-                peer_authentication(obj, origin, n, root_namespace, &mut set)
-                    .map_err(|(k, r)| PolicyError::new(origin, format!("{prefix}{k}"), r))?;
+                peer_authentication(obj, origin, n, root_namespace, set)
+                    .map_err(|e| in_document(origin, n, e))?;
             }
         }
     }
-    Ok(set)
+    Ok(())
 }
 
-fn check_kind(file: &Path, n: usize, h: &Header) -> Result<Kind, PolicyError> {
+/// An error at a key of document `n`.
+fn in_document(file: &Path, n: usize, e: KeyError) -> FileError {
+    FileError::new(file, format!("document {n}: {}", e.key), e.reason)
+}
+
+fn check_kind(file: &Path, n: usize, h: &Header) -> Result<Kind, FileError> {
     let Some(api) = h.api_version.as_deref() else {
-        return Err(PolicyError::new(
+        return Err(FileError::new(
             file,
             format!("document {n}: apiVersion"),
             "missing; expected security.istio.io/v1 or security.istio.io/v1beta1",
         ));
     };
     let Some(kind) = h.kind.as_deref() else {
-        return Err(PolicyError::new(
+        return Err(FileError::new(
             file,
             format!("document {n}: kind"),
             "missing; expected AuthorizationPolicy or PeerAuthentication",
@@ -282,7 +312,7 @@ fn check_kind(file: &Path, n: usize, h: &Header) -> Result<Kind, PolicyError> {
         "AuthorizationPolicy" => Kind::AuthorizationPolicy,
         "PeerAuthentication" => Kind::PeerAuthentication,
         _ => {
-            return Err(PolicyError::new(
+            return Err(FileError::new(
                 file,
                 format!("document {n}: kind"),
                 format!(
@@ -293,7 +323,7 @@ fn check_kind(file: &Path, n: usize, h: &Header) -> Result<Kind, PolicyError> {
         }
     };
     if !API_VERSIONS.contains(&api) {
-        return Err(PolicyError::new(
+        return Err(FileError::new(
             file,
             format!("document {n}: apiVersion"),
             format!(
@@ -306,73 +336,75 @@ fn check_kind(file: &Path, n: usize, h: &Header) -> Result<Kind, PolicyError> {
 }
 
 /// Checks metadata; returns (name, namespace).
-fn metadata(m: Option<Metadata>) -> Result<(String, String), Fail> {
+fn metadata(m: Option<Metadata>) -> Result<(String, String), KeyError> {
     let Some(m) = m else {
-        return Err((
-            "metadata".to_owned(),
-            "missing; metadata.name and metadata.namespace are required".to_owned(),
+        return Err(KeyError::new(
+            "metadata",
+            "missing; metadata.name and metadata.namespace are required",
         ));
     };
     let Some(name) = m.name else {
-        return Err((
-            "metadata.name".to_owned(),
-            "metadata.name is required".to_owned(),
-        ));
+        return Err(KeyError::new("metadata.name", "metadata.name is required"));
     };
-    validate_name(&name).map_err(|r| ("metadata.name".to_owned(), r))?;
+    validate_name(&name).map_err(|r| KeyError::new("metadata.name", r))?;
     let Some(namespace) = m.namespace else {
-        return Err((
-            "metadata.namespace".to_owned(),
-            "metadata.namespace is required (meshguard has no current namespace to \
-             default to)"
-                .to_owned(),
+        return Err(KeyError::new(
+            "metadata.namespace",
+            "metadata.namespace is required (meshguard has no current namespace to default \
+             to)",
         ));
     };
-    validate_namespace(&namespace).map_err(|r| ("metadata.namespace".to_owned(), r))?;
+    validate_namespace(&namespace).map_err(|r| KeyError::new("metadata.namespace", r))?;
     Ok((name, namespace))
-}
-
-fn selector(s: Option<Selector>, key: &str) -> Result<BTreeMap<String, String>, Fail> {
-    let labels = s.and_then(|s| s.match_labels).unwrap_or_default();
-    validate_selector(&labels, &format!("{key}.matchLabels"))?;
-    Ok(labels)
-}
-
-fn list(v: &StrList) -> Option<List<'_>> {
-    v.as_ref().map(|l| {
-        (
-            None,
-            l.iter()
-                .map(|s| Item {
-                    text: s,
-                    line: None,
-                })
-                .collect(),
-        )
-    })
 }
 
 fn authorization_policy(
     obj: Object<AuthzSpec>,
     file: &Path,
     n: usize,
-    warnings: &mut Vec<String>,
-) -> Result<Policy, Fail> {
+) -> Result<(Policy, Vec<Warning>), KeyError> {
     let (name, namespace) = metadata(obj.metadata)?;
-    let spec = obj.spec.unwrap_or(AuthzSpec {
-        selector: None,
-        target_ref: None,
-        target_refs: None,
-        action: None,
-        provider: None,
-        rules: None,
-    });
+    let spec = obj.spec.unwrap_or_default();
+    let draft = draft_policy(name, namespace, &spec, file, n)?;
+    build_policy(draft, &FORM)
+}
+
+fn selector(s: Option<&Selector>, key: &str) -> Result<BTreeMap<String, String>, KeyError> {
+    let labels = s.and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    validate_selector(&labels).map_err(|r| KeyError::new(format!("{key}.matchLabels"), r))?;
+    Ok(labels)
+}
+
+fn list(v: &StrList) -> Option<WrittenList<'_>> {
+    v.as_deref().map(WrittenList::without_lines)
+}
+
+/// The L7-only fields among `fields` that are present.
+fn l7_fields<'a>(fields: &[(&'static str, &'a StrList)]) -> Vec<L7Field<'a>> {
+    fields
+        .iter()
+        .filter_map(|&(name, values)| {
+            Some(L7Field {
+                name,
+                values: values.as_deref()?,
+            })
+        })
+        .collect()
+}
+
+fn draft_policy<'a>(
+    name: String,
+    namespace: String,
+    spec: &'a AuthzSpec,
+    file: &Path,
+    n: usize,
+) -> Result<PolicyDraft<'a>, KeyError> {
     for (field, present) in [
         ("targetRef", spec.target_ref.is_some()),
         ("targetRefs", spec.target_refs.is_some()),
     ] {
         if present {
-            return Err((
+            return Err(KeyError::new(
                 format!("spec.{field}"),
                 format!(
                     "{field} is not supported: meshguard applies policies to workload \
@@ -383,105 +415,50 @@ fn authorization_policy(
     }
     let action = match &spec.action {
         None => Action::Allow,
-        Some(a) => Action::parse(a).map_err(|r| ("spec.action".to_owned(), r))?,
+        Some(a) => Action::parse(a).map_err(|r| KeyError::new("spec.action", r))?,
     };
     if spec.provider.is_some() {
-        return Err((
-            "spec.provider".to_owned(),
+        return Err(KeyError::new(
+            "spec.provider",
             "provider belongs to action CUSTOM (external authorization), which meshguard \
-             does not support"
-                .to_owned(),
+             does not support",
         ));
     }
-    let selector = selector(spec.selector, "spec.selector")?;
-    let warn = |warnings: &mut Vec<String>, key: &str, msg: String| {
-        warnings.push(format!("{}: document {n}: {key}: {msg}", file.display()));
-    };
+    let selector = selector(spec.selector.as_ref(), "spec.selector")?;
     let mut rules = Vec::new();
-    if let Some(raw_rules) = spec.rules {
-        for (r, rr) in raw_rules.into_iter().enumerate() {
-            let key = format!("spec.rules[{r}]");
-            let (rule, l7) = rule(rr, &key)?;
-            let rule = if l7.is_empty() {
-                rule
-            } else if action == Action::Allow {
-                warn(
-                    warnings,
-                    &key,
-                    format!(
-                        "ALLOW rule uses fields meshguard cannot check at L3/L4 ({}); \
-                         the rule matches nothing",
-                        l7.join(", ")
-                    ),
-                );
-                Rule {
-                    matches_nothing: true,
-                    ..rule
-                }
-            } else {
-                warn(
-                    warnings,
-                    &key,
-                    format!(
-                        "{action} rule uses fields meshguard cannot check at L3/L4 ({}); \
-                         they are ignored, so the rule applies to all traffic its other \
-                         fields match",
-                        l7.join(", ")
-                    ),
-                );
-                rule
-            };
-            rules.push(rule);
-        }
+    for (r, rule) in spec.rules.iter().flatten().enumerate() {
+        rules.push(draft_rule(rule, format!("spec.rules[{r}]"))?);
     }
-    if rules.is_empty() && action != Action::Allow {
-        warn(
-            warnings,
-            "spec.rules",
-            format!(
-                "{action} policy {namespace}/{name} has no rules and never matches; add \
-                 `rules: [{{}}]` to match all traffic"
-            ),
-        );
-    }
-    Ok(Policy {
+    Ok(PolicyDraft {
         name,
         namespace,
         selector,
         action,
         rules,
+        rules_key: "spec.rules".to_owned(),
         origin: format!("{}: document {n}", file.display()),
     })
 }
 
-/// Builds one rule from its L4 fields; returns it with the keys of the L7-only fields it
-/// used (the caller decides what they mean for the rule's action).
-fn rule(rr: YRule, key: &str) -> Result<(Rule, Vec<String>), Fail> {
-    let mut rule = Rule::default();
-    let mut l7 = Vec::new();
-    if let Some(from) = &rr.from {
-        if from.is_empty() {
-            return Err((
-                format!("{key}.from"),
-                "empty list; omit `from` to match any source".to_owned(),
-            ));
-        }
-        for (f, yf) in from.iter().enumerate() {
-            let fkey = format!("{key}.from[{f}]");
-            let Some(src) = &yf.source else {
-                return Err((
-                    format!("{fkey}.source"),
-                    "missing; each `from` entry needs a source".to_owned(),
+fn draft_rule(rule: &IstioRule, key: String) -> Result<RuleDraft<'_>, KeyError> {
+    let mut from = None;
+    if let Some(entries) = &rule.from {
+        let mut sources = Vec::with_capacity(entries.len());
+        for (f, entry) in entries.iter().enumerate() {
+            let Some(source) = &entry.source else {
+                return Err(KeyError::new(
+                    format!("{key}.from[{f}].source"),
+                    "missing; each `from` entry needs a source",
                 ));
             };
-            let skey = format!("{fkey}.source");
+            let source_key = format!("{key}.from[{f}].source");
             for (field, v) in [
-                ("serviceAccounts", &src.service_accounts),
-                ("notServiceAccounts", &src.not_service_accounts),
+                ("serviceAccounts", &source.service_accounts),
+                ("notServiceAccounts", &source.not_service_accounts),
             ] {
                 if v.is_some() {
-                    return Err((
-                        format!("{skey}.{field}"),
+                    return Err(KeyError::new(
+                        format!("{source_key}.{field}"),
                         format!(
                             "{field} is not supported; write principals such as \
                              cluster.local/ns/<namespace>/sa/<service-account>"
@@ -489,113 +466,70 @@ fn rule(rr: YRule, key: &str) -> Result<(Rule, Vec<String>), Fail> {
                     ));
                 }
             }
-            let mut has_l7 = false;
-            for (field, v) in [
-                ("requestPrincipals", &src.request_principals),
-                ("notRequestPrincipals", &src.not_request_principals),
-                ("remoteIpBlocks", &src.remote_ip_blocks),
-                ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
-            ] {
-                if let Some(values) = v {
-                    check_no_empty(values, &format!("{skey}.{field}"))?;
-                    l7.push(format!("from[{f}].source.{field}"));
-                    has_l7 = true;
-                }
-            }
-            let lists = SourceLists {
-                principals: list(&src.principals),
-                not_principals: list(&src.not_principals),
-                namespaces: list(&src.namespaces),
-                not_namespaces: list(&src.not_namespaces),
-                ip_blocks: list(&src.ip_blocks),
-                not_ip_blocks: list(&src.not_ip_blocks),
-            };
-            if lists.is_empty() && !has_l7 {
-                return Err((
-                    skey,
-                    "empty source; set at least one field, or omit `from` to match any \
-                     source"
-                        .to_owned(),
-                ));
-            }
-            // A source left with no L4 field after dropping L7 ones matches any source.
-            rule.from.push(build_source(lists, &skey, &SOURCE_NAMES)?);
+            sources.push(SourceDraft {
+                key: source_key,
+                line: None,
+                lists: SourceLists {
+                    principals: list(&source.principals),
+                    not_principals: list(&source.not_principals),
+                    namespaces: list(&source.namespaces),
+                    not_namespaces: list(&source.not_namespaces),
+                    ip_blocks: list(&source.ip_blocks),
+                    not_ip_blocks: list(&source.not_ip_blocks),
+                },
+                l7: l7_fields(&[
+                    ("requestPrincipals", &source.request_principals),
+                    ("notRequestPrincipals", &source.not_request_principals),
+                    ("remoteIpBlocks", &source.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &source.not_remote_ip_blocks),
+                ]),
+            });
         }
+        from = Some(Entries {
+            line: None,
+            entries: sources,
+        });
     }
-    if let Some(to) = &rr.to {
-        if to.is_empty() {
-            return Err((
-                format!("{key}.to"),
-                "empty list; omit `to` to match any destination".to_owned(),
-            ));
-        }
-        for (t, yt) in to.iter().enumerate() {
-            let tkey = format!("{key}.to[{t}]");
-            let Some(op) = &yt.operation else {
-                return Err((
-                    format!("{tkey}.operation"),
-                    "missing; each `to` entry needs an operation".to_owned(),
+    let mut to = None;
+    if let Some(entries) = &rule.to {
+        let mut destinations = Vec::with_capacity(entries.len());
+        for (t, entry) in entries.iter().enumerate() {
+            let Some(operation) = &entry.operation else {
+                return Err(KeyError::new(
+                    format!("{key}.to[{t}].operation"),
+                    "missing; each `to` entry needs an operation",
                 ));
             };
-            let okey = format!("{tkey}.operation");
-            let mut has_l7 = false;
-            for (field, v) in [
-                ("hosts", &op.hosts),
-                ("notHosts", &op.not_hosts),
-                ("methods", &op.methods),
-                ("notMethods", &op.not_methods),
-                ("paths", &op.paths),
-                ("notPaths", &op.not_paths),
-            ] {
-                if let Some(values) = v {
-                    check_no_empty(values, &format!("{okey}.{field}"))?;
-                    l7.push(format!("to[{t}].operation.{field}"));
-                    has_l7 = true;
-                }
-            }
-            if op.ports.is_none() && op.not_ports.is_none() && !has_l7 {
-                return Err((
-                    okey,
-                    "empty operation; set at least one field, or omit `to` to match any \
-                     destination"
-                        .to_owned(),
-                ));
-            }
-            rule.to.push(build_destination(
-                list(&op.ports),
-                list(&op.not_ports),
-                &okey,
-                ["ports", "notPorts"],
-                parse_port_istio,
-            )?);
+            destinations.push(DestinationDraft {
+                key: format!("{key}.to[{t}].operation"),
+                line: None,
+                ports: list(&operation.ports),
+                not_ports: list(&operation.not_ports),
+                l7: l7_fields(&[
+                    ("hosts", &operation.hosts),
+                    ("notHosts", &operation.not_hosts),
+                    ("methods", &operation.methods),
+                    ("notMethods", &operation.not_methods),
+                    ("paths", &operation.paths),
+                    ("notPaths", &operation.not_paths),
+                ]),
+            });
         }
+        to = Some(Entries {
+            line: None,
+            entries: destinations,
+        });
     }
-    if let Some(when) = &rr.when {
-        if when.is_empty() {
-            return Err((
-                format!("{key}.when"),
-                "empty list; omit `when` to put no condition on the rule".to_owned(),
-            ));
-        }
-        for w in 0..when.len() {
-            l7.push(format!("when[{w}]"));
-        }
-    }
-    Ok((rule, l7))
-}
-
-/// L7-only lists are not interpreted, but empty ones are still mistakes.
-fn check_no_empty(values: &[String], key: &str) -> Result<(), Fail> {
-    if values.is_empty() {
-        return Err((
-            key.to_owned(),
-            "empty list; omit the field to put no condition on it".to_owned(),
-        ));
-    }
-    if let Some(i) = values.iter().position(String::is_empty) {
-        return Err((format!("{key}[{i}]"), "empty value".to_owned()));
-    }
-    Ok(())
+    let when = rule.when.as_ref().map(|conditions| Entries {
+        line: None,
+        entries: vec![(); conditions.len()],
+    });
+    Ok(RuleDraft {
+        key,
+        from,
+        to,
+        when,
+    })
 }
 
 fn peer_authentication(
@@ -604,33 +538,32 @@ fn peer_authentication(
     n: usize,
     root_namespace: &str,
     set: &mut PolicySet,
-) -> Result<(), Fail> {
+) -> Result<(), KeyError> {
     let (_name, namespace) = metadata(obj.metadata)?;
     let Some(spec) = obj.spec else {
         return Ok(());
     };
     if spec.port_level_mtls.is_some() {
-        return Err((
-            "spec.portLevelMtls".to_owned(),
+        return Err(KeyError::new(
+            "spec.portLevelMtls",
             "portLevelMtls is not supported: meshguard encrypts every port of every \
-             protocol the same way"
-                .to_owned(),
+             protocol the same way",
         ));
     }
-    let selector = selector(spec.selector, "spec.selector")?;
+    let selector = selector(spec.selector.as_ref(), "spec.selector")?;
     let mode = spec.mtls.and_then(|m| m.mode);
     let strict = match mode.as_deref() {
         None | Some("UNSET") | Some("PERMISSIVE") => false,
         Some("STRICT") => true,
         Some("DISABLE") => {
-            return Err((
-                "spec.mtls.mode".to_owned(),
-                "meshguard never sends plaintext; mtls mode DISABLE is not supported".to_owned(),
+            return Err(KeyError::new(
+                "spec.mtls.mode",
+                "meshguard never sends plaintext; mtls mode DISABLE is not supported",
             ))
         }
         Some(other) => {
-            return Err((
-                "spec.mtls.mode".to_owned(),
+            return Err(KeyError::new(
+                "spec.mtls.mode",
                 format!("unknown mode {other:?}; expected UNSET, PERMISSIVE or STRICT"),
             ))
         }

@@ -12,7 +12,7 @@ fn load(text: &str) -> PolicySet {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn load_err(text: &str) -> PolicyError {
+fn load_err(text: &str) -> crate::file_error::FileError {
     match parse_istio_yaml(text, Path::new("bad.yaml"), DEFAULT_ROOT_NAMESPACE) {
         Ok(set) => panic!("expected an error, got {set:?}"),
         Err(e) => e,

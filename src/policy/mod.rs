@@ -104,12 +104,13 @@
 //! tightens). `DISABLE` is rejected (meshguard never sends plaintext), and so is
 //! `portLevelMtls`.
 
-pub mod check;
+mod build;
 mod eval;
 pub mod flows;
 mod istio;
 mod model;
 mod toml_file;
+mod values;
 
 #[cfg(test)]
 mod istio_tests;
@@ -120,19 +121,18 @@ use std::path::{Path, PathBuf};
 
 pub use eval::{Decision, Evaluator, Reason, Request, Target};
 pub use istio::parse_istio_yaml;
-pub(crate) use model::validate_namespace;
 pub use model::{
-    Action, DefaultAction, Destination, Pattern, Policy, PolicyError, PolicySet, PortMatch,
-    Protocol, Rule, Source, StrictWorkload,
+    Action, DefaultAction, Destination, Pattern, Policy, PolicySet, PortMatch, Protocol, Rule,
+    Source, StrictWorkload,
 };
 pub use toml_file::parse_toml;
+pub(crate) use values::validate_namespace;
+
+use crate::file_error::{read_to_string, FileError};
 
 /// The default root namespace (Istio's).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
-/// Loads and merges policy files: `.toml` files in meshguard's form, `.yaml`/`.yml` files
-/// of Istio documents. `root_namespace` decides which `PeerAuthentication` is mesh-wide;
-/// pass the same one to [`Evaluator::new`].
 /// The two forms a policy file can take, told apart by its extension (any case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -143,63 +143,36 @@ pub enum FileKind {
 }
 
 impl FileKind {
-    pub fn of(path: &Path) -> Option<FileKind> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "toml" => Some(FileKind::Toml),
-            "yaml" | "yml" => Some(FileKind::IstioYaml),
-            _ => None,
-        }
-    }
-}
-
-pub fn load_files(paths: &[PathBuf], root_namespace: &str) -> Result<PolicySet, PolicyError> {
-    let mut all = PolicySet::default();
-    for path in paths {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PolicyError::new(path, "", format!("cannot read file: {e}")))?;
-        let set = match FileKind::of(path) {
-            Some(FileKind::Toml) => parse_toml(&text, path)?,
-            Some(FileKind::IstioYaml) => parse_istio_yaml(&text, path, root_namespace)?,
-            None => {
-                return Err(PolicyError::new(
-                    path,
-                    "",
-                    "unknown policy file type; expected .toml (meshguard form) or .yaml/.yml \
-                     (Istio)",
-                ))
-            }
-        };
-        let prefix = format!("{}: ", path.display());
-        for p in set.policies {
-            let key = p.origin.strip_prefix(&prefix).unwrap_or("").to_owned();
-            push_policy(&mut all, p, path, &key)?;
-        }
-        all.strict_namespaces.extend(set.strict_namespaces);
-        all.mesh_strict |= set.mesh_strict;
-        all.strict_workloads.extend(set.strict_workloads);
-        all.warnings.extend(set.warnings);
-    }
-    Ok(all)
-}
-
-/// Adds a policy, refusing a second one with the same `namespace/name`.
-fn push_policy(set: &mut PolicySet, p: Policy, file: &Path, key: &str) -> Result<(), PolicyError> {
-    if let Some(other) = set
-        .policies
-        .iter()
-        .find(|o| o.namespace == p.namespace && o.name == p.name)
-    {
-        return Err(PolicyError::new(
-            file,
-            key,
-            format!(
-                "duplicate policy {}; also defined at {}",
-                p.id(),
-                other.origin
+    /// The form of `path`, or why it has none.
+    pub fn of(path: &Path) -> Result<FileKind, &'static str> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("toml") => Ok(FileKind::Toml),
+            Some("yaml" | "yml") => Ok(FileKind::IstioYaml),
+            _ => Err(
+                "unknown policy file type: policy files end in .toml (meshguard form) \
+                      or .yaml/.yml (Istio)",
             ),
-        ));
+        }
     }
-    set.policies.push(p);
-    Ok(())
+}
+
+/// Loads and merges policy files: `.toml` files in meshguard's form, `.yaml`/`.yml` files
+/// of Istio documents. Two policies with the same `namespace/name` are an error, in one
+/// file or across files. `root_namespace` decides which `PeerAuthentication` is mesh-wide;
+/// pass the same one to [`Evaluator::new`].
+pub fn load_files(paths: &[PathBuf], root_namespace: &str) -> Result<PolicySet, FileError> {
+    let mut set = PolicySet::default();
+    for path in paths {
+        let kind = FileKind::of(path).map_err(|reason| FileError::whole_file(path, reason))?;
+        let text = read_to_string(path)?;
+        match kind {
+            FileKind::Toml => toml_file::read_toml(&text, path, &mut set)?,
+            FileKind::IstioYaml => istio::read_istio_yaml(&text, path, root_namespace, &mut set)?,
+        }
+    }
+    Ok(set)
 }

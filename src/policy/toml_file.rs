@@ -6,50 +6,58 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::{
-    at_line, build_destination, build_source, parse_port_toml, validate_name, validate_namespace,
-    validate_selector, Action, Fail, Item, List, Policy, PolicyError, PolicySet, Rule, SourceLists,
-    SourceNames,
+use super::build::{
+    build_policy, DestinationDraft, Entries, Form, KeyError, PolicyDraft, RuleDraft, SourceDraft,
+    SourceLists, Written, WrittenList,
 };
+use super::model::{Action, PolicySet};
+use super::values::{parse_port_toml, validate_name, validate_namespace, validate_selector};
+use crate::file_error::{at_line, FileError, TomlFile};
 
-const SOURCE_NAMES: SourceNames = [
-    "principals",
-    "not_principals",
-    "namespaces",
-    "not_namespaces",
-    "ip_blocks",
-    "not_ip_blocks",
-];
+const FORM: Form = Form {
+    source_fields: [
+        "principals",
+        "not_principals",
+        "namespaces",
+        "not_namespaces",
+        "ip_blocks",
+        "not_ip_blocks",
+    ],
+    port_fields: ["ports", "not_ports"],
+    destination_entry: "destination",
+    parse_port: parse_port_toml,
+    match_all_rule: "an empty [[policy.rules]]",
+};
 
 type StrList = Option<Spanned<Vec<Spanned<String>>>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
+struct PolicyFile {
     #[serde(default)]
-    policy: Vec<Spanned<RawPolicy>>,
+    policy: Vec<Spanned<TomlPolicy>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPolicy {
+struct TomlPolicy {
     name: Option<Spanned<String>>,
     namespace: Option<Spanned<String>>,
     action: Option<Spanned<String>>,
     selector: Option<Spanned<BTreeMap<String, String>>>,
-    rules: Option<Spanned<Vec<RawRule>>>,
+    rules: Option<Spanned<Vec<TomlRule>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRule {
-    from: Option<Spanned<Vec<Spanned<RawSource>>>>,
-    to: Option<Spanned<Vec<Spanned<RawDestination>>>>,
+struct TomlRule {
+    from: Option<Spanned<Vec<Spanned<TomlSource>>>>,
+    to: Option<Spanned<Vec<Spanned<TomlDestination>>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSource {
+struct TomlSource {
     principals: StrList,
     not_principals: StrList,
     namespaces: StrList,
@@ -60,202 +68,161 @@ struct RawSource {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDestination {
+struct TomlDestination {
     ports: StrList,
     not_ports: StrList,
 }
 
-/// The file being parsed, to turn spans into line numbers.
-struct Src<'a> {
-    text: &'a str,
-}
+/// Lines of spanned values in the file being read.
+struct Lines<'a>(TomlFile<'a>);
 
-impl Src<'_> {
-    /// 1-based line and column of a byte offset.
-    fn line_col(&self, offset: usize) -> (usize, usize) {
-        crate::config::line_col(self.text, offset)
+impl Lines<'_> {
+    fn of<T>(&self, v: &Spanned<T>) -> Option<usize> {
+        Some(self.0.line(&v.span()))
     }
 
-    fn line<T>(&self, v: &Spanned<T>) -> Option<usize> {
-        Some(self.line_col(v.span().start).0)
-    }
-
-    fn list<'a>(&self, v: &'a StrList) -> Option<List<'a>> {
-        v.as_ref().map(|l| {
-            (
-                self.line(l),
-                l.get_ref()
-                    .iter()
-                    .map(|s| Item {
-                        text: s.get_ref(),
-                        line: self.line(s),
-                    })
-                    .collect(),
-            )
+    fn list<'v>(&self, v: &'v StrList) -> Option<WrittenList<'v>> {
+        v.as_ref().map(|list| WrittenList {
+            line: self.of(list),
+            values: list
+                .get_ref()
+                .iter()
+                .map(|s| Written {
+                    text: s.get_ref(),
+                    line: self.of(s),
+                })
+                .collect(),
         })
     }
 }
 
 /// Parses a TOML policy file. `origin` names the file in errors, warnings and
-/// [`Policy::origin`].
-pub fn parse_toml(text: &str, origin: &Path) -> Result<PolicySet, PolicyError> {
-    let src = Src { text };
-    let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let key = match e.span() {
-            Some(span) => {
-                let (line, col) = src.line_col(span.start);
-                format!("line {line}, column {col}")
-            }
-            None => String::new(),
-        };
-        PolicyError::new(origin, key, e.message().trim_end())
-    })?;
+/// [`Policy::origin`](super::Policy::origin).
+pub fn parse_toml(text: &str, origin: &Path) -> Result<PolicySet, FileError> {
     let mut set = PolicySet::default();
-    for (i, rp) in raw.policy.iter().enumerate() {
-        let key = format!("policy[{i}]");
-        let policy = build_policy(&src, rp, &key, origin)
-            .map_err(|(k, reason)| PolicyError::new(origin, k, reason))?;
-        if policy.rules.is_empty() && policy.action != Action::Allow {
-            set.warnings.push(format!(
-                "{}: {key}: {} policy {} has no rules and never matches; add an empty \
-                 [[policy.rules]] to match all traffic",
-                origin.display(),
-                policy.action,
-                policy.id()
-            ));
-        }
-        super::push_policy(&mut set, policy, origin, &key)?;
-    }
+    read_toml(text, origin, &mut set)?;
     Ok(set)
 }
 
-fn build_policy(
-    src: &Src,
-    sp: &Spanned<RawPolicy>,
+/// Parses a TOML policy file into `set`.
+pub(crate) fn read_toml(text: &str, origin: &Path, set: &mut PolicySet) -> Result<(), FileError> {
+    let file = TomlFile::new(origin, text);
+    let raw: PolicyFile = file.parse()?;
+    let lines = Lines(file);
+    for (i, policy) in raw.policy.iter().enumerate() {
+        let key = format!("policy[{i}]");
+        let error = |e: KeyError| FileError::new(origin, e.key, e.reason);
+        let draft = draft_policy(&lines, policy, &key, origin).map_err(error)?;
+        let (policy, warnings) = build_policy(draft, &FORM).map_err(error)?;
+        for w in warnings {
+            set.warnings
+                .push(format!("{}: {}: {}", origin.display(), w.key, w.message));
+        }
+        set.add(policy, origin, &key)?;
+    }
+    Ok(())
+}
+
+fn draft_policy<'a>(
+    lines: &Lines,
+    spanned: &'a Spanned<TomlPolicy>,
     key: &str,
     origin: &Path,
-) -> Result<Policy, Fail> {
-    let rp = sp.get_ref();
-    let line = src.line(sp);
-    let required = |v: &Option<Spanned<String>>, field: &str| -> Result<String, Fail> {
+) -> Result<PolicyDraft<'a>, KeyError> {
+    let raw = spanned.get_ref();
+    let line = lines.of(spanned);
+    let required = |v: &Option<Spanned<String>>, field: &str| -> Result<String, KeyError> {
         match v {
             Some(s) => Ok(s.get_ref().clone()),
-            None => Err((
+            None => Err(KeyError::new(
                 format!("{key}.{field}"),
                 at_line(line, "missing; it is required"),
             )),
         }
     };
-    let name = required(&rp.name, "name")?;
-    validate_name(&name).map_err(|r| {
-        (
-            format!("{key}.name"),
-            at_line(rp.name.as_ref().and_then(|s| src.line(s)), r),
-        )
-    })?;
-    let namespace = required(&rp.namespace, "namespace")?;
-    validate_namespace(&namespace).map_err(|r| {
-        (
-            format!("{key}.namespace"),
-            at_line(rp.namespace.as_ref().and_then(|s| src.line(s)), r),
-        )
-    })?;
-    let action = match &rp.action {
-        None => Action::Allow,
-        Some(a) => Action::parse(a.get_ref())
-            .map_err(|r| (format!("{key}.action"), at_line(src.line(a), r)))?,
+    let invalid = |field: &'static str, at: Option<usize>| {
+        move |reason: String| KeyError::new(format!("{key}.{field}"), at_line(at, reason))
     };
-    let selector = match &rp.selector {
+    let name = required(&raw.name, "name")?;
+    let name_line = raw.name.as_ref().and_then(|s| lines.of(s));
+    validate_name(&name).map_err(invalid("name", name_line))?;
+    let namespace = required(&raw.namespace, "namespace")?;
+    let namespace_line = raw.namespace.as_ref().and_then(|s| lines.of(s));
+    validate_namespace(&namespace).map_err(invalid("namespace", namespace_line))?;
+    let action = match &raw.action {
+        None => Action::Allow,
+        Some(a) => Action::parse(a.get_ref()).map_err(invalid("action", lines.of(a)))?,
+    };
+    let selector = match &raw.selector {
         None => BTreeMap::new(),
         Some(s) => {
-            validate_selector(s.get_ref(), &format!("{key}.selector"))
-                .map_err(|(k, r)| (k, at_line(src.line(s), r)))?;
+            validate_selector(s.get_ref()).map_err(invalid("selector", lines.of(s)))?;
             s.get_ref().clone()
         }
     };
-    let mut rules = Vec::new();
-    if let Some(raw_rules) = &rp.rules {
-        for (r, rr) in raw_rules.get_ref().iter().enumerate() {
-            rules.push(build_rule(src, rr, &format!("{key}.rules[{r}]"))?);
-        }
-    }
-    Ok(Policy {
+    let rules = raw.rules.as_ref().map_or_else(Vec::new, |rules| {
+        rules
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(r, rule)| draft_rule(lines, rule, format!("{key}.rules[{r}]")))
+            .collect()
+    });
+    Ok(PolicyDraft {
         name,
         namespace,
         selector,
         action,
         rules,
+        rules_key: key.to_owned(),
         origin: format!("{}: {key}", origin.display()),
     })
 }
 
-fn build_rule(src: &Src, rr: &RawRule, key: &str) -> Result<Rule, Fail> {
-    let mut rule = Rule::default();
-    if let Some(from) = &rr.from {
-        if from.get_ref().is_empty() {
-            return Err((
-                format!("{key}.from"),
-                at_line(
-                    src.line(from),
-                    "empty list; omit `from` to match any source",
-                ),
-            ));
-        }
-        for (f, s) in from.get_ref().iter().enumerate() {
-            let fkey = format!("{key}.from[{f}]");
-            let raw = s.get_ref();
-            let lists = SourceLists {
-                principals: src.list(&raw.principals),
-                not_principals: src.list(&raw.not_principals),
-                namespaces: src.list(&raw.namespaces),
-                not_namespaces: src.list(&raw.not_namespaces),
-                ip_blocks: src.list(&raw.ip_blocks),
-                not_ip_blocks: src.list(&raw.not_ip_blocks),
-            };
-            if lists.is_empty() {
-                return Err((
-                    fkey,
-                    at_line(
-                        src.line(s),
-                        "empty source; set at least one field, or omit `from` to match \
-                         any source",
-                    ),
-                ));
-            }
-            rule.from.push(build_source(lists, &fkey, &SOURCE_NAMES)?);
-        }
+fn draft_rule<'a>(lines: &Lines, rule: &'a TomlRule, key: String) -> RuleDraft<'a> {
+    let from = rule.from.as_ref().map(|from| Entries {
+        line: lines.of(from),
+        entries: from
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(f, source)| {
+                let raw = source.get_ref();
+                SourceDraft {
+                    key: format!("{key}.from[{f}]"),
+                    line: lines.of(source),
+                    lists: SourceLists {
+                        principals: lines.list(&raw.principals),
+                        not_principals: lines.list(&raw.not_principals),
+                        namespaces: lines.list(&raw.namespaces),
+                        not_namespaces: lines.list(&raw.not_namespaces),
+                        ip_blocks: lines.list(&raw.ip_blocks),
+                        not_ip_blocks: lines.list(&raw.not_ip_blocks),
+                    },
+                    l7: Vec::new(),
+                }
+            })
+            .collect(),
+    });
+    let to = rule.to.as_ref().map(|to| Entries {
+        line: lines.of(to),
+        entries: to
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(t, destination)| DestinationDraft {
+                key: format!("{key}.to[{t}]"),
+                line: lines.of(destination),
+                ports: lines.list(&destination.get_ref().ports),
+                not_ports: lines.list(&destination.get_ref().not_ports),
+                l7: Vec::new(),
+            })
+            .collect(),
+    });
+    RuleDraft {
+        key,
+        from,
+        to,
+        when: None,
     }
-    if let Some(to) = &rr.to {
-        if to.get_ref().is_empty() {
-            return Err((
-                format!("{key}.to"),
-                at_line(
-                    src.line(to),
-                    "empty list; omit `to` to match any destination",
-                ),
-            ));
-        }
-        for (t, d) in to.get_ref().iter().enumerate() {
-            let tkey = format!("{key}.to[{t}]");
-            let raw = d.get_ref();
-            if raw.ports.is_none() && raw.not_ports.is_none() {
-                return Err((
-                    tkey,
-                    at_line(
-                        src.line(d),
-                        "empty destination; set ports or not_ports, or omit `to` to \
-                         match any destination",
-                    ),
-                ));
-            }
-            rule.to.push(build_destination(
-                src.list(&raw.ports),
-                src.list(&raw.not_ports),
-                &tkey,
-                ["ports", "not_ports"],
-                parse_port_toml,
-            )?);
-        }
-    }
-    Ok(rule)
 }

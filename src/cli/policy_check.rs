@@ -1,21 +1,17 @@
-//! `meshguard policy check`: explain the decision for one flow, from the configuration
-//! alone (no running daemon).
+//! `meshguard policy check`: explain the allow-list decision for one flow, from the
+//! configuration alone (no running daemon).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use std::time::{Duration, Instant};
-
-use super::{PolicySet, Protocol, Request};
 use crate::config::NodeConfig;
-use crate::identity::Principal;
-use crate::node::Node;
-use crate::proto::DeviceConfig;
+use crate::identity::{Principal, PrincipalError};
+use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error("--from {0:?}: {1}")]
-    From(String, String),
+    From(String, PrincipalError),
     #[error("--to {0:?}: no local identity has this principal or address")]
     To(String),
 }
@@ -31,35 +27,53 @@ pub fn explain(
     port: Option<u16>,
     source_ip: Option<IpAddr>,
 ) -> Result<String, CheckError> {
-    let source: Principal = from.parse().map_err(|e: crate::identity::PrincipalError| {
-        CheckError::From(from.to_owned(), e.to_string())
-    })?;
-    // The same compiled allow list the daemon would run, by building the sans-IO node.
-    let node = Node::new(
-        config,
-        policy,
-        DeviceConfig::default(),
-        Instant::now(),
-        Duration::ZERO,
-    );
+    let source: Principal = from
+        .parse()
+        .map_err(|e| CheckError::From(from.to_owned(), e))?;
+    let locals = &config.identities;
     let local = match to.parse::<Principal>() {
-        Ok(principal) => node.locals().iter().position(|l| l.principal == principal),
+        Ok(principal) => locals.iter().position(|l| l.principal == principal),
         Err(_) => to.parse::<IpAddr>().ok().and_then(|address| {
-            node.locals()
+            locals
                 .iter()
                 .position(|l| l.addresses.iter().any(|net| net.contains(&address)))
         }),
     }
     .ok_or_else(|| CheckError::To(to.to_owned()))?;
+    // Compiled as the daemon compiles it: for these local identities and peers.
+    let targets: Vec<Target> = locals
+        .iter()
+        .map(|l| Target {
+            principal: &l.principal,
+            labels: &l.labels,
+        })
+        .collect();
+    let peers: Vec<(&Principal, &str)> = config
+        .peers
+        .iter()
+        .flat_map(|node| {
+            node.identities
+                .iter()
+                .map(|identity| (&identity.principal, node.name.as_str()))
+        })
+        .collect();
+    let peer_principals: Vec<&Principal> = peers.iter().map(|(p, _)| *p).collect();
+    let evaluator = Evaluator::new(
+        policy,
+        config.policy.default,
+        &config.policy.root_namespace,
+        &targets,
+        &peer_principals,
+    );
     let request = Request {
         source_ip,
         protocol,
         port,
     };
-    let peer = node.peers().iter().position(|p| p.principal == source);
+    let peer = peers.iter().position(|(p, _)| **p == source);
     let decision = match peer {
-        Some(peer) => node.policy().evaluate(local, peer, &request),
-        None => node.policy().evaluate_principal(local, &source, &request),
+        Some(peer) => evaluator.evaluate(local, peer, &request),
+        None => evaluator.evaluate_principal(local, &source, &request),
     };
 
     let mut out = String::new();
@@ -67,14 +81,14 @@ pub fn explain(
     let _ = writeln!(out, "decision: {verdict}");
     let _ = writeln!(out, "because:  {}", decision.explain());
     let origin = match peer {
-        Some(peer) => format!("peer identity on node {}", node.peers()[peer].node),
+        Some(peer) => format!("peer identity on node {}", peers[peer].1),
         None => "not a configured peer: no tunnel can carry its packets today".to_owned(),
     };
     let _ = writeln!(out, "from:     {source} ({origin})");
     let _ = writeln!(
         out,
         "to:       {} (local identity)",
-        node.locals()[local].principal
+        locals[local].principal
     );
     let port = port.map_or_else(String::new, |p| format!(" port {p}"));
     let source_ip = source_ip.map_or_else(|| "(none given)".to_owned(), |ip| ip.to_string());

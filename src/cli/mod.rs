@@ -1,0 +1,195 @@
+//! The `meshguard` command line: keys, config checks, the daemon, `policy check` and the
+//! demo.
+
+mod policy_check;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{self, NodeConfig};
+use crate::identity::PrivateKey;
+use crate::policy::{self, PolicySet, Protocol};
+use crate::{daemon, telemetry};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Identity-aware encrypted overlay: WireGuard-compatible tunnels per workload identity"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new base64 private key (as `wg genkey`).
+    Genkey,
+    /// Read a base64 private key on stdin and print its public key (as `wg pubkey`).
+    Pubkey,
+    /// Validate a node file and its peer files, and print a summary.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the daemon in the foreground until SIGINT or SIGTERM.
+    Up {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Bring up a two-node demo mesh in network namespaces, send traffic, clean up (root).
+    Demo,
+    /// Allow-list tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Explain the decision for a flow from a principal to a local identity.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// Source principal (Istio or SPIFFE form).
+        #[arg(long)]
+        from: String,
+        /// Destination: a local identity's principal, or an address it owns.
+        #[arg(long)]
+        to: String,
+        /// `PORT/tcp`, `PORT/udp` or `icmp`.
+        #[arg(long)]
+        port: String,
+        /// Source address, for policies with ip_blocks (default: none, which never
+        /// matches an ALLOW ip_blocks condition).
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+    },
+}
+
+/// Loads the node file, its peers and its policy files: all valid, or an error.
+fn load(path: &std::path::Path) -> Result<(NodeConfig, PolicySet)> {
+    let config = config::load(path)?;
+    let policy = policy::load_files(&config.policy.files, &config.policy.root_namespace)?;
+    Ok((config, policy))
+}
+
+/// `--port`: `8080/tcp`, `53/udp` or `icmp`.
+struct PortArg {
+    protocol: Protocol,
+    port: Option<u16>,
+}
+
+impl std::str::FromStr for PortArg {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("icmp") {
+            return Ok(PortArg {
+                protocol: Protocol::Icmp,
+                port: None,
+            });
+        }
+        let (number, protocol) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("--port {s:?}: expected PORT/tcp, PORT/udp or icmp"))?;
+        let protocol = match protocol.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => anyhow::bail!("--port {s:?}: unknown protocol {other:?} (tcp or udp)"),
+        };
+        let port = number
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| anyhow::anyhow!("--port {s:?}: {number:?} is not a port (1-65535)"))?;
+        Ok(PortArg {
+            protocol,
+            port: Some(port),
+        })
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Genkey => println!("{}", PrivateKey::generate().to_base64()),
+        Command::Pubkey => {
+            let mut input = String::new();
+            std::io::stdin()
+                .take(1024)
+                .read_to_string(&mut input)
+                .context("reading the private key from stdin")?;
+            let key = PrivateKey::from_base64(input.trim())
+                .context("stdin does not hold a base64 private key")?;
+            println!("{}", key.public_key());
+        }
+        Command::Check { config } => {
+            let (config, policy) = load(&config)?;
+            print!("{}", config::summary(&config));
+            println!("  policies loaded: {}", policy.policies.len());
+            for warning in &policy.warnings {
+                println!("  policy warning: {warning}");
+            }
+        }
+        Command::Up { config } => {
+            telemetry::init();
+            let (config, policy) = load(&config)?;
+            daemon::run(config, policy)?;
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    config,
+                    from,
+                    to,
+                    port,
+                    source_ip,
+                },
+        } => {
+            let (config, policy) = load(&config)?;
+            let port = port.parse::<PortArg>()?;
+            let answer = policy_check::explain(
+                &config,
+                &policy,
+                &from,
+                &to,
+                port.protocol,
+                port.port,
+                source_ip,
+            )?;
+            println!("{answer}");
+        }
+        Command::Demo => demo()?,
+    }
+    Ok(())
+}
+
+#[cfg(feature = "demo")]
+fn demo() -> Result<()> {
+    let binary = std::env::current_exe().context("locating this executable")?;
+    crate::demo::run(&binary)
+}
+
+/// Release builds leave the demo's namespace tooling out.
+#[cfg(not(feature = "demo"))]
+fn demo() -> Result<()> {
+    anyhow::bail!(
+        "this meshguard was built without the demo: run scripts/demo.sh, or build with \
+         `cargo build --features demo`"
+    )
+}
+
+/// Runs the command line; errors are printed with their causes.
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
