@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
-use meshguard::proto::session::Session;
+use meshguard::proto::Session;
 use meshguard::proto::{SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 
 fn main() {

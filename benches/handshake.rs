@@ -46,7 +46,8 @@ fn initiation_response_keepalive(bencher: Bencher) {
         while p.a.poll_event().is_some() || p.b.poll_event().is_some() {}
     });
     assert_eq!(
-        p.a.stats.handshakes_completed, p.b.stats.handshakes_completed,
+        p.a.stats().handshakes_completed,
+        p.b.stats().handshakes_completed,
         "every initiation completed"
     );
 }

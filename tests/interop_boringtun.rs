@@ -46,6 +46,7 @@ fn setup() -> Setup {
     let theirs_addr: SocketAddr = THEIRS.parse().unwrap();
     let mut ours = Device::new(
         DeviceConfig::default(),
+        meshguard::proto::os_random(),
         now,
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshguard::identity::PrivateKey;
-use meshguard::proto::replay::WINDOW;
+use meshguard::proto::REPLAY_WINDOW as WINDOW;
 use meshguard::proto::{Device, DeviceConfig};
 use meshguard::testbed::{
     counter, require_root, tcp_transfer, IdentitySpec, Link, MeshguardNode, Netns, NodeSpec,
@@ -119,7 +119,12 @@ impl Rng {
 fn foreign_initiation(target: SocketAddr, responder_key: [u8; 32]) -> Vec<u8> {
     let now = Instant::now();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let mut device = Device::new(DeviceConfig::default(), now, unix);
+    let mut device = Device::new(
+        DeviceConfig::default(),
+        meshguard::proto::os_random(),
+        now,
+        unix,
+    );
     let local = device.add_local(PrivateKey::generate().as_bytes());
     let tunnel = device.add_tunnel(now, local, responder_key, Some(target), None);
     device.initiate(now, tunnel);

@@ -255,7 +255,12 @@ fn a_peer_cannot_spoof_sources_or_reach_another_identitys_address() {
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
-    let mut device = Device::new(DeviceConfig::default(), now, unix);
+    let mut device = Device::new(
+        DeviceConfig::default(),
+        meshguard::proto::os_random(),
+        now,
+        unix,
+    );
     let local = device.add_local(frontend.as_bytes());
     let payment_key = a.identities[0].private_key.public_key();
     let tunnel = device.add_tunnel(now, local, *payment_key.as_bytes(), Some(a.listen), None);

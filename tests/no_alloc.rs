@@ -214,7 +214,7 @@ fn device_seal_and_receive_allocate_nothing_per_packet() {
     });
     assert_no_allocations("Device::seal / Device::receive", measured);
     assert_eq!(
-        pair.a.stats.network_drops() + pair.b.stats.network_drops(),
+        pair.a.stats().network_drops() + pair.b.stats().network_drops(),
         0
     );
     assert_eq!(pair.a.poll_transmit().map(|t| t.data.len()), None);

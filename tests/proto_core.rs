@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 
 use meshguard::proto::constants::*;
 use meshguard::proto::{
-    Device, DeviceConfig, Drop, ReceiveStep, Received, SealStep, Sealed, TunnelId,
+    Device, DeviceConfig, ProtocolDrop as Drop, ReceiveStep, Received, SealStep, Sealed, TunnelId,
+    REPLAY_WINDOW,
 };
 use meshguard::testbed::fixtures::{
-    sealable, DevicePair as Pair, A_ENDPOINT, B_ENDPOINT, UNIX_START,
+    sealable, seeded, DevicePair as Pair, A_ENDPOINT, B_ENDPOINT, UNIX_START,
 };
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -66,7 +67,7 @@ fn handshake_and_data_both_ways() {
         let r = p.b.receive(p.now, p.a_addr, &mut d);
         assert_eq!(&payload_of(&r, &d)[..msg.len()], msg.as_bytes());
     }
-    assert_eq!(p.a.stats.network_drops() + p.b.stats.network_drops(), 0);
+    assert_eq!(p.a.stats().network_drops() + p.b.stats().network_drops(), 0);
 }
 
 #[test]
@@ -98,8 +99,8 @@ fn rekey_after_120s_loses_no_packet() {
     }
     assert_eq!(sent, received, "no packet lost across rekeys");
     // A initiated at t=0 and rekeys every REKEY_AFTER_TIME: at least at 120, 240, 360 s.
-    assert!(p.a.stats.handshakes_completed >= 4, "{:?}", p.a.stats);
-    assert_eq!(p.a.stats.network_drops() + p.b.stats.network_drops(), 0);
+    assert!(p.a.stats().handshakes_completed >= 4, "{:?}", p.a.stats());
+    assert_eq!(p.a.stats().network_drops() + p.b.stats().network_drops(), 0);
 }
 
 #[test]
@@ -158,22 +159,62 @@ fn keepalive_after_10s_of_one_way_traffic() {
 #[test]
 fn lost_initiation_is_retried_after_rekey_timeout() {
     let mut p = Pair::new();
+    let start = p.now;
     assert!(seal(&mut p.a, p.now, p.ab, b"waits").is_none());
     let first = p.a.poll_transmit().expect("initiation");
     assert!(is_type(&first.data, 1));
     drop(first); // lost
-    p.advance(REKEY_TIMEOUT - Duration::from_millis(1));
+                 // The retry is due after REKEY_TIMEOUT plus the jitter A's seeded source drew.
+    let retry_at = p.a.poll_timeout().expect("the retry timer runs");
+    let delay = retry_at - start;
     assert!(
-        p.a.poll_transmit().is_none(),
-        "no retry before REKEY_TIMEOUT"
+        (REKEY_TIMEOUT..=REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX).contains(&delay),
+        "{delay:?}"
     );
-    p.advance(Duration::from_millis(1) + REKEY_TIMEOUT_JITTER_MAX);
+    p.advance(delay - Duration::from_millis(1));
+    assert!(p.a.poll_transmit().is_none(), "no retry before it is due");
+    p.advance(Duration::from_millis(1));
     let delivered = p.pump();
     assert_eq!(
         &delivered.to_b[0][..5],
         b"waits",
         "queued packet delivered after the retry"
     );
+}
+
+/// The core draws every random byte (indices, jitter, ephemeral keys) from the source it
+/// is given: two runs from the same seeds put the same bytes on the wire.
+#[test]
+fn one_seed_gives_one_exact_schedule() {
+    let run = || {
+        let mut p = Pair::new();
+        let mut wire = Vec::new();
+        assert!(seal(&mut p.a, p.now, p.ab, b"first").is_none());
+        // Lose two initiations, then let the handshake through.
+        for _ in 0..2 {
+            let lost = p.a.poll_transmit().expect("initiation");
+            let retry_at = p.a.poll_timeout().expect("retry timer");
+            wire.push((retry_at - p.now, lost.data));
+            p.advance(retry_at - p.now);
+        }
+        while let Some(t) = p.a.poll_transmit() {
+            let mut data = t.data.clone();
+            p.b.receive(p.now, p.a_addr, &mut data);
+            wire.push((Duration::ZERO, t.data));
+            while let Some(answer) = p.b.poll_transmit() {
+                let mut data = answer.data.clone();
+                p.a.receive(p.now, p.b_addr, &mut data);
+                wire.push((Duration::ZERO, answer.data));
+            }
+        }
+        wire
+    };
+    let first = run();
+    assert!(
+        first.len() >= 5,
+        "two lost initiations, a handshake and data"
+    );
+    assert_eq!(first, run());
 }
 
 #[test]
@@ -194,7 +235,8 @@ fn handshake_attempts_give_up_after_90s() {
         "{initiations} initiations"
     );
     assert_eq!(
-        p.a.stats.handshake_gave_up, 1,
+        p.a.stats().handshake_gave_up,
+        1,
         "the queued packet is counted"
     );
 }
@@ -217,7 +259,7 @@ fn replayed_old_and_reordered_transport_packets() {
     assert_eq!(r, Received::Dropped(Drop::Replayed));
 
     let oldest = seal(&mut p.a, p.now, p.ab, b"old").unwrap();
-    for _ in 0..(meshguard::proto::replay::WINDOW + 10) {
+    for _ in 0..(REPLAY_WINDOW + 10) {
         seal(&mut p.a, p.now, p.ab, b"skip").unwrap();
     }
     let newest = seal(&mut p.a, p.now, p.ab, b"new").unwrap();
@@ -231,7 +273,7 @@ fn replayed_old_and_reordered_transport_packets() {
         Received::Dropped(Drop::Replayed),
         "too old for the window"
     );
-    assert_eq!(p.b.stats.replayed, 2);
+    assert_eq!(p.b.stats().replayed, 2);
 }
 
 /// Workers seal and open without the device: jobs made in one order and finished in
@@ -245,9 +287,9 @@ fn sealing_and_opening_finished_outside_the_device() {
     let mut bufs: Vec<Vec<u8>> = (0..8u8).map(|i| sealable(&[i; 40])).collect();
     let jobs: Vec<_> = bufs
         .iter_mut()
-        .map(|buf| match p.a.prepare_seal(p.now, p.ab, buf, 40) {
+        .map(|buf| match p.a.begin_seal(p.now, p.ab, buf, 40) {
             SealStep::Seal { job, .. } => job,
-            SealStep::Done(other) => panic!("no session: {other:?}"),
+            SealStep::Queued | SealStep::Dropped(_) => panic!("no session"),
         })
         .collect();
     for (buf, job) in bufs.iter_mut().zip(&jobs).rev() {
@@ -260,7 +302,7 @@ fn sealing_and_opening_finished_outside_the_device() {
     datagrams.push(bufs[0].clone());
     let opens: Vec<_> = datagrams
         .iter_mut()
-        .map(|d| match p.b.prepare_receive(p.now, p.a_addr, d) {
+        .map(|d| match p.b.begin_receive(p.now, p.a_addr, d) {
             ReceiveStep::Open(open) => open,
             ReceiveStep::Done(other) => panic!("not opened: {other:?}"),
         })
@@ -280,13 +322,13 @@ fn sealing_and_opening_finished_outside_the_device() {
         (0..8u8).collect::<Vec<_>>(),
         "each packet exactly once"
     );
-    assert_eq!(p.b.stats.replayed, 1);
+    assert_eq!(p.b.stats().replayed, 1);
 
     // A tampered datagram fails outside the device and is counted as forged at finish.
     let mut forged = seal(&mut p.a, p.now, p.ab, b"tamper").unwrap();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    let ReceiveStep::Open(open) = p.b.prepare_receive(p.now, p.a_addr, &mut forged) else {
+    let ReceiveStep::Open(open) = p.b.begin_receive(p.now, p.a_addr, &mut forged) else {
         panic!("not opened");
     };
     let opened = open.open(&mut forged);
@@ -303,7 +345,7 @@ fn a_job_whose_session_was_replaced_is_not_accepted() {
     let mut p = Pair::new();
     p.handshake();
     let mut late = seal(&mut p.a, p.now, p.ab, b"late").unwrap();
-    let ReceiveStep::Open(open) = p.b.prepare_receive(p.now, p.a_addr, &mut late) else {
+    let ReceiveStep::Open(open) = p.b.begin_receive(p.now, p.a_addr, &mut late) else {
         panic!("not opened");
     };
     for _ in 0..2 {
@@ -341,7 +383,7 @@ fn unknown_key_and_bad_mac1_get_no_answer() {
     // A stranger who knows B's public key but is not configured on B.
     let (c_priv, _) = keypair();
     let b_pub = p.b_public;
-    let mut c = Device::new(DeviceConfig::default(), p.now, UNIX_START);
+    let mut c = Device::new(DeviceConfig::default(), seeded(3), p.now, UNIX_START);
     let lc = c.add_local(c_priv);
     let cb = c.add_tunnel(p.now, lc, b_pub, Some(p.b_addr), None);
     c.initiate(p.now, cb);
@@ -402,18 +444,19 @@ fn under_load_initiation_gets_a_cookie_and_the_retry_with_mac2_succeeds() {
     let reply = p.b.poll_transmit().expect("cookie reply");
     assert!(is_type(&reply.data, 3));
     assert_eq!(reply.data.len(), 64);
-    assert_eq!(p.b.stats.cookie_replies_sent, 1);
+    assert_eq!(p.b.stats().cookie_replies_sent, 1);
     assert!(!p.b.has_session(p.ba));
     assert_eq!(
         opened(&mut p.a, p.now, p.b_addr, reply.data),
         Received::Control
     );
-    // The retry carries mac2 made with the cookie and is answered.
-    p.advance(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX);
+    // The retry, when A's timer says, carries mac2 made with the cookie and is answered.
+    let retry_at = p.a.poll_timeout().expect("the retry timer runs");
+    p.advance(retry_at - p.now);
     let delivered = p.pump();
     assert_eq!(&delivered.to_b[0][..12], b"after cookie");
-    assert_eq!(p.b.stats.cookie_replies_sent, 1);
-    assert_eq!(p.b.stats.handshakes_completed, 1);
+    assert_eq!(p.b.stats().cookie_replies_sent, 1);
+    assert_eq!(p.b.stats().handshakes_completed, 1);
 }
 
 #[test]
@@ -455,7 +498,7 @@ fn mac1_dispatches_an_initiation_to_the_right_local_identity() {
     let unix = UNIX_START;
     let responder_addr: SocketAddr = B_ENDPOINT.parse().unwrap();
     // The responder hosts three identities; the initiator knows only the third.
-    let mut responder = Device::new(DeviceConfig::default(), now, unix);
+    let mut responder = Device::new(DeviceConfig::default(), seeded(1), now, unix);
     let (init_priv, init_pub) = keypair();
     let mut tunnels = Vec::new();
     let mut publics = Vec::new();
@@ -465,7 +508,7 @@ fn mac1_dispatches_an_initiation_to_the_right_local_identity() {
         tunnels.push(responder.add_tunnel(now, local, init_pub, None, None));
         publics.push(public);
     }
-    let mut initiator = Device::new(DeviceConfig::default(), now, unix);
+    let mut initiator = Device::new(DeviceConfig::default(), seeded(2), now, unix);
     let local = initiator.add_local(init_priv);
     let tunnel = initiator.add_tunnel(now, local, publics[2], Some(responder_addr), None);
     initiator.initiate(now, tunnel);

@@ -18,7 +18,7 @@ use crate::io::tun::Tun;
 use crate::io::udp::Udp;
 use crate::node::Node;
 use crate::policy::{self, PolicySet};
-use crate::proto::DeviceConfig;
+use crate::proto::{self, DeviceConfig};
 
 mod worker;
 
@@ -144,6 +144,7 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
         &config,
         &policy,
         DeviceConfig::default(),
+        proto::os_random(),
         Instant::now(),
         unix_now(),
     );

@@ -20,7 +20,7 @@ use crate::packet::{self, IpHeader, Transport};
 use crate::policy::flows::{self, Direction, FlowState, FlowTable, Opened};
 use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
 use crate::proto::{
-    self, Device, DeviceConfig, Event, OpenError, ReceiveStep, Received, SealJob, SealStep, Sealed,
+    self, Device, DeviceConfig, Event, OpenError, Random, ReceiveStep, Received, SealJob, SealStep,
     TransportOpen, TunnelId,
 };
 
@@ -149,7 +149,7 @@ pub enum Ingress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
     Node(NodeDrop),
-    Protocol(proto::Drop),
+    Protocol(proto::ProtocolDrop),
 }
 
 pub struct Node {
@@ -219,10 +219,11 @@ impl Node {
         config: &NodeConfig,
         policy: &PolicySet,
         device_config: DeviceConfig,
+        random: Random,
         now: Instant,
         now_unix: Duration,
     ) -> Self {
-        let mut device = Device::new(device_config, now, now_unix);
+        let mut device = Device::new(device_config, random, now, now_unix);
         let mut locals = Vec::new();
         let mut local_by_address = PrefixTable::new();
         let mut local_ids = Vec::new();
@@ -363,17 +364,13 @@ impl Node {
         let packet = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len];
         self.track_outbound(now, &header, header.transport(packet));
         let tunnel = self.tunnels[local * self.peers.len() + peer];
-        match self.device.prepare_seal(now, tunnel, buf, len) {
+        match self.device.begin_seal(now, tunnel, buf, len) {
             SealStep::Seal { destination, job } => {
                 self.stats.packets_out += 1;
                 EgressStep::Seal { destination, job }
             }
-            SealStep::Done(Sealed::Queued) => done(Egress::Queued),
-            SealStep::Done(Sealed::Dropped(drop)) => done(Egress::Dropped(Dropped::Protocol(drop))),
-            // `prepare_seal` leaves sending to the job.
-            SealStep::Done(Sealed::Send { destination, len }) => {
-                done(Egress::Send { destination, len })
-            }
+            SealStep::Queued => done(Egress::Queued),
+            SealStep::Dropped(drop) => done(Egress::Dropped(Dropped::Protocol(drop))),
         }
     }
 
@@ -397,7 +394,7 @@ impl Node {
         source: SocketAddr,
         datagram: &mut [u8],
     ) -> IngressStep {
-        match self.device.prepare_receive(now, source, datagram) {
+        match self.device.begin_receive(now, source, datagram) {
             ReceiveStep::Open(open) => IngressStep::Open(open),
             ReceiveStep::Done(received) => {
                 IngressStep::Done(self.admit_received(now, datagram, received))
@@ -425,7 +422,7 @@ impl Node {
             Received::Control => return Ingress::Control,
             Received::Dropped(drop) => return Ingress::Dropped(Dropped::Protocol(drop)),
         };
-        let (local, peer) = self.pairs[tunnel.0];
+        let (local, peer) = self.pairs[tunnel.index()];
         let Some(header) = packet::parse(&datagram[plaintext.clone()]) else {
             return Ingress::Dropped(self.drop_packet(NodeDrop::NotIp));
         };
@@ -593,7 +590,7 @@ impl Node {
                 | Event::SessionExpired { tunnel }
                 | Event::HandshakeGaveUp { tunnel, .. } => *tunnel,
             };
-            let (local, peer) = self.pairs[tunnel.0];
+            let (local, peer) = self.pairs[tunnel.index()];
             let local = &self.locals[local].principal;
             let peer_identity = &self.peers[peer];
             let (peer, node) = (&peer_identity.principal, &peer_identity.node);
@@ -601,8 +598,8 @@ impl Node {
                 Event::HandshakeCompleted { we_initiated, .. } => {
                     tracing::info!(%local, %peer, %node, we_initiated, "handshake completed")
                 }
-                Event::Roamed { from, .. } => {
-                    tracing::info!(%local, %peer, %node, endpoint = %from, "peer roamed")
+                Event::Roamed { new_endpoint, .. } => {
+                    tracing::info!(%local, %peer, %node, endpoint = %new_endpoint, "peer roamed")
                 }
                 Event::SessionExpired { .. } => {
                     tracing::debug!(%local, %peer, %node, "session expired")
@@ -636,7 +633,7 @@ impl Node {
 
     /// One line of every counter, for logs and tests.
     pub fn counters(&self) -> String {
-        let p = &self.device.stats;
+        let p = self.device.stats();
         let r = &self.stats;
         format!(
             "packets_in={} packets_out={} handshakes_completed={} network_drops={} \

@@ -13,7 +13,7 @@ use blake2::digest::{FixedOutput, KeyInit, Update};
 use blake2::{Blake2s256, Blake2sMac, Digest};
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use rand_core::{OsRng, RngCore};
+use rand_core::RngCore;
 
 use super::constants::{COOKIE_REFRESH_TIME, LABEL_COOKIE, LABEL_MAC1};
 use super::messages::{mac_offsets, write_header, COOKIE_REPLY_LEN, TYPE_COOKIE_REPLY};
@@ -111,12 +111,12 @@ impl CookieIssuer {
     }
 
     /// The cookie for `source`, from a secret that changes every two minutes.
-    fn cookie(&mut self, now: Instant, source: SocketAddr) -> Mac16 {
+    fn cookie(&mut self, now: Instant, source: SocketAddr, random: &mut dyn RngCore) -> Mac16 {
         let stale = self
             .secret_born
             .is_none_or(|born| now.saturating_duration_since(born) >= COOKIE_REFRESH_TIME);
         if stale {
-            OsRng.fill_bytes(&mut self.secret);
+            random.fill_bytes(&mut self.secret);
             self.secret_born = Some(now);
         }
         let port = source.port().to_be_bytes();
@@ -127,8 +127,14 @@ impl CookieIssuer {
     }
 
     /// Whether `msg` carries a mac2 made with the current cookie for `source`.
-    pub fn verify_mac2(&mut self, now: Instant, source: SocketAddr, msg: &[u8]) -> bool {
-        let cookie = self.cookie(now, source);
+    pub fn verify_mac2(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        msg: &[u8],
+        random: &mut dyn RngCore,
+    ) -> bool {
+        let cookie = self.cookie(now, source, random);
         let (_, m2) = mac_offsets(msg.len());
         let expected = mac(&cookie, &[&msg[..m2]]);
         constant_time_eq(&expected, &msg[m2..])
@@ -143,13 +149,14 @@ impl CookieIssuer {
         own_keys: &MacKeys,
         msg: &[u8],
         receiver_index: u32,
+        random: &mut dyn RngCore,
     ) -> [u8; COOKIE_REPLY_LEN] {
-        let cookie = self.cookie(now, source);
+        let cookie = self.cookie(now, source, random);
         let (m1, m2) = mac_offsets(msg.len());
         let mut reply = [0u8; COOKIE_REPLY_LEN];
         write_header(&mut reply, TYPE_COOKIE_REPLY);
         reply[4..8].copy_from_slice(&receiver_index.to_le_bytes());
-        OsRng.fill_bytes(&mut reply[8..32]);
+        random.fill_bytes(&mut reply[8..32]);
         let nonce = *XNonce::from_slice(&reply[8..32]);
         reply[32..48].copy_from_slice(&cookie);
         let cipher = XChaCha20Poly1305::new((&own_keys.cookie).into());
@@ -171,6 +178,7 @@ mod tests {
 
     #[test]
     fn cookie_reply_round_trip_and_mac2() {
+        let random = &mut rand_core::OsRng;
         let now = Instant::now();
         let responder_pub = [7u8; 32];
         let keys = MacKeys::for_public_key(&responder_pub);
@@ -180,17 +188,17 @@ mod tests {
         assert!(keys.verify_mac1(&msg));
 
         let mut issuer = CookieIssuer::new();
-        assert!(!issuer.verify_mac2(now, source, &msg));
-        let reply = issuer.cookie_reply(now, source, &keys, &msg, 42);
+        assert!(!issuer.verify_mac2(now, source, &msg, random));
+        let reply = issuer.cookie_reply(now, source, &keys, &msg, 42, random);
         let cookie = keys.open_cookie_reply(&reply, &mac1).expect("opens");
         assert!(keys.open_cookie_reply(&reply, &[0; 16]).is_none());
 
         keys.write_macs(&mut msg, Some(&cookie));
-        assert!(issuer.verify_mac2(now, source, &msg));
+        assert!(issuer.verify_mac2(now, source, &msg, random));
         let other: SocketAddr = "198.18.0.9:4001".parse().unwrap();
-        assert!(!issuer.verify_mac2(now, other, &msg));
+        assert!(!issuer.verify_mac2(now, other, &msg, random));
         // After the secret rotates, the old cookie is worthless.
-        assert!(!issuer.verify_mac2(now + COOKIE_REFRESH_TIME, source, &msg));
+        assert!(!issuer.verify_mac2(now + COOKIE_REFRESH_TIME, source, &msg, random));
     }
 
     #[test]

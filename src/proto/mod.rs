@@ -1,18 +1,48 @@
-//! Sans-IO WireGuard protocol: messages, handshake, sessions, replay window, cookies and
-//! timers. No sockets, no clock: every call takes `now`.
+//! Sans-IO WireGuard protocol: messages, the Noise handshake, sessions, the replay window,
+//! cookies, load metering and timers. No sockets, no clock (every call takes `now`), and
+//! no randomness but the source the caller hands in.
 
 pub mod constants;
-pub mod cookie;
-pub mod device;
-pub mod handshake;
-pub mod messages;
-pub mod replay;
-pub mod session;
-pub mod tunnel;
+mod cookie;
+mod device;
+mod load_meter;
+mod messages;
+mod noise;
+mod replay;
+mod report;
+mod session;
+mod timers;
+mod tunnel;
 
 pub use device::{
-    Device, DeviceConfig, Drop, Event, LocalId, ReceiveStep, Received, SealStep, Sealed, Stats,
-    Transmit, TransportOpen, TunnelId,
+    Device, DeviceConfig, ReceiveStep, Received, SealStep, Sealed, Transmit, TransportOpen,
 };
 pub use messages::{is_transport, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
-pub use session::{OpenError, SealJob};
+pub use replay::WINDOW as REPLAY_WINDOW;
+pub use report::{Event, ProtocolDrop, Stats};
+pub use session::{OpenError, SealJob, Session};
+
+/// The randomness the core draws from (receiver indices, retry jitter, ephemeral keys,
+/// cookie secrets): the daemon passes the operating system's generator, tests pass a
+/// seeded one and get one exact, repeatable schedule.
+pub type Random = Box<dyn rand_core::CryptoRngCore + Send>;
+
+/// The operating system's generator, for the daemon.
+pub fn os_random() -> Random {
+    Box::new(rand_core::OsRng)
+}
+
+/// Index of a local identity's static key in the device, in the order they were added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalKeyId(usize);
+
+/// Index of a tunnel in the device, in the order they were added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TunnelId(usize);
+
+impl TunnelId {
+    /// The tunnel's position among the device's tunnels, in the order they were added.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}

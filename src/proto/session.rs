@@ -86,12 +86,12 @@ impl Session {
     /// by `buf`, which must hold at least `len + SEAL_TAILROOM` bytes after the header.
     /// Returns the length of the whole message.
     pub fn seal(&mut self, buf: &mut [u8], len: usize) -> usize {
-        self.prepare_seal(buf, len).seal(buf)
+        self.begin_seal(buf, len).seal(buf)
     }
 
     /// The part of sealing that needs the session: reserves the counter and writes the
     /// header into `buf[..16]`.
-    pub fn prepare_seal(&mut self, buf: &mut [u8], len: usize) -> SealJob {
+    pub fn begin_seal(&mut self, buf: &mut [u8], len: usize) -> SealJob {
         let counter = self.send_counter;
         self.send_counter += 1;
         write_header(buf, TYPE_TRANSPORT);
@@ -107,7 +107,7 @@ impl Session {
     /// Opens a transport message in place. On success returns the range of `msg` that
     /// holds the (possibly padded) plaintext; an empty range is a keepalive.
     pub fn open(&mut self, now: Instant, msg: &mut [u8]) -> Result<Range<usize>, OpenError> {
-        let job = self.prepare_open(now, msg)?;
+        let job = self.begin_open(now, msg)?;
         let plaintext = job.open(msg)?;
         self.accept(job.counter)?;
         Ok(plaintext)
@@ -115,7 +115,7 @@ impl Session {
 
     /// The part of opening that needs the session before decryption: refuses expired
     /// sessions and counters the replay window already rules out.
-    pub fn prepare_open(&self, now: Instant, msg: &[u8]) -> Result<OpenJob, OpenError> {
+    pub fn begin_open(&self, now: Instant, msg: &[u8]) -> Result<OpenJob, OpenError> {
         if self.age(now) >= REJECT_AFTER_TIME {
             return Err(OpenError::Expired);
         }

@@ -2,7 +2,9 @@
 //!
 //! Holds up to three sessions (WireGuard's current, previous and next keypairs), the
 //! handshake in progress, packets waiting for a session, the peer's endpoint and the
-//! WireGuard timers. The device drives it; nothing here reads a clock.
+//! WireGuard timers, and makes every change to them. The device decides when; the tunnel
+//! knows how. Receiver indices belong to the device: whenever the tunnel lets go of a
+//! session or a handshake, it hands the index back for the device to free.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -12,60 +14,66 @@ use snow::HandshakeState;
 
 use super::constants::*;
 use super::cookie::{Mac16, MacKeys};
-use super::handshake::TIMESTAMP_LEN;
+use super::noise::TIMESTAMP_LEN;
+use super::report::ProtocolDrop;
 use super::session::Session;
+use super::timers::{Timer, TimerTable};
+use super::LocalKeyId;
+
+/// Receiver indices a tunnel let go of; the device frees them.
+pub(super) type Released = Vec<u32>;
 
 /// An initiation we sent and whose response we wait for.
-pub struct Initiating {
+struct Initiating {
     /// `None` once a response was tried and failed; the retry timer sends a new one.
-    pub noise: Option<HandshakeState>,
-    pub local_index: u32,
+    noise: Option<HandshakeState>,
+    local_index: u32,
     /// mac1 of the initiation: the associated data of a cookie reply to it.
-    pub mac1: Mac16,
-    pub retry_at: Instant,
+    mac1: Mac16,
 }
 
-pub struct Tunnel {
-    pub local: usize,
-    pub peer_public: [u8; 32],
+pub(super) struct Tunnel {
+    local: LocalKeyId,
+    peer_public: [u8; 32],
     /// Keys derived from the peer's public key: mac1 on what we send it, cookie replies.
-    pub peer_keys: MacKeys,
-    pub endpoint: Option<SocketAddr>,
-    pub persistent_keepalive: Option<Duration>,
+    peer_keys: MacKeys,
+    endpoint: Option<SocketAddr>,
+    persistent_keepalive: Option<Duration>,
 
-    pub initiating: Option<Initiating>,
+    initiating: Option<Initiating>,
     /// When the current series of handshake attempts began (REKEY_ATTEMPT_TIME).
-    pub attempts_since: Option<Instant>,
-    pub last_initiation_sent: Option<Instant>,
+    attempts_since: Option<Instant>,
+    last_initiation_sent: Option<Instant>,
     /// Cookie from the peer's last cookie reply, and when it arrived.
-    pub cookie: Option<(Mac16, Instant)>,
+    cookie: Option<(Mac16, Instant)>,
 
     /// Newest initiation timestamp accepted from the peer, and when.
-    pub last_timestamp: Option<[u8; TIMESTAMP_LEN]>,
-    pub last_initiation_received: Option<Instant>,
+    last_timestamp: Option<[u8; TIMESTAMP_LEN]>,
+    last_initiation_received: Option<Instant>,
 
-    pub current: Option<Session>,
-    pub previous: Option<Session>,
+    current: Option<Session>,
+    previous: Option<Session>,
     /// Responder-side session, promoted once the initiator uses it.
-    pub next: Option<Session>,
+    next: Option<Session>,
 
-    pub queue: VecDeque<Vec<u8>>,
-
-    /// Send a keepalive then, unless something else is sent first.
-    pub keepalive_at: Option<Instant>,
-    /// Start a handshake then, unless something authenticated arrives first.
-    pub new_handshake_at: Option<Instant>,
-    pub persistent_keepalive_at: Option<Instant>,
+    /// Plaintexts waiting for a session, each laid out for sealing in place.
+    queue: VecDeque<Vec<u8>>,
+    timers: TimerTable,
 }
 
 impl Tunnel {
     pub fn new(
-        local: usize,
+        local: LocalKeyId,
         peer_public: [u8; 32],
         endpoint: Option<SocketAddr>,
         persistent_keepalive: Option<Duration>,
         now: Instant,
     ) -> Self {
+        let mut timers = TimerTable::default();
+        if persistent_keepalive.is_some() {
+            // A persistent keepalive starts the tunnel at once, as WireGuard does.
+            timers.set(Timer::PersistentKeepalive, now);
+        }
         Tunnel {
             local,
             peer_public,
@@ -82,12 +90,35 @@ impl Tunnel {
             previous: None,
             next: None,
             queue: VecDeque::new(),
-            keepalive_at: None,
-            new_handshake_at: None,
-            // A persistent keepalive starts the tunnel at once, as WireGuard does.
-            persistent_keepalive_at: persistent_keepalive.map(|_| now),
+            timers,
         }
     }
+
+    pub fn local(&self) -> LocalKeyId {
+        self.local
+    }
+
+    pub fn peer_public(&self) -> &[u8; 32] {
+        &self.peer_public
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+
+    pub fn has_session(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Roaming: an authenticated, non-replayed packet from `source` makes it the peer's
+    /// endpoint. Returns whether a known endpoint changed.
+    pub fn update_endpoint(&mut self, source: SocketAddr) -> bool {
+        let roamed = self.endpoint.is_some_and(|e| e != source);
+        self.endpoint = Some(source);
+        roamed
+    }
+
+    // --- sessions
 
     /// The session to send with, if one is usable.
     pub fn sending_session(&mut self, now: Instant) -> Option<&mut Session> {
@@ -100,6 +131,59 @@ impl Tunnel {
             .into_iter()
             .flatten()
             .find(|s| s.local_index == index)
+    }
+
+    /// Drops sessions past REJECT_AFTER_TIME: their keys can never be used again.
+    /// Returns their indices and whether the current session was among them.
+    pub fn expire_sessions(&mut self, now: Instant) -> (Released, bool) {
+        let mut released = Released::new();
+        let mut current_expired = false;
+        for (slot, is_current) in [
+            (&mut self.current, true),
+            (&mut self.previous, false),
+            (&mut self.next, false),
+        ] {
+            if let Some(session) = slot.take_if(|s| s.age(now) >= REJECT_AFTER_TIME) {
+                released.push(session.local_index);
+                current_expired |= is_current;
+            }
+        }
+        (released, current_expired)
+    }
+
+    /// Initiator: the new session is usable at once; the old current stays as previous
+    /// for packets still in flight. Ends the handshake attempts.
+    pub fn start_initiator_session(&mut self, session: Session, now: Instant) -> Released {
+        let old_previous = self.previous.take();
+        self.previous = self.current.replace(session);
+        self.attempts_since = None;
+        self.on_authenticated_receive(now);
+        old_previous.map(|s| s.local_index).into_iter().collect()
+    }
+
+    /// Responder: the new session waits in `next` until the initiator uses it; the
+    /// previous one goes, as in WireGuard.
+    pub fn start_responder_session(&mut self, session: Session) -> Released {
+        [self.next.replace(session), self.previous.take()]
+            .into_iter()
+            .flatten()
+            .map(|s| s.local_index)
+            .collect()
+    }
+
+    /// The initiator used the `next` session under `index`: it becomes current. Returns
+    /// whether it did, and the index of the session that had to go.
+    pub fn confirm_next(&mut self, index: u32) -> (bool, Released) {
+        if self.next.as_ref().is_none_or(|s| s.local_index != index) {
+            return (false, Released::new());
+        }
+        let next = self.next.take();
+        let old_previous = std::mem::replace(&mut self.previous, self.current.take());
+        self.current = next;
+        (
+            true,
+            old_previous.map(|s| s.local_index).into_iter().collect(),
+        )
     }
 
     /// Whether sessions are due a rekey after sending: the initiator's session is old or
@@ -118,63 +202,151 @@ impl Tunnel {
             .is_some_and(|s| s.we_initiated && s.age(now) >= REKEY_ON_RECEIVE_AFTER)
     }
 
-    /// A fresh cookie from the peer, usable as the mac2 key.
-    pub fn fresh_cookie(&self, now: Instant) -> Option<&Mac16> {
-        self.cookie
+    // --- handshakes
+
+    /// Whether a new initiation may go out now: none is waiting for its response and
+    /// none was sent within REKEY_TIMEOUT.
+    pub fn may_initiate(&self, now: Instant) -> bool {
+        let recently = self
+            .last_initiation_sent
+            .is_some_and(|at| now.saturating_duration_since(at) < REKEY_TIMEOUT);
+        self.initiating.is_none() && !recently
+    }
+
+    /// A new series of handshake attempts starts now.
+    pub fn begin_attempts(&mut self, now: Instant) {
+        self.attempts_since = Some(now);
+    }
+
+    /// Whether handshake attempts have gone on for REKEY_ATTEMPT_TIME.
+    pub fn attempts_exhausted(&self, now: Instant) -> bool {
+        self.attempts_since
+            .is_none_or(|since| now.saturating_duration_since(since) >= REKEY_ATTEMPT_TIME)
+    }
+
+    /// Handshake attempts gave up: the waiting packets and the handshake go. Returns the
+    /// handshake's index and how many packets were dropped.
+    pub fn give_up(&mut self) -> (Released, usize) {
+        let dropped = self.queue.len();
+        self.queue.clear();
+        self.attempts_since = None;
+        self.timers.stop(Timer::NewHandshake);
+        self.timers.stop(Timer::RetryHandshake);
+        let released = self.initiating.take().map(|i| i.local_index);
+        (released.into_iter().collect(), dropped)
+    }
+
+    /// Writes mac1 (and mac2, when a fresh cookie from the peer is known) into a
+    /// handshake message to the peer; returns mac1.
+    pub fn write_macs(&self, msg: &mut [u8], now: Instant) -> Mac16 {
+        let cookie = self
+            .cookie
             .as_ref()
             .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_REFRESH_TIME)
-            .map(|(c, _)| c)
+            .map(|(c, _)| c);
+        self.peer_keys.write_macs(msg, cookie)
     }
 
-    /// Timers that follow any authenticated packet we send.
-    pub fn on_authenticated_send(&mut self, now: Instant) {
-        self.keepalive_at = None;
-        self.arm_persistent_keepalive(now);
+    /// An initiation went out at `now` under `local_index`: its response is awaited and
+    /// the retry timer runs until `retry_at`. Returns the index of the initiation it
+    /// replaces.
+    pub fn initiation_sent(
+        &mut self,
+        noise: HandshakeState,
+        local_index: u32,
+        mac1: Mac16,
+        now: Instant,
+        retry_at: Instant,
+    ) -> Released {
+        let replaced = self.initiating.replace(Initiating {
+            noise: Some(noise),
+            local_index,
+            mac1,
+        });
+        self.last_initiation_sent = Some(now);
+        self.timers.set(Timer::RetryHandshake, retry_at);
+        self.on_authenticated_send(now);
+        replaced.map(|i| i.local_index).into_iter().collect()
     }
 
-    /// Timers that follow a data (non-keepalive) packet we send.
-    pub fn on_data_sent(&mut self, now: Instant) {
-        if self.new_handshake_at.is_none() {
-            self.new_handshake_at = Some(now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT);
-        }
-    }
-
-    /// Timers that follow any authenticated packet we receive.
-    pub fn on_authenticated_receive(&mut self, now: Instant) {
-        self.new_handshake_at = None;
-        self.arm_persistent_keepalive(now);
-    }
-
-    /// Timers that follow a data packet we receive: answer within KEEPALIVE_TIMEOUT.
-    pub fn on_data_received(&mut self, now: Instant) {
-        if self.keepalive_at.is_none() {
-            self.keepalive_at = Some(now + KEEPALIVE_TIMEOUT);
-        }
-    }
-
-    fn arm_persistent_keepalive(&mut self, now: Instant) {
-        if let Some(interval) = self.persistent_keepalive {
-            self.persistent_keepalive_at = Some(now + interval);
-        }
-    }
-
-    /// The earliest instant at which this tunnel has timer work to do.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let session_expiry = [&self.current, &self.previous, &self.next]
+    /// Lets go of the initiation in progress, if any; returns its index.
+    pub fn abandon_initiation(&mut self) -> Released {
+        self.initiating
+            .take()
+            .map(|i| i.local_index)
             .into_iter()
-            .flatten()
-            .map(|s| s.created + REJECT_AFTER_TIME);
-        [
-            self.initiating.as_ref().map(|i| i.retry_at),
-            self.keepalive_at,
-            self.new_handshake_at,
-            self.persistent_keepalive_at,
-        ]
-        .into_iter()
-        .flatten()
-        .chain(session_expiry)
-        .min()
+            .collect()
     }
+
+    /// Whether a response under `index` is one we wait for (and have not tried yet).
+    pub fn awaits_response(&self, index: u32) -> bool {
+        self.initiating
+            .as_ref()
+            .is_some_and(|i| i.local_index == index && i.noise.is_some())
+    }
+
+    /// The handshake state for the awaited response. Taken once: a response that fails
+    /// leaves the initiation to its retry timer.
+    pub fn take_handshake_state(&mut self) -> Option<HandshakeState> {
+        self.initiating.as_mut()?.noise.take()
+    }
+
+    /// The response arrived and completed the handshake: the initiation is over. Returns
+    /// its index, which the new session keeps.
+    pub fn finish_initiation(&mut self) -> Option<u32> {
+        self.timers.stop(Timer::RetryHandshake);
+        self.initiating.take().map(|i| i.local_index)
+    }
+
+    /// A cookie reply to our initiation under `index`: keeps the cookie for the retry.
+    pub fn accept_cookie_reply(
+        &mut self,
+        index: u32,
+        reply: &[u8],
+        now: Instant,
+    ) -> Result<(), ProtocolDrop> {
+        let mac1 = self
+            .initiating
+            .as_ref()
+            .filter(|i| i.local_index == index)
+            .map(|i| i.mac1)
+            .ok_or(ProtocolDrop::UnknownIndex)?;
+        let cookie = self
+            .peer_keys
+            .open_cookie_reply(reply, &mac1)
+            .ok_or(ProtocolDrop::Forged)?;
+        self.cookie = Some((cookie, now));
+        Ok(())
+    }
+
+    /// Refuses an initiation that replays an old timestamp or comes too soon after the
+    /// last one.
+    pub fn check_initiation(
+        &self,
+        timestamp: &[u8; TIMESTAMP_LEN],
+        now: Instant,
+    ) -> Result<(), ProtocolDrop> {
+        if self.last_timestamp.is_some_and(|last| *timestamp <= last) {
+            return Err(ProtocolDrop::HandshakeReplay);
+        }
+        if self
+            .last_initiation_received
+            .is_some_and(|at| now.saturating_duration_since(at) < MIN_INITIATION_INTERVAL)
+        {
+            return Err(ProtocolDrop::HandshakeFlood);
+        }
+        Ok(())
+    }
+
+    /// An initiation was answered: later ones must carry a newer timestamp.
+    pub fn initiation_answered(&mut self, timestamp: [u8; TIMESTAMP_LEN], now: Instant) {
+        self.last_timestamp = Some(timestamp);
+        self.last_initiation_received = Some(now);
+        self.on_authenticated_receive(now);
+        self.on_authenticated_send(now);
+    }
+
+    // --- packets waiting for a session
 
     /// Queues a packet (laid out for sealing in place) until a session exists. Returns
     /// whether an older packet had to be dropped to make room.
@@ -185,5 +357,63 @@ impl Tunnel {
         }
         self.queue.push_back(packet);
         overflow
+    }
+
+    pub fn dequeue(&mut self) -> Option<Vec<u8>> {
+        self.queue.pop_front()
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    // --- timers
+
+    /// Whether `timer` is due at `now`; a due timer is stopped, so it fires once.
+    pub fn take_expired(&mut self, timer: Timer, now: Instant) -> bool {
+        self.timers.take_expired(timer, now)
+    }
+
+    /// Timers that follow any authenticated packet we send.
+    pub fn on_authenticated_send(&mut self, now: Instant) {
+        self.timers.stop(Timer::Keepalive);
+        self.arm_persistent_keepalive(now);
+    }
+
+    /// Timers that follow a data (non-keepalive) packet we send: expect an answer.
+    pub fn on_data_sent(&mut self, now: Instant) {
+        self.timers
+            .start_unless_running(Timer::NewHandshake, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT);
+    }
+
+    /// Timers that follow any authenticated packet we receive.
+    pub fn on_authenticated_receive(&mut self, now: Instant) {
+        self.timers.stop(Timer::NewHandshake);
+        self.arm_persistent_keepalive(now);
+    }
+
+    /// Timers that follow a data packet we receive: answer within KEEPALIVE_TIMEOUT.
+    pub fn on_data_received(&mut self, now: Instant) {
+        self.timers
+            .start_unless_running(Timer::Keepalive, now + KEEPALIVE_TIMEOUT);
+    }
+
+    fn arm_persistent_keepalive(&mut self, now: Instant) {
+        if let Some(interval) = self.persistent_keepalive {
+            self.timers.set(Timer::PersistentKeepalive, now + interval);
+        }
+    }
+
+    /// The earliest instant at which this tunnel has timer work to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let session_expiry = [&self.current, &self.previous, &self.next]
+            .into_iter()
+            .flatten()
+            .map(|s| s.created + REJECT_AFTER_TIME);
+        self.timers
+            .next_deadline()
+            .into_iter()
+            .chain(session_expiry)
+            .min()
     }
 }

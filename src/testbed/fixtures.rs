@@ -1,6 +1,7 @@
 //! Sans-IO fixtures for unit tests, `tests/` and `benches/`: two protocol devices or two
 //! nodes that know each other, driven on a simulated clock. Nothing here touches a socket
-//! or sleeps, and nothing needs root.
+//! or sleeps, and nothing needs root. Keys and the cores' randomness come from fixed
+//! seeds, so every run follows the same schedule (retry jitter, indices, keys).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::config::{
     InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
@@ -16,7 +19,7 @@ use crate::identity::{Principal, PrivateKey};
 use crate::node::{Egress, Ingress, Node};
 use crate::policy::{DefaultAction, PolicySet};
 use crate::proto::{
-    Device, DeviceConfig, Received, Transmit, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+    Device, DeviceConfig, Random, Received, Transmit, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
 };
 
 /// UDP endpoints of the two sides. Sans-IO: nothing is ever sent to them.
@@ -28,6 +31,23 @@ pub const UNIX_START: Duration = Duration::from_secs(1_800_000_000);
 /// Inner (tunnelled) address of the identity on node A, and on node B.
 pub const A_INNER: [u8; 4] = [10, 1, 0, 1];
 pub const B_INNER: [u8; 4] = [10, 2, 0, 1];
+
+/// Seeds of side A's and side B's randomness.
+pub const A_SEED: u64 = 0xa;
+pub const B_SEED: u64 = 0xb;
+
+/// A seeded random source for a protocol core.
+pub fn seeded(seed: u64) -> Random {
+    Box::new(ChaCha8Rng::seed_from_u64(seed))
+}
+
+/// A private key drawn from a seeded generator.
+pub fn seeded_key(seed: u64) -> PrivateKey {
+    let mut bytes = [0u8; 32];
+    // Distinct from the core's stream of the same seed.
+    ChaCha8Rng::seed_from_u64(seed ^ 0x6b65_7973).fill_bytes(&mut bytes);
+    PrivateKey::from_bytes(bytes)
+}
 
 /// A buffer laid out for sealing in place: headroom, `len` bytes of plaintext (a counting
 /// pattern), tailroom.
@@ -87,14 +107,14 @@ impl DevicePair {
 
     pub fn with_configs(a_config: DeviceConfig, b_config: DeviceConfig) -> Self {
         let now = Instant::now();
-        let a_key = PrivateKey::generate();
-        let b_key = PrivateKey::generate();
+        let a_key = seeded_key(A_SEED);
+        let b_key = seeded_key(B_SEED);
         let a_public = *a_key.public_key().as_bytes();
         let b_public = *b_key.public_key().as_bytes();
         let a_addr: SocketAddr = A_ENDPOINT.parse().expect("address");
         let b_addr: SocketAddr = B_ENDPOINT.parse().expect("address");
-        let mut a = Device::new(a_config, now, UNIX_START);
-        let mut b = Device::new(b_config, now, UNIX_START);
+        let mut a = Device::new(a_config, seeded(A_SEED), now, UNIX_START);
+        let mut b = Device::new(b_config, seeded(B_SEED), now, UNIX_START);
         let la = a.add_local(a_key.as_bytes());
         let lb = b.add_local(b_key.as_bytes());
         let ab = a.add_tunnel(now, la, b_public, Some(b_addr), None);
@@ -288,8 +308,8 @@ impl NodePair {
     /// Nodes without policies whose defaults are `a_default` and `b_default`.
     pub fn with_defaults(a_default: DefaultAction, b_default: DefaultAction) -> Self {
         let now = Instant::now();
-        let a_key = PrivateKey::generate();
-        let b_key = PrivateKey::generate();
+        let a_key = seeded_key(A_SEED);
+        let b_key = seeded_key(B_SEED);
         let a_principal: Principal = "cluster.local/ns/bench/sa/client".parse().expect("valid");
         let b_principal: Principal = "cluster.local/ns/bench/sa/server".parse().expect("valid");
         let a = Side {
@@ -306,19 +326,20 @@ impl NodePair {
             key: &b_key,
             inner: IpNet::new(Ipv4Addr::from(B_INNER).into(), 32).expect("prefix"),
         };
-        let node = |config: &NodeConfig| {
+        let node = |config: &NodeConfig, seed: u64| {
             Node::new(
                 config,
                 &PolicySet::default(),
                 DeviceConfig::default(),
+                seeded(seed),
                 now,
                 UNIX_START,
             )
         };
         NodePair {
             now,
-            a: node(&node_config(&a, &b, a_default)),
-            b: node(&node_config(&b, &a, b_default)),
+            a: node(&node_config(&a, &b, a_default), A_SEED),
+            b: node(&node_config(&b, &a, b_default), B_SEED),
             a_addr: a.endpoint,
             b_addr: b.endpoint,
         }

@@ -3,11 +3,14 @@
 //! `snow` runs the Noise pattern (hashes, DH, AEAD of the static key and timestamp);
 //! this module frames its output as WireGuard messages 1 and 2 and pulls the transport
 //! keys out when the pattern completes. mac1/mac2 are written by the caller, which knows
-//! the cookie state.
+//! the cookie state. The ephemeral key's randomness comes from the caller too: snow is
+//! handed exactly the bytes the device drew, never a generator of its own.
 
 use std::sync::OnceLock;
 
-use snow::params::NoiseParams;
+use snow::params::{CipherChoice, DHChoice, HashChoice, NoiseParams};
+use snow::resolvers::{CryptoResolver, DefaultResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
 use snow::HandshakeState;
 
 use super::constants::{CONSTRUCTION, IDENTIFIER};
@@ -19,6 +22,50 @@ use super::messages::{
 /// WireGuard without a preshared key uses 32 zero bytes in its place.
 const NO_PRESHARED_KEY: [u8; 32] = [0; 32];
 pub const TIMESTAMP_LEN: usize = 12;
+
+/// Random bytes for one handshake's ephemeral key, drawn by the caller.
+pub type EphemeralSeed = [u8; 32];
+
+/// Gives snow the caller's bytes for the one ephemeral key of a handshake; asking for
+/// more than that is an error, so snow can never draw randomness of its own.
+struct SeededEntropy {
+    seed: EphemeralSeed,
+    used: usize,
+}
+
+impl Random for SeededEntropy {
+    fn try_fill_bytes(&mut self, out: &mut [u8]) -> Result<(), snow::Error> {
+        let end = self.used + out.len();
+        let bytes = self.seed.get(self.used..end).ok_or(snow::Error::Rng)?;
+        out.copy_from_slice(bytes);
+        self.used = end;
+        Ok(())
+    }
+}
+
+/// snow's own primitives, with the caller's seed as the only randomness.
+struct SeededResolver(EphemeralSeed);
+
+impl CryptoResolver for SeededResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        Some(Box::new(SeededEntropy {
+            seed: self.0,
+            used: 0,
+        }))
+    }
+
+    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
+        DefaultResolver.resolve_dh(choice)
+    }
+
+    fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
+        DefaultResolver.resolve_hash(choice)
+    }
+
+    fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        DefaultResolver.resolve_cipher(choice)
+    }
+}
 
 /// Transport keys from a completed handshake, from our point of view.
 pub struct TransportKeys {
@@ -37,8 +84,8 @@ fn params() -> NoiseParams {
         .clone()
 }
 
-fn builder<'a>(local_private: &'a [u8; 32]) -> snow::Builder<'a> {
-    snow::Builder::new(params())
+fn builder(local_private: &[u8; 32], seed: EphemeralSeed) -> snow::Builder<'_> {
+    snow::Builder::with_resolver(params(), Box::new(SeededResolver(seed)))
         .prologue(IDENTIFIER)
         .and_then(|b| b.psk(2, &NO_PRESHARED_KEY))
         .and_then(|b| b.local_private_key(local_private))
@@ -49,12 +96,13 @@ fn builder<'a>(local_private: &'a [u8; 32]) -> snow::Builder<'a> {
 /// waits for the response.
 pub fn write_initiation(
     local_private: &[u8; 32],
+    seed: EphemeralSeed,
     peer_public: &[u8; 32],
     sender_index: u32,
     timestamp: &[u8; TIMESTAMP_LEN],
     out: &mut [u8; INITIATION_LEN],
 ) -> HandshakeState {
-    let mut noise = builder(local_private)
+    let mut noise = builder(local_private, seed)
         .remote_public_key(peer_public)
         .and_then(|b| b.build_initiator())
         .expect("initiator from valid keys");
@@ -76,9 +124,14 @@ pub struct ReceivedInitiation {
     pub timestamp: [u8; TIMESTAMP_LEN],
 }
 
-/// Runs the responder's half of message 1; `None` if it does not decrypt.
-pub fn read_initiation(local_private: &[u8; 32], msg: &[u8]) -> Option<ReceivedInitiation> {
-    let mut noise = builder(local_private).build_responder().ok()?;
+/// Runs the responder's half of message 1; `None` if it does not decrypt. `seed` is for
+/// the ephemeral key of the response.
+pub fn read_initiation(
+    local_private: &[u8; 32],
+    seed: EphemeralSeed,
+    msg: &[u8],
+) -> Option<ReceivedInitiation> {
+    let mut noise = builder(local_private, seed).build_responder().ok()?;
     let mut timestamp = [0u8; TIMESTAMP_LEN];
     let n = noise
         .read_message(&msg[INITIATION_NOISE], &mut timestamp)
