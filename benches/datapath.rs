@@ -11,7 +11,7 @@ use divan::{black_box, Bencher};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use meshguard::identity::Principal;
+use meshguard::identity::{LocalId, PeerId, Principal};
 use meshguard::node::{Egress, Ingress};
 use meshguard::policy::{parse_toml, DefaultAction, Evaluator, Protocol, Request, Target};
 use meshguard::proto::{Received, Sealed};
@@ -103,13 +103,24 @@ fn policy_decision(bencher: Bencher, allowed: bool) {
         &targets,
         &peer_refs,
     );
-    let frontend = peers.len() - 1;
+    let frontend = PeerId::new(peers.len() - 1);
+    let payment_service = LocalId::new(0);
     let request = Request {
         source_ip: Some("10.10.2.1".parse().expect("address")),
         protocol: Protocol::Tcp,
         port: Some(if allowed { 8080 } else { 9999 }),
     };
-    assert_eq!(evaluator.evaluate(0, frontend, &request).allowed, allowed);
-    bencher
-        .bench_local(|| evaluator.evaluate(black_box(0), black_box(frontend), black_box(&request)));
+    assert_eq!(
+        evaluator
+            .evaluate(payment_service, frontend, &request)
+            .allowed,
+        allowed
+    );
+    bencher.bench_local(|| {
+        evaluator.evaluate(
+            black_box(payment_service),
+            black_box(frontend),
+            black_box(&request),
+        )
+    });
 }

@@ -237,8 +237,8 @@ fn node_egress_and_ingress_allocate_nothing_per_packet() {
     });
     assert_no_allocations("Node::egress / Node::ingress", measured);
     let expected = (1 + WARM_UP + ROUND_TRIPS) as u64;
-    assert_eq!(pair.b.stats.packets_in, expected);
-    assert_eq!(pair.a.stats.packets_in, expected - 1);
+    assert_eq!(pair.b.stats().packets_in, expected);
+    assert_eq!(pair.a.stats().packets_in, expected - 1);
     assert_eq!(pair.a.poll_transmit().map(|t| t.data.len()), None);
     assert_eq!(pair.b.poll_transmit().map(|t| t.data.len()), None);
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::config::NodeConfig;
-use crate::identity::{Principal, PrincipalError};
+use crate::identity::{LocalId, PeerId, Principal, PrincipalError};
 use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +72,8 @@ pub fn explain(
     };
     let peer = peers.iter().position(|(p, _)| **p == source);
     let decision = match peer {
-        Some(peer) => evaluator.evaluate(local, peer, &request),
-        None => evaluator.evaluate_principal(local, &source, &request),
+        Some(peer) => evaluator.evaluate(LocalId::new(local), PeerId::new(peer), &request),
+        None => evaluator.evaluate_principal(LocalId::new(local), &source, &request),
     };
 
     let mut out = String::new();

@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use crate::config::{NodeConfig, MAX_AUTO_WORKERS};
+use crate::identity::LocalId;
 use crate::io::netconf;
 use crate::io::tun::Tun;
 use crate::io::udp::Udp;
@@ -74,11 +75,12 @@ fn log_policy(node: &Node, policy: &PolicySet) {
         tracing::warn!(%warning, "policy adjusted");
     }
     for (index, local) in node.locals().iter().enumerate() {
-        let selected = node.policy().selected_by_allow(index);
+        let id = LocalId::new(index);
+        let selected = node.policy().selected_by_allow(id);
         tracing::info!(
             identity = %local.principal,
             selected_by_allow_policy = selected,
-            strict = node.policy().is_strict(index),
+            strict = node.policy().is_strict(id),
             "allow list"
         );
     }

@@ -21,8 +21,10 @@ use tokio::sync::Notify;
 
 use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use crate::io::udp::{RecvMeta, Udp};
-use crate::node::{EgressStep, Ingress, IngressStep, Node, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
-use crate::proto::{self, OpenError, SealJob, Transmit, TransportOpen};
+use crate::node::{EgressStep, Ingress, IngressStep, Node};
+use crate::proto::{
+    self, OpenError, SealJob, Transmit, TransportOpen, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+};
 
 /// Largest IP packet (or super packet) read from the TUN device.
 const MAX_PACKET: usize = 65535;

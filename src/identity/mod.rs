@@ -1,10 +1,12 @@
 //! Workload identities: principals, X25519 keys and key files, and the prefix tables that
 //! map addresses to identities (source → local identity, destination → peer identity).
 
+mod ids;
 pub mod keys;
 pub mod principal;
 pub mod table;
 
+pub use ids::{LocalId, PairTable, PeerId};
 pub use keys::{
     load_private_key_file, KeyError, KeyFileError, PrivateKey, PublicKey, KEY_BASE64_LEN, KEY_LEN,
 };

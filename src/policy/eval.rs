@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::model::{Action, DefaultAction, Destination, Pattern, PolicySet, PortMatch, Protocol};
-use crate::identity::{PrefixTable, Principal};
+use crate::identity::{LocalId, PairTable, PeerId, PrefixTable, Principal};
 
 /// A local identity as policies see it.
 #[derive(Clone, Copy, Debug)]
@@ -141,7 +141,7 @@ impl IpCond {
 
 /// One source with its identity part still to resolve per pair.
 #[derive(Debug)]
-struct CSource {
+struct CompiledSource {
     principals: Vec<Pattern>,
     not_principals: Vec<Pattern>,
     namespaces: Vec<Pattern>,
@@ -149,7 +149,7 @@ struct CSource {
     ip: Option<Arc<IpCond>>,
 }
 
-impl CSource {
+impl CompiledSource {
     fn identity_matches(&self, principal: &str, namespace: &str) -> bool {
         fn field(yes: &[Pattern], no: &[Pattern], value: &str) -> bool {
             (yes.is_empty() || yes.iter().any(|p| p.matches(value)))
@@ -161,14 +161,14 @@ impl CSource {
 }
 
 #[derive(Debug)]
-struct CDest {
+struct CompiledDestination {
     ports: Box<[PortMatch]>,
     not_ports: Box<[PortMatch]>,
 }
 
-impl CDest {
-    fn new(d: &Destination) -> CDest {
-        CDest {
+impl CompiledDestination {
+    fn new(d: &Destination) -> CompiledDestination {
+        CompiledDestination {
             ports: d.ports.clone().into_boxed_slice(),
             not_ports: d.not_ports.clone().into_boxed_slice(),
         }
@@ -193,20 +193,20 @@ impl CDest {
 }
 
 #[derive(Debug)]
-struct CRule {
+struct CompiledRule {
     index: u32,
     /// Empty: any source.
-    from: Vec<CSource>,
+    from: Vec<CompiledSource>,
     /// Empty: any destination.
-    to: Arc<[CDest]>,
+    to: Arc<[CompiledDestination]>,
 }
 
 #[derive(Debug)]
-struct CPolicy {
+struct CompiledPolicy {
     id: Arc<str>,
     action: Action,
     /// Rules that can match (ALLOW rules neutralised at load time are left out).
-    rules: Vec<CRule>,
+    rules: Vec<CompiledRule>,
 }
 
 /// What remains of a rule's `from` once the peer is known.
@@ -223,7 +223,7 @@ struct PairRule {
     policy: u32,
     rule: u32,
     from: PairFrom,
-    to: Arc<[CDest]>,
+    to: Arc<[CompiledDestination]>,
 }
 
 impl PairRule {
@@ -262,11 +262,9 @@ struct Local {
 /// Policies compiled for a fixed list of local identities and peer identities.
 #[derive(Debug)]
 pub struct Evaluator {
-    policies: Vec<CPolicy>,
+    policies: Vec<CompiledPolicy>,
     locals: Vec<Local>,
-    peers: usize,
-    /// `locals.len() * peers` entries, row per local identity.
-    pairs: Vec<PairRules>,
+    pairs: PairTable<PairRules>,
 }
 
 fn selector_matches(
@@ -277,9 +275,9 @@ fn selector_matches(
 }
 
 impl Evaluator {
-    /// Compiles `set` for these local identities and peers (indices into both slices are
-    /// what [`Evaluator::evaluate`] takes). `root_namespace` must be the one the set was
-    /// loaded with.
+    /// Compiles `set` for these local identities and peers (their positions in the two
+    /// slices are the ids [`Evaluator::evaluate`] takes). `root_namespace` must be the one
+    /// the set was loaded with.
     pub fn new(
         set: &PolicySet,
         default: DefaultAction,
@@ -287,7 +285,7 @@ impl Evaluator {
         locals: &[Target],
         peers: &[&Principal],
     ) -> Evaluator {
-        let policies: Vec<CPolicy> = set.policies.iter().map(compile_policy).collect();
+        let policies: Vec<CompiledPolicy> = set.policies.iter().map(compile_policy).collect();
         let locals: Vec<Local> = locals
             .iter()
             .map(|t| {
@@ -319,56 +317,47 @@ impl Evaluator {
                 }
             })
             .collect();
-        let mut ev = Evaluator {
+        let pairs = PairTable::new(locals.len(), peers.len(), |local, peer| {
+            compile_pair(&policies, &locals[local.index()], peers[peer.index()])
+        });
+        Evaluator {
             policies,
             locals,
-            peers: peers.len(),
-            pairs: Vec::new(),
-        };
-        let mut pairs = Vec::with_capacity(ev.locals.len() * peers.len());
-        for local in &ev.locals {
-            for peer in peers {
-                pairs.push(ev.compile_pair(local, peer));
-            }
+            pairs,
         }
-        ev.pairs = pairs;
-        ev
     }
 
-    pub fn local_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn local_count(&self) -> usize {
         self.locals.len()
     }
 
-    pub fn peer_count(&self) -> usize {
-        self.peers
+    #[cfg(test)]
+    pub(crate) fn peer_count(&self) -> usize {
+        self.pairs.peer_count()
     }
 
     /// Whether the local identity is under STRICT mTLS (its default is deny).
-    pub fn is_strict(&self, local: usize) -> bool {
-        self.locals[local].strict
+    pub fn is_strict(&self, local: LocalId) -> bool {
+        self.locals[local.index()].strict
     }
 
     /// Whether some ALLOW policy selects the local identity (so the default never applies).
-    pub fn selected_by_allow(&self, local: usize) -> bool {
-        self.locals[local].selected_by_allow
+    pub fn selected_by_allow(&self, local: LocalId) -> bool {
+        self.locals[local.index()].selected_by_allow
     }
 
-    /// The decision for a packet from peer identity `peer` to local identity `local`
-    /// (indices into the slices given to [`Evaluator::new`]). Only the rules that can
-    /// match this pair are looked at, and only their address and port conditions.
+    /// The decision for a packet from peer identity `peer` to local identity `local`.
+    /// Only the rules that can match this pair are looked at, and only their address and
+    /// port conditions.
     ///
     /// # Panics
     ///
-    /// If `local` or `peer` is out of range.
+    /// If `local` or `peer` is not one of the identities the evaluator was compiled for.
     #[inline]
-    pub fn evaluate(&self, local: usize, peer: usize, request: &Request) -> Decision {
-        assert!(
-            peer < self.peers,
-            "peer index {peer} out of range ({})",
-            self.peers
-        );
-        let pair = &self.pairs[local * self.peers + peer];
-        self.decide(&self.locals[local], pair, request)
+    pub fn evaluate(&self, local: LocalId, peer: PeerId, request: &Request) -> Decision {
+        let pair = self.pairs.get(local, peer);
+        self.decide(&self.locals[local.index()], pair, request)
     }
 
     /// The decision for any peer principal, configured or not (for `policy check`).
@@ -379,66 +368,13 @@ impl Evaluator {
     /// If `local` is out of range.
     pub fn evaluate_principal(
         &self,
-        local: usize,
+        local: LocalId,
         peer: &Principal,
         request: &Request,
     ) -> Decision {
-        let local = &self.locals[local];
-        let pair = self.compile_pair(local, peer);
+        let local = &self.locals[local.index()];
+        let pair = compile_pair(&self.policies, local, peer);
         self.decide(local, &pair, request)
-    }
-
-    fn compile_pair(&self, local: &Local, peer: &Principal) -> PairRules {
-        let principal = peer.to_string();
-        let namespace = peer.namespace();
-        let (mut deny, mut allow, mut audit) = (Vec::new(), Vec::new(), Vec::new());
-        for &pi in &local.applicable {
-            let policy = &self.policies[pi as usize];
-            for rule in &policy.rules {
-                let from = if rule.from.is_empty() {
-                    PairFrom::Any
-                } else {
-                    let mut conds = Vec::new();
-                    let mut any = false;
-                    for s in rule
-                        .from
-                        .iter()
-                        .filter(|s| s.identity_matches(&principal, namespace))
-                    {
-                        match &s.ip {
-                            None => {
-                                any = true;
-                                break;
-                            }
-                            Some(c) => conds.push(Arc::clone(c)),
-                        }
-                    }
-                    if any {
-                        PairFrom::Any
-                    } else if conds.is_empty() {
-                        continue; // no source can match this peer
-                    } else {
-                        PairFrom::Ip(conds.into_boxed_slice())
-                    }
-                };
-                let pr = PairRule {
-                    policy: pi,
-                    rule: rule.index,
-                    from,
-                    to: Arc::clone(&rule.to),
-                };
-                match policy.action {
-                    Action::Deny => deny.push(pr),
-                    Action::Allow => allow.push(pr),
-                    Action::Audit => audit.push(pr),
-                }
-            }
-        }
-        PairRules {
-            deny: deny.into_boxed_slice(),
-            allow: allow.into_boxed_slice(),
-            audit: audit.into_boxed_slice(),
-        }
     }
 
     #[inline]
@@ -492,13 +428,13 @@ impl Evaluator {
     }
 }
 
-fn compile_policy(p: &super::model::Policy) -> CPolicy {
+fn compile_policy(p: &super::model::Policy) -> CompiledPolicy {
     let rules = p
         .rules
         .iter()
         .enumerate()
         .filter(|(_, r)| !r.matches_nothing)
-        .map(|(i, r)| CRule {
+        .map(|(i, r)| CompiledRule {
             index: i as u32,
             from: r
                 .from
@@ -511,7 +447,7 @@ fn compile_policy(p: &super::model::Policy) -> CPolicy {
                     } else {
                         Some(Arc::new(IpCond { blocks, not_blocks }))
                     };
-                    CSource {
+                    CompiledSource {
                         principals: s.principals.clone(),
                         not_principals: s.not_principals.clone(),
                         namespaces: s.namespaces.clone(),
@@ -520,12 +456,66 @@ fn compile_policy(p: &super::model::Policy) -> CPolicy {
                     }
                 })
                 .collect(),
-            to: r.to.iter().map(CDest::new).collect(),
+            to: r.to.iter().map(CompiledDestination::new).collect(),
         })
         .collect();
-    CPolicy {
+    CompiledPolicy {
         id: Arc::from(p.id()),
         action: p.action,
         rules,
+    }
+}
+
+/// The rules of `local`'s policies that can match `peer`, by action, in policy order.
+fn compile_pair(policies: &[CompiledPolicy], local: &Local, peer: &Principal) -> PairRules {
+    let principal = peer.to_string();
+    let namespace = peer.namespace();
+    let (mut deny, mut allow, mut audit) = (Vec::new(), Vec::new(), Vec::new());
+    for &pi in &local.applicable {
+        let policy = &policies[pi as usize];
+        for rule in &policy.rules {
+            let from = if rule.from.is_empty() {
+                PairFrom::Any
+            } else {
+                let mut conds = Vec::new();
+                let mut any = false;
+                for s in rule
+                    .from
+                    .iter()
+                    .filter(|s| s.identity_matches(&principal, namespace))
+                {
+                    match &s.ip {
+                        None => {
+                            any = true;
+                            break;
+                        }
+                        Some(c) => conds.push(Arc::clone(c)),
+                    }
+                }
+                if any {
+                    PairFrom::Any
+                } else if conds.is_empty() {
+                    continue; // no source can match this peer
+                } else {
+                    PairFrom::Ip(conds.into_boxed_slice())
+                }
+            };
+            let pr = PairRule {
+                policy: pi,
+                rule: rule.index,
+                from,
+                to: Arc::clone(&rule.to),
+            };
+            match policy.action {
+                Action::Deny => deny.push(pr),
+                Action::Allow => allow.push(pr),
+                Action::Audit => audit.push(pr),
+            }
+        }
+    }
+    PairRules {
+        deny: deny.into_boxed_slice(),
+        allow: allow.into_boxed_slice(),
+        audit: audit.into_boxed_slice(),
     }
 }

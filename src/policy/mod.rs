@@ -106,7 +106,6 @@
 
 mod build;
 mod eval;
-pub mod flows;
 mod istio;
 mod model;
 mod toml_file;

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use super::*;
-use crate::identity::Principal;
+use crate::identity::{LocalId, PeerId, Principal};
 
 pub(super) fn principal(s: &str) -> Principal {
     s.parse().unwrap()
@@ -94,8 +94,8 @@ pub(super) fn decide(
         &locals,
         &[&other_peer, &pp, &other_peer],
     );
-    let fast = ev.evaluate(1, 1, request);
-    let slow = ev.evaluate_principal(1, &pp, request);
+    let fast = ev.evaluate(LocalId::new(1), PeerId::new(1), request);
+    let slow = ev.evaluate_principal(LocalId::new(1), &pp, request);
     assert_eq!(fast, slow, "compiled and slow paths disagree");
     fast
 }
@@ -568,18 +568,22 @@ principals = [\"td/ns/peer/sa/p2\"]
     );
     assert_eq!((ev.local_count(), ev.peer_count()), (3, 3));
     for l in 0..3 {
-        assert!(ev.selected_by_allow(l));
-        assert!(!ev.is_strict(l));
+        assert!(ev.selected_by_allow(LocalId::new(l)));
+        assert!(!ev.is_strict(LocalId::new(l)));
         for (p, peer) in peers.iter().enumerate() {
-            let d = ev.evaluate(l, p, &req("tcp 80"));
+            let d = ev.evaluate(LocalId::new(l), PeerId::new(p), &req("tcp 80"));
             assert_eq!(d.allowed, l == p, "local {l} peer {p}: {}", d.explain());
-            assert_eq!(d, ev.evaluate_principal(l, peer, &req("tcp 80")));
+            assert_eq!(
+                d,
+                ev.evaluate_principal(LocalId::new(l), peer, &req("tcp 80"))
+            );
         }
     }
     // A principal that is no configured peer, through the slow path.
     let stranger = principal("td/ns/peer/sa/p9");
     assert_eq!(
-        ev.evaluate_principal(0, &stranger, &req("tcp 80")).reason,
+        ev.evaluate_principal(LocalId::new(0), &stranger, &req("tcp 80"))
+            .reason,
         Reason::NoAllowMatched
     );
 }
@@ -599,7 +603,7 @@ fn evaluate_rejects_bad_peer_index() {
         }],
         &[&p, &p],
     );
-    ev.evaluate(0, 2, &req("tcp 80"));
+    ev.evaluate(LocalId::new(0), PeerId::new(2), &req("tcp 80"));
 }
 
 #[test]
@@ -912,7 +916,7 @@ fn check_example(set: &PolicySet, istio_form: bool) {
             (1, 2, "tcp 5432", false),
         ];
         for (l, p, r, allowed) in cases {
-            let d = ev.evaluate(l, p, &req(r));
+            let d = ev.evaluate(LocalId::new(l), PeerId::new(p), &req(r));
             assert_eq!(
                 d.allowed,
                 allowed,
@@ -922,7 +926,7 @@ fn check_example(set: &PolicySet, istio_form: bool) {
                 d.explain()
             );
         }
-        let d = ev.evaluate(0, 2, &req("tcp 8080"));
+        let d = ev.evaluate(LocalId::new(0), PeerId::new(2), &req("tcp 8080"));
         assert_eq!(d.reason, Reason::Denied);
         assert_eq!(d.policy.as_deref(), Some("istio-system/deny-legacy"));
     }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use ahash::RandomState;
 
-use super::Request;
+use crate::identity::{LocalId, PeerId};
 use crate::packet::{IpHeader, Transport};
+use crate::policy::Request;
 
 pub const TCP_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
@@ -32,8 +33,8 @@ pub struct FlowKey {
 /// What the policy was asked about when a peer opened a flow, kept for re-checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opened {
-    pub local: usize,
-    pub peer: usize,
+    pub local: LocalId,
+    pub peer: PeerId,
     pub request: Request,
 }
 
@@ -133,10 +134,6 @@ impl FlowTable {
 
     pub fn len(&self) -> usize {
         self.flows.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
     }
 
     /// The state of a live flow, marking it as seen now.
@@ -243,6 +240,7 @@ impl FlowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Protocol;
 
     fn key_n(n: u16) -> FlowKey {
         FlowKey {
@@ -259,11 +257,11 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::new(2);
         let opened = Opened {
-            local: 0,
-            peer: 0,
+            local: LocalId::new(0),
+            peer: PeerId::new(0),
             request: Request {
                 source_ip: None,
-                protocol: crate::policy::Protocol::Tcp,
+                protocol: Protocol::Tcp,
                 port: Some(80),
             },
         };
@@ -294,7 +292,7 @@ mod tests {
         assert!(t.touch(&key_n(3), now).is_some());
         assert!(t.touch(&key_n(1), now + UDP_IDLE).is_none(), "idled out");
         t.expire(now + UDP_IDLE);
-        assert!(t.is_empty());
+        assert_eq!(t.len(), 0);
     }
 
     #[test]
@@ -318,11 +316,11 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::new(2);
         let opened = Opened {
-            local: 0,
-            peer: 0,
+            local: LocalId::new(0),
+            peer: PeerId::new(0),
             request: Request {
                 source_ip: None,
-                protocol: super::super::Protocol::Udp,
+                protocol: Protocol::Udp,
                 port: Some(1),
             },
         };
@@ -344,11 +342,11 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::new(10);
         let opened = Opened {
-            local: 0,
-            peer: 1,
+            local: LocalId::new(0),
+            peer: PeerId::new(1),
             request: Request {
                 source_ip: Some("10.0.0.2".parse().unwrap()),
-                protocol: super::super::Protocol::Tcp,
+                protocol: Protocol::Tcp,
                 port: Some(1),
             },
         };

@@ -1,0 +1,258 @@
+//! The stateful allow list at tunnel ingress: flows a local workload opens let their
+//! replies in, flows the policy allowed are remembered so their later packets skip
+//! evaluation, ICMP errors about a tracked flow go with that flow, and everything else is
+//! evaluated against the compiled policy. A policy reload re-checks the remembered flows.
+
+use std::time::{Duration, Instant};
+
+use super::counters::{NodeDrop, PairDecisions};
+use super::flows::{self, Direction, FlowState, FlowTable, Opened};
+use super::routing::Routing;
+use crate::config::PolicyConfig;
+use crate::identity::{LocalId, PairTable, PeerId, Principal};
+use crate::packet::{self, IpHeader, Transport};
+use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
+
+/// How often idle flows are swept out of the flow table.
+const FLOW_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// At most one "denied" log line per identity pair this often; the rest are counted.
+const DENY_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// An inbound packet as the allow list sees it.
+pub(super) struct InboundPacket {
+    pub header: IpHeader,
+    pub transport: Transport,
+    /// For an ICMP error: the packet it quotes.
+    pub quoted: Option<(IpHeader, Transport)>,
+}
+
+/// How an inbound packet got in.
+pub(super) enum Admitted {
+    /// It belongs to a flow the table already holds.
+    Tracked,
+    /// The allow list was asked and allowed it.
+    Allowed,
+}
+
+pub(super) struct Firewall {
+    settings: PolicyConfig,
+    policy: Evaluator,
+    flows: FlowTable,
+    last_sweep: Instant,
+    decisions: PairTable<PairDecisions>,
+}
+
+fn protocol_of(header: &IpHeader, transport: Transport) -> (Protocol, Option<u16>) {
+    match transport {
+        Transport::Tcp {
+            destination_port, ..
+        } => (Protocol::Tcp, Some(destination_port)),
+        Transport::Udp {
+            destination_port, ..
+        } => (Protocol::Udp, Some(destination_port)),
+        Transport::IcmpEcho { .. } | Transport::IcmpOther => (Protocol::Icmp, None),
+        Transport::Other => match header.protocol {
+            packet::PROTO_TCP => (Protocol::Tcp, None),
+            packet::PROTO_UDP => (Protocol::Udp, None),
+            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => (Protocol::Icmp, None),
+            other => (Protocol::Other(other), None),
+        },
+    }
+}
+
+/// Compiles the allow list for the identities `routing` holds.
+fn compile(routing: &Routing, policy: &PolicySet, settings: &PolicyConfig) -> Evaluator {
+    let targets: Vec<Target> = routing
+        .locals()
+        .iter()
+        .map(|l| Target {
+            principal: &l.principal,
+            labels: &l.labels,
+        })
+        .collect();
+    let peers: Vec<&Principal> = routing.peers().iter().map(|p| &p.principal).collect();
+    Evaluator::new(
+        policy,
+        settings.default,
+        &settings.root_namespace,
+        &targets,
+        &peers,
+    )
+}
+
+impl Firewall {
+    pub fn new(
+        routing: &Routing,
+        policy: &PolicySet,
+        settings: &PolicyConfig,
+        now: Instant,
+    ) -> Self {
+        Firewall {
+            policy: compile(routing, policy, settings),
+            settings: settings.clone(),
+            flows: FlowTable::new(flows::DEFAULT_CAPACITY),
+            last_sweep: now,
+            decisions: PairTable::new(routing.locals().len(), routing.peers().len(), |_, _| {
+                PairDecisions::default()
+            }),
+        }
+    }
+
+    pub fn policy(&self) -> &Evaluator {
+        &self.policy
+    }
+
+    pub fn decisions(&self) -> &PairTable<PairDecisions> {
+        &self.decisions
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn flow_evictions(&self) -> u64 {
+        self.flows.evictions
+    }
+
+    /// Replaces the allow list. Flows the peer opened are re-checked at once: those the
+    /// new policy denies stop. Returns how many were revoked.
+    pub fn set_policy(&mut self, routing: &Routing, policy: &PolicySet) -> usize {
+        self.policy = compile(routing, policy, &self.settings);
+        let evaluator = &self.policy;
+        self.flows.recheck(|opened| {
+            evaluator
+                .evaluate(opened.local, opened.peer, &opened.request)
+                .allowed
+        })
+    }
+
+    /// Drops flows that idled out, every FLOW_SWEEP_INTERVAL.
+    pub fn sweep(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_sweep) >= FLOW_SWEEP_INTERVAL {
+            self.flows.expire(now);
+            self.last_sweep = now;
+        }
+    }
+
+    /// A local workload sends: remember the flow so the peer's replies come back in. A
+    /// flow already known (opened by the peer, or revoked) keeps its state.
+    pub fn track_outbound(&mut self, now: Instant, header: &IpHeader, transport: Transport) {
+        // An echo reply answers the peer's request; it opens nothing.
+        if matches!(transport, Transport::IcmpEcho { request: false, .. }) {
+            return;
+        }
+        // Only a SYN opens a TCP flow: a mid-stream packet of a connection the table no
+        // longer holds (idled out, evicted) must not open a way in for the peer.
+        let may_open = !matches!(transport, Transport::Tcp { opening: false, .. });
+        if let Some((key, idle)) = flows::key(header, transport, Direction::Outbound) {
+            if self.flows.touch(&key, now).is_none() && may_open {
+                self.flows.insert(key, FlowState::OpenedLocally, idle, now);
+            }
+        }
+    }
+
+    /// Whether the packet from `peer` to `local` may in: tracked flows pass (or stay
+    /// revoked), ICMP errors about a packet of a tracked flow go with that flow, anything
+    /// else is evaluated and, when allowed, tracked.
+    pub fn admit_inbound(
+        &mut self,
+        now: Instant,
+        routing: &Routing,
+        local: LocalId,
+        peer: PeerId,
+        packet: &InboundPacket,
+    ) -> Result<Admitted, NodeDrop> {
+        let InboundPacket {
+            header,
+            transport,
+            quoted,
+        } = packet;
+        let (header, transport) = (header, *transport);
+        let flow = flows::key(header, transport, Direction::Inbound);
+        if let Some((key, _)) = &flow {
+            match self.flows.touch(key, now) {
+                Some(FlowState::OpenedLocally | FlowState::Allowed(_)) => {
+                    return Ok(Admitted::Tracked)
+                }
+                Some(FlowState::Revoked(_)) => return Err(NodeDrop::FlowRevoked),
+                None => {}
+            }
+        }
+        // An error about a packet this identity sent ("fragmentation needed", "port
+        // unreachable") belongs to that packet's flow, as conntrack's RELATED does. It
+        // does not keep the flow alive.
+        let related = quoted
+            .as_ref()
+            .filter(|(inner, _)| inner.source == header.destination)
+            .and_then(|(inner, inner_transport)| {
+                flows::key(inner, *inner_transport, Direction::Outbound)
+            });
+        if let Some((key, _)) = related {
+            match self.flows.peek(&key, now) {
+                Some(FlowState::OpenedLocally | FlowState::Allowed(_)) => {
+                    return Ok(Admitted::Tracked)
+                }
+                Some(FlowState::Revoked(_)) => return Err(NodeDrop::FlowRevoked),
+                None => {}
+            }
+        }
+        let (protocol, port) = protocol_of(header, transport);
+        let request = Request {
+            source_ip: Some(header.source),
+            protocol,
+            port,
+        };
+        let decision = self.policy.evaluate(local, peer, &request);
+        let counts = self.decisions.get_mut(local, peer);
+        let (source, destination) = (
+            &routing.peer(peer).principal,
+            &routing.local(local).principal,
+        );
+        if !decision.audited_by.is_empty() {
+            counts.audited += 1;
+            tracing::debug!(
+                %source,
+                %destination,
+                %protocol,
+                port,
+                decision = %decision.explain(),
+                "audited flow"
+            );
+        }
+        if decision.allowed {
+            counts.allowed += 1;
+            if let Some((key, idle)) = flow {
+                let opened = Opened {
+                    local,
+                    peer,
+                    request,
+                };
+                self.flows
+                    .insert(key, FlowState::Allowed(opened), idle, now);
+            }
+            return Ok(Admitted::Allowed);
+        }
+        counts.denied += 1;
+        let due = counts
+            .last_deny_log
+            .is_none_or(|at| now.saturating_duration_since(at) >= DENY_LOG_INTERVAL);
+        if due {
+            let unlogged = counts.unlogged_denials;
+            counts.last_deny_log = Some(now);
+            counts.unlogged_denials = 0;
+            tracing::info!(
+                %source,
+                %destination,
+                source_ip = %header.source,
+                %protocol,
+                port,
+                decision = %decision.explain(),
+                similar_denials_not_logged = unlogged,
+                "denied inbound flow"
+            );
+        } else {
+            counts.unlogged_denials += 1;
+        }
+        Err(NodeDrop::PolicyDenied)
+    }
+}
