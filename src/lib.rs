@@ -1,19 +1,24 @@
-//! meshguard: an identity-aware encrypted overlay. `docs/ARCHITECTURE.md` describes the
-//! layers, the path of a packet and the rules of the house.
+//! meshguard: an identity-aware encrypted overlay. `docs/ARCHITECTURE.md` in the
+//! repository describes the layers, the path of a packet out and in, and the rules of the
+//! house.
+//!
+//! The public modules are what the binary, the tests and the benches use; the rest
+//! serves the daemon from inside the crate.
 
 pub mod cli;
 pub mod config;
-pub mod daemon;
+mod daemon;
 #[cfg(feature = "demo")]
-pub mod demo;
+mod demo;
 pub mod file_error;
 pub mod identity;
+// System calls that need `unsafe` live here and nowhere else.
 #[allow(unsafe_code)]
-pub mod io;
+mod io;
 pub mod node;
-pub mod packet;
+mod packet;
 pub mod policy;
 pub mod proto;
-pub mod telemetry;
+mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testbed;

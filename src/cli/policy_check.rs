@@ -9,7 +9,7 @@ use crate::identity::{LocalId, PeerId, Principal, PrincipalError};
 use crate::policy::{Evaluator, PolicySet, Protocol, Request, Target};
 
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
+pub(super) enum CheckError {
     #[error("--from {0:?}: {1}")]
     From(String, PrincipalError),
     #[error("--to {0:?}: no local identity has this principal or address")]
@@ -18,7 +18,7 @@ pub enum CheckError {
 
 /// The decision for a flow from `from` (any principal) to the local identity named or
 /// addressed by `to`, with the policy and rule behind it.
-pub fn explain(
+pub(super) fn explain(
     config: &NodeConfig,
     policy: &PolicySet,
     from: &str,

@@ -29,7 +29,7 @@ use worker::Shared;
 const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon for `config` and its loaded allow list until SIGINT or SIGTERM.
-pub fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
+pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
     let workers = worker_count(&config);
     let runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()

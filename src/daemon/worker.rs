@@ -42,21 +42,21 @@ const SEGMENTS_PER_SUPER_PACKET: usize = 65535 / 536 + 1;
 const MAX_GSO_BYTES: usize = 64_000;
 
 /// The node and when the control task's timer is set to wake it.
-pub struct State {
+pub(super) struct State {
     pub node: Node,
     /// The deadline the control task sleeps until (`None`: none).
     pub armed: Option<Instant>,
 }
 
 /// What the workers and the control task share.
-pub struct Shared {
+pub(super) struct Shared {
     state: Mutex<State>,
     /// Wakes the control task when a worker moved the node's deadline before `armed`.
     pub timer_moved: Notify,
 }
 
 impl Shared {
-    pub fn new(node: Node) -> Arc<Shared> {
+    pub(super) fn new(node: Node) -> Arc<Shared> {
         Arc::new(Shared {
             state: Mutex::new(State { node, armed: None }),
             timer_moved: Notify::new(),
@@ -65,7 +65,7 @@ impl Shared {
 
     /// Locks the node. A worker that panicked while holding it ends the daemon (the
     /// control task sees the failed task), so a poisoned lock is not used further.
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state
             .lock()
             .expect("a data-path worker panicked while holding the node")
@@ -73,7 +73,7 @@ impl Shared {
 
     /// After work on the node: takes its queued messages into `transmits`, logs its
     /// events, and wakes the control task if the node now wants to be woken earlier.
-    pub fn finish(&self, state: &mut State, transmits: &mut Vec<Transmit>) {
+    pub(super) fn finish(&self, state: &mut State, transmits: &mut Vec<Transmit>) {
         while let Some(transmit) = state.node.poll_transmit() {
             transmits.push(transmit);
         }
@@ -137,7 +137,7 @@ impl Buffers {
 }
 
 /// Serves one TUN queue and one socket until the device fails.
-pub async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u16) -> Result<()> {
+pub(super) async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u16) -> Result<()> {
     let mut buffers = Buffers::new(mtu);
     let mut tun_errors = TunErrors::default();
     loop {
@@ -431,7 +431,7 @@ async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
 }
 
 /// Sends (and empties) the messages the node queued.
-pub async fn send_transmits(socket: &Udp, transmits: &mut Vec<Transmit>) {
+pub(super) async fn send_transmits(socket: &Udp, transmits: &mut Vec<Transmit>) {
     for transmit in transmits.drain(..) {
         send(socket, &transmit.data, transmit.destination, None).await;
     }

@@ -68,7 +68,7 @@ fn shown(ok: bool, expected: bool) -> &'static str {
 }
 
 /// Runs the demo with the daemon binary `binary` (normally this executable).
-pub fn run(binary: &Path) -> Result<()> {
+pub(crate) fn run(binary: &Path) -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and TUN devices: run it as root");
     }

@@ -2,9 +2,9 @@
 //! map addresses to identities (source → local identity, destination → peer identity).
 
 mod ids;
-pub mod keys;
-pub mod principal;
-pub mod table;
+mod keys;
+mod principal;
+mod table;
 
 pub use ids::{LocalId, PairTable, PeerId};
 pub use keys::{

@@ -12,7 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Maximum length of a Kubernetes namespace or service account name (DNS subdomain).
-pub const MAX_K8S_NAME_LEN: usize = 253;
+pub(super) const MAX_K8S_NAME_LEN: usize = 253;
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 const EXPECTED_FORM: &str = "<trust-domain>/ns/<namespace>/sa/<service-account>";

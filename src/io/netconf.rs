@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 #[derive(Debug, thiserror::Error)]
 #[error("`ip {args}` failed: {reason}")]
-pub struct NetconfError {
+pub(crate) struct NetconfError {
     args: String,
     reason: String,
 }
@@ -33,11 +33,11 @@ fn ip(args: &[&str]) -> Result<(), NetconfError> {
     }
 }
 
-pub fn add_address(interface: &str, address: &IpNet) -> Result<(), NetconfError> {
+pub(crate) fn add_address(interface: &str, address: &IpNet) -> Result<(), NetconfError> {
     ip(&["address", "add", &address.to_string(), "dev", interface])
 }
 
 /// Routes `net` through `interface`, replacing any route for exactly that prefix.
-pub fn add_route(interface: &str, net: &IpNet) -> Result<(), NetconfError> {
+pub(crate) fn add_route(interface: &str, net: &IpNet) -> Result<(), NetconfError> {
     ip(&["route", "replace", &net.to_string(), "dev", interface])
 }

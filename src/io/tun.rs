@@ -9,10 +9,10 @@
 use std::io;
 
 use bytes::BytesMut;
-pub use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+pub(crate) use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// An open TUN device; the kernel removes it (and its routes) when this is dropped.
-pub struct Tun {
+pub(crate) struct Tun {
     device: tun_rs::AsyncDevice,
 }
 
@@ -20,7 +20,7 @@ impl Tun {
     /// Creates the device `name` with `mtu` and `queues` queues (one per worker), brings
     /// it up, and turns on segmentation offload when asked to and the kernel supports it
     /// (one log line says which). Returns one `Tun` per queue; any of them may be written.
-    pub fn create(
+    pub(crate) fn create(
         name: &str,
         mtu: u16,
         want_offload: bool,
@@ -66,7 +66,7 @@ impl Tun {
     /// Reads the next packet, or super packet cut into segments, into `segments[i]`
     /// starting at `headroom`, with lengths in `sizes`. Returns how many. `scratch` holds
     /// the raw read (virtio header and super packet): at least 10 + 65535 bytes.
-    pub async fn recv_batch(
+    pub(crate) async fn recv_batch(
         &self,
         scratch: &mut [u8],
         segments: &mut [Vec<u8>],
@@ -79,7 +79,7 @@ impl Tun {
     }
 
     /// Like `recv_batch`, without waiting: `WouldBlock` when nothing is pending.
-    pub fn try_recv_batch(
+    pub(crate) fn try_recv_batch(
         &self,
         scratch: &mut [u8],
         segments: &mut [Vec<u8>],
@@ -92,7 +92,7 @@ impl Tun {
 
     /// Writes packets, each at `packets[i][headroom..]` with `headroom >=
     /// VIRTIO_NET_HDR_LEN`, coalescing segments of one flow when offload is on.
-    pub async fn send_batch(
+    pub(crate) async fn send_batch(
         &self,
         gro: &mut GROTable,
         packets: &mut [BytesMut],

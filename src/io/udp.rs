@@ -9,15 +9,15 @@ use std::os::fd::AsRawFd;
 use nix::sys::socket::{
     self, getsockopt, setsockopt, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
 };
-pub use quinn_udp::RecvMeta;
+pub(crate) use quinn_udp::RecvMeta;
 use quinn_udp::{Transmit, UdpSocketState};
 use tokio::io::Interest;
 
 /// Socket buffer size the daemon asks for. Userspace tunnels lose most of their
 /// throughput to receive-buffer overflows with the kernel's default of about 200 KiB.
-pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+pub(crate) const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
-pub struct Udp {
+pub(crate) struct Udp {
     socket: tokio::net::UdpSocket,
     state: UdpSocketState,
 }
@@ -26,7 +26,7 @@ impl Udp {
     /// Binds `count` sockets to `listen`, one per worker: with more than one they share
     /// the port through SO_REUSEPORT, and the kernel keeps each sender on one socket, so
     /// a peer's packets stay in order. Logs what the first one got.
-    pub fn bind_group(listen: SocketAddr, count: usize) -> io::Result<Vec<Udp>> {
+    pub(crate) fn bind_group(listen: SocketAddr, count: usize) -> io::Result<Vec<Udp>> {
         if count <= 1 {
             let socket = std::net::UdpSocket::bind(listen)?;
             return Ok(vec![Udp::new(socket, true)?]);
@@ -81,19 +81,19 @@ impl Udp {
         Ok(Udp { socket, state })
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
     /// How many datagrams one `send` may carry.
-    pub fn max_segments(&self) -> usize {
+    pub(crate) fn max_segments(&self) -> usize {
         self.state.max_gso_segments()
     }
 
     /// Sends `contents` to `destination`: one datagram, or with `segment_size` several of
     /// that size (the last may be shorter). Should the kernel refuse segmentation, the
     /// datagrams go one by one and later sends stop asking for it.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         destination: SocketAddr,
         contents: &[u8],
@@ -135,13 +135,13 @@ impl Udp {
         }
     }
 
-    pub async fn readable(&self) -> io::Result<()> {
+    pub(crate) async fn readable(&self) -> io::Result<()> {
         self.socket.readable().await
     }
 
     /// Receives into `bufs` without blocking; `meta[i]` says what `bufs[i]` holds (with
     /// GRO, several datagrams `stride` bytes apart). `WouldBlock` when nothing is there.
-    pub fn try_recv(
+    pub(crate) fn try_recv(
         &self,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],

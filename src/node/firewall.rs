@@ -81,7 +81,7 @@ fn compile(routing: &Routing, policy: &PolicySet, settings: &PolicyConfig) -> Ev
 }
 
 impl Firewall {
-    pub fn new(
+    pub(super) fn new(
         routing: &Routing,
         policy: &PolicySet,
         settings: &PolicyConfig,
@@ -98,25 +98,25 @@ impl Firewall {
         }
     }
 
-    pub fn policy(&self) -> &Evaluator {
+    pub(super) fn policy(&self) -> &Evaluator {
         &self.policy
     }
 
-    pub fn decisions(&self) -> &PairTable<PairDecisions> {
+    pub(super) fn decisions(&self) -> &PairTable<PairDecisions> {
         &self.decisions
     }
 
-    pub fn flow_count(&self) -> usize {
+    pub(super) fn flow_count(&self) -> usize {
         self.flows.len()
     }
 
-    pub fn flow_evictions(&self) -> u64 {
+    pub(super) fn flow_evictions(&self) -> u64 {
         self.flows.evictions
     }
 
     /// Replaces the allow list. Flows the peer opened are re-checked at once: those the
     /// new policy denies stop. Returns how many were revoked.
-    pub fn set_policy(&mut self, routing: &Routing, policy: &PolicySet) -> usize {
+    pub(super) fn set_policy(&mut self, routing: &Routing, policy: &PolicySet) -> usize {
         self.policy = compile(routing, policy, &self.settings);
         let evaluator = &self.policy;
         self.flows.recheck(|opened| {
@@ -127,7 +127,7 @@ impl Firewall {
     }
 
     /// Drops flows that idled out, every FLOW_SWEEP_INTERVAL.
-    pub fn sweep(&mut self, now: Instant) {
+    pub(super) fn sweep(&mut self, now: Instant) {
         if now.saturating_duration_since(self.last_sweep) >= FLOW_SWEEP_INTERVAL {
             self.flows.expire(now);
             self.last_sweep = now;
@@ -136,7 +136,7 @@ impl Firewall {
 
     /// A local workload sends: remember the flow so the peer's replies come back in. A
     /// flow already known (opened by the peer, or revoked) keeps its state.
-    pub fn track_outbound(&mut self, now: Instant, header: &IpHeader, transport: Transport) {
+    pub(super) fn track_outbound(&mut self, now: Instant, header: &IpHeader, transport: Transport) {
         // An echo reply answers the peer's request; it opens nothing.
         if matches!(transport, Transport::IcmpEcho { request: false, .. }) {
             return;
@@ -154,7 +154,7 @@ impl Firewall {
     /// Whether the packet from `peer` to `local` may in: tracked flows pass (or stay
     /// revoked), ICMP errors about a packet of a tracked flow go with that flow, anything
     /// else is evaluated and, when allowed, tracked.
-    pub fn admit_inbound(
+    pub(super) fn admit_inbound(
         &mut self,
         now: Instant,
         routing: &Routing,

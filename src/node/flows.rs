@@ -15,14 +15,14 @@ use crate::identity::{LocalId, PeerId};
 use crate::packet::{IpHeader, Transport};
 use crate::policy::Request;
 
-pub const TCP_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
-pub const UDP_IDLE: Duration = Duration::from_secs(180);
-pub const ICMP_IDLE: Duration = Duration::from_secs(30);
-pub const DEFAULT_CAPACITY: usize = 65_536;
+pub(super) const TCP_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+pub(super) const UDP_IDLE: Duration = Duration::from_secs(180);
+pub(super) const ICMP_IDLE: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_CAPACITY: usize = 65_536;
 
 /// A flow, oriented from this node's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey {
+pub(super) struct FlowKey {
     protocol: u8,
     local: IpAddr,
     local_port: u16,
@@ -32,14 +32,14 @@ pub struct FlowKey {
 
 /// What the policy was asked about when a peer opened a flow, kept for re-checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Opened {
+pub(super) struct Opened {
     pub local: LocalId,
     pub peer: PeerId,
     pub request: Request,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowState {
+pub(super) enum FlowState {
     /// A local workload opened it: the peer's replies pass.
     OpenedLocally,
     /// The peer opened it and the policy allowed it.
@@ -59,7 +59,7 @@ struct Flow {
 
 /// Which way a packet crosses the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(super) enum Direction {
     /// From a local workload towards a peer.
     Outbound,
     /// From a peer towards a local workload.
@@ -68,7 +68,7 @@ pub enum Direction {
 
 /// The flow key of a packet and how long its flow may idle, or `None` for packets that
 /// are not tracked (ICMP other than echo, other protocols, later fragments).
-pub fn key(
+pub(super) fn key(
     header: &IpHeader,
     transport: Transport,
     direction: Direction,
@@ -107,7 +107,7 @@ pub fn key(
     Some((key, idle))
 }
 
-pub struct FlowTable {
+pub(super) struct FlowTable {
     flows: HashMap<FlowKey, Flow, RandomState>,
     /// Insertion order, for evicting the oldest flow; may hold stale entries.
     order: VecDeque<(FlowKey, u64)>,
@@ -121,7 +121,7 @@ pub struct FlowTable {
 }
 
 impl FlowTable {
-    pub fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize) -> Self {
         FlowTable {
             flows: HashMap::default(),
             order: VecDeque::new(),
@@ -132,12 +132,12 @@ impl FlowTable {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.flows.len()
     }
 
     /// The state of a live flow, marking it as seen now.
-    pub fn touch(&mut self, key: &FlowKey, now: Instant) -> Option<FlowState> {
+    pub(super) fn touch(&mut self, key: &FlowKey, now: Instant) -> Option<FlowState> {
         if let Some((recent, at, state)) = self.recent {
             if recent == *key && at == now {
                 return Some(state);
@@ -154,14 +154,14 @@ impl FlowTable {
     }
 
     /// The state of a live flow, without marking it as seen.
-    pub fn peek(&self, key: &FlowKey, now: Instant) -> Option<FlowState> {
+    pub(super) fn peek(&self, key: &FlowKey, now: Instant) -> Option<FlowState> {
         self.flows
             .get(key)
             .filter(|flow| now.saturating_duration_since(flow.last_seen) < flow.idle)
             .map(|flow| flow.state)
     }
 
-    pub fn insert(&mut self, key: FlowKey, state: FlowState, idle: Duration, now: Instant) {
+    pub(super) fn insert(&mut self, key: FlowKey, state: FlowState, idle: Duration, now: Instant) {
         self.recent = None;
         let stamp = self.next_stamp;
         self.next_stamp += 1;
@@ -211,7 +211,7 @@ impl FlowTable {
     }
 
     /// Drops flows idle past their timeout.
-    pub fn expire(&mut self, now: Instant) {
+    pub(super) fn expire(&mut self, now: Instant) {
         self.recent = None;
         self.flows
             .retain(|_, f| now.saturating_duration_since(f.last_seen) < f.idle);
@@ -220,7 +220,7 @@ impl FlowTable {
     /// Re-checks every peer-opened flow with `allowed`: denied ones become `Revoked`,
     /// revoked ones that are allowed again become `Allowed`. Returns how many flows are
     /// newly revoked.
-    pub fn recheck(&mut self, mut allowed: impl FnMut(&Opened) -> bool) -> usize {
+    pub(super) fn recheck(&mut self, mut allowed: impl FnMut(&Opened) -> bool) -> usize {
         self.recent = None;
         let mut revoked = 0;
         for flow in self.flows.values_mut() {

@@ -69,7 +69,7 @@ pub(super) struct Routing {
 
 impl Routing {
     /// The identities of `config`, with their keys and a tunnel per pair added to `device`.
-    pub fn new(config: &NodeConfig, device: &mut Device, now: Instant) -> Self {
+    pub(super) fn new(config: &NodeConfig, device: &mut Device, now: Instant) -> Self {
         let mut locals = Vec::new();
         let mut local_by_address = PrefixTable::new();
         let mut local_keys = Vec::new();
@@ -133,30 +133,33 @@ impl Routing {
         }
     }
 
-    pub fn locals(&self) -> &[LocalIdentity] {
+    pub(super) fn locals(&self) -> &[LocalIdentity] {
         &self.locals
     }
 
-    pub fn peers(&self) -> &[PeerIdentity] {
+    pub(super) fn peers(&self) -> &[PeerIdentity] {
         &self.peers
     }
 
-    pub fn local(&self, id: LocalId) -> &LocalIdentity {
+    pub(super) fn local(&self, id: LocalId) -> &LocalIdentity {
         &self.locals[id.index()]
     }
 
-    pub fn peer(&self, id: PeerId) -> &PeerIdentity {
+    pub(super) fn peer(&self, id: PeerId) -> &PeerIdentity {
         &self.peers[id.index()]
     }
 
     /// The pair a tunnel joins.
-    pub fn pair_of(&self, tunnel: TunnelId) -> (LocalId, PeerId) {
+    pub(super) fn pair_of(&self, tunnel: TunnelId) -> (LocalId, PeerId) {
         self.pairs[tunnel.index()]
     }
 
     /// Egress: the source picks the local identity (whose key seals), the destination
     /// the peer identity; their tunnel carries the packet.
-    pub fn egress(&mut self, header: &IpHeader) -> Result<(LocalId, PeerId, TunnelId), NodeDrop> {
+    pub(super) fn egress(
+        &mut self,
+        header: &IpHeader,
+    ) -> Result<(LocalId, PeerId, TunnelId), NodeDrop> {
         let local = self
             .egress_source
             .owner(&self.local_by_address, header.source)
@@ -170,7 +173,7 @@ impl Routing {
 
     /// Ingress: a packet from `tunnel` must come from an address of the tunnel's peer
     /// identity and go to an address of its local identity.
-    pub fn ingress(
+    pub(super) fn ingress(
         &mut self,
         tunnel: TunnelId,
         header: &IpHeader,

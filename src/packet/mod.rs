@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The addressing facts of an IPv4 or IPv6 packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpHeader {
+pub(crate) struct IpHeader {
     pub source: IpAddr,
     pub destination: IpAddr,
     /// The packet's own idea of its length (total length), never more than the buffer.
@@ -15,14 +15,14 @@ pub struct IpHeader {
     pub protocol: u8,
 }
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
+pub(crate) const PROTO_ICMP: u8 = 1;
+pub(crate) const PROTO_TCP: u8 = 6;
+pub(crate) const PROTO_UDP: u8 = 17;
+pub(crate) const PROTO_ICMPV6: u8 = 58;
 
 /// What a packet carries above IP, as far as flow tracking and policy need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
+pub(crate) enum Transport {
     Tcp {
         source_port: u16,
         destination_port: u16,
@@ -43,7 +43,7 @@ pub enum Transport {
 
 impl IpHeader {
     /// The transport layer of `packet` (the same buffer this header was parsed from).
-    pub fn transport(&self, packet: &[u8]) -> Transport {
+    pub(crate) fn transport(&self, packet: &[u8]) -> Transport {
         let Some(at) = self.transport_offset else {
             return Transport::Other;
         };
@@ -94,7 +94,7 @@ impl IpHeader {
     /// For an ICMP or ICMPv6 error (destination unreachable, packet too big, time
     /// exceeded, parameter problem): the packet it quotes, as far as the error carries
     /// it (addresses, protocol, ports). `None` for anything else.
-    pub fn quoted(&self, packet: &[u8]) -> Option<(IpHeader, Transport)> {
+    pub(crate) fn quoted(&self, packet: &[u8]) -> Option<(IpHeader, Transport)> {
         let at = self.transport_offset?;
         let l4 = &packet[at..self.len];
         let error = match self.protocol {
@@ -147,7 +147,7 @@ enum Length {
 
 /// Parses the header of the IP packet at the start of `packet`; `None` if it is not a
 /// well-formed IPv4 or IPv6 packet that fits in the buffer.
-pub fn parse(packet: &[u8]) -> Option<IpHeader> {
+pub(crate) fn parse(packet: &[u8]) -> Option<IpHeader> {
     parse_header(packet, Length::Whole)
 }
 

@@ -17,7 +17,7 @@ pub(crate) struct KeyError {
 }
 
 impl KeyError {
-    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(super) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         KeyError {
             key: key.into(),
             reason: reason.into(),
@@ -52,7 +52,7 @@ pub(crate) struct WrittenList<'a> {
 
 impl<'a> WrittenList<'a> {
     /// A list from a form that reports no lines.
-    pub fn without_lines(values: &'a [String]) -> Self {
+    pub(super) fn without_lines(values: &'a [String]) -> Self {
         WrittenList {
             line: None,
             values: values

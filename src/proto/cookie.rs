@@ -18,10 +18,10 @@ use rand_core::RngCore;
 use super::constants::{COOKIE_REFRESH_TIME, LABEL_COOKIE, LABEL_MAC1};
 use super::messages::{mac_offsets, write_header, COOKIE_REPLY_LEN, TYPE_COOKIE_REPLY};
 
-pub type Mac16 = [u8; 16];
+pub(super) type Mac16 = [u8; 16];
 
 /// BLAKE2s-256 of the concatenated parts.
-pub fn hash(parts: &[&[u8]]) -> [u8; 32] {
+pub(super) fn hash(parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Blake2s256::new();
     for part in parts {
         Digest::update(&mut h, part);
@@ -30,7 +30,7 @@ pub fn hash(parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// Keyed BLAKE2s with a 16-byte output.
-pub fn mac(key: &[u8], parts: &[&[u8]]) -> Mac16 {
+pub(super) fn mac(key: &[u8], parts: &[&[u8]]) -> Mac16 {
     let mut m = <Blake2sMac<U16> as KeyInit>::new_from_slice(key).expect("key of 1..=32 bytes");
     for part in parts {
         Update::update(&mut m, part);
@@ -41,13 +41,13 @@ pub fn mac(key: &[u8], parts: &[&[u8]]) -> Mac16 {
 /// The keys derived from one static public key: for checking or writing mac1 to that
 /// key's owner, and for sealing or opening cookie replies from it.
 #[derive(Clone)]
-pub struct MacKeys {
+pub(super) struct MacKeys {
     mac1: [u8; 32],
     cookie: [u8; 32],
 }
 
 impl MacKeys {
-    pub fn for_public_key(public: &[u8; 32]) -> Self {
+    pub(super) fn for_public_key(public: &[u8; 32]) -> Self {
         MacKeys {
             mac1: hash(&[LABEL_MAC1, public]),
             cookie: hash(&[LABEL_COOKIE, public]),
@@ -55,7 +55,7 @@ impl MacKeys {
     }
 
     /// Whether `msg` (a whole handshake message) carries a valid mac1 for this key.
-    pub fn verify_mac1(&self, msg: &[u8]) -> bool {
+    pub(super) fn verify_mac1(&self, msg: &[u8]) -> bool {
         let (m1, m2) = mac_offsets(msg.len());
         let expected = mac(&self.mac1, &[&msg[..m1]]);
         constant_time_eq(&expected, &msg[m1..m2])
@@ -63,7 +63,7 @@ impl MacKeys {
 
     /// Writes mac1, and mac2 when a fresh cookie is known, into a handshake message.
     /// Returns mac1, which is the associated data of any cookie reply to this message.
-    pub fn write_macs(&self, msg: &mut [u8], cookie: Option<&Mac16>) -> Mac16 {
+    pub(super) fn write_macs(&self, msg: &mut [u8], cookie: Option<&Mac16>) -> Mac16 {
         let (m1, m2) = mac_offsets(msg.len());
         let mac1 = mac(&self.mac1, &[&msg[..m1]]);
         msg[m1..m2].copy_from_slice(&mac1);
@@ -77,7 +77,7 @@ impl MacKeys {
 
     /// Opens a cookie reply sent by this key's owner in answer to a message whose mac1
     /// was `sent_mac1`.
-    pub fn open_cookie_reply(&self, reply: &[u8], sent_mac1: &Mac16) -> Option<Mac16> {
+    pub(super) fn open_cookie_reply(&self, reply: &[u8], sent_mac1: &Mac16) -> Option<Mac16> {
         let nonce = XNonce::from_slice(&reply[8..32]);
         let mut sealed = [0u8; 32];
         sealed.copy_from_slice(&reply[32..64]);
@@ -91,7 +91,7 @@ impl MacKeys {
 }
 
 /// Responder side: hands out cookies bound to a source address and checks mac2.
-pub struct CookieIssuer {
+pub(super) struct CookieIssuer {
     secret: [u8; 32],
     secret_born: Option<Instant>,
 }
@@ -103,7 +103,7 @@ impl Default for CookieIssuer {
 }
 
 impl CookieIssuer {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         CookieIssuer {
             secret: [0; 32],
             secret_born: None,
@@ -127,7 +127,7 @@ impl CookieIssuer {
     }
 
     /// Whether `msg` carries a mac2 made with the current cookie for `source`.
-    pub fn verify_mac2(
+    pub(super) fn verify_mac2(
         &mut self,
         now: Instant,
         source: SocketAddr,
@@ -142,7 +142,7 @@ impl CookieIssuer {
 
     /// Builds the cookie reply to `msg` (whose mac1 was already checked): sealed with the
     /// key derived from our own public key (`own_keys`), addressed to `receiver_index`.
-    pub fn cookie_reply(
+    pub(super) fn cookie_reply(
         &mut self,
         now: Instant,
         source: SocketAddr,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 /// How long the device stays strict after a burst, as wireguard-go does.
 const STRICT_AFTER_BURST: Duration = Duration::from_secs(1);
 
-pub struct LoadMeter {
+pub(super) struct LoadMeter {
     /// Handshake messages per second above which the device is under load.
     threshold: u32,
     window_start: Option<Instant>,
@@ -15,7 +15,7 @@ pub struct LoadMeter {
 }
 
 impl LoadMeter {
-    pub fn new(threshold: u32) -> Self {
+    pub(super) fn new(threshold: u32) -> Self {
         LoadMeter {
             threshold,
             window_start: None,
@@ -25,7 +25,7 @@ impl LoadMeter {
     }
 
     /// Records one handshake message and says whether the device is under load.
-    pub fn record(&mut self, now: Instant) -> bool {
+    pub(super) fn record(&mut self, now: Instant) -> bool {
         let fresh_window = self
             .window_start
             .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));

@@ -2,30 +2,30 @@
 //!
 //! All integers on the wire are little-endian. Offsets follow the whitepaper §5.4.
 
-pub const TYPE_INITIATION: u8 = 1;
-pub const TYPE_RESPONSE: u8 = 2;
-pub const TYPE_COOKIE_REPLY: u8 = 3;
-pub const TYPE_TRANSPORT: u8 = 4;
+pub(super) const TYPE_INITIATION: u8 = 1;
+pub(super) const TYPE_RESPONSE: u8 = 2;
+pub(super) const TYPE_COOKIE_REPLY: u8 = 3;
+pub(super) const TYPE_TRANSPORT: u8 = 4;
 
-pub const INITIATION_LEN: usize = 148;
-pub const RESPONSE_LEN: usize = 92;
-pub const COOKIE_REPLY_LEN: usize = 64;
+pub(super) const INITIATION_LEN: usize = 148;
+pub(super) const RESPONSE_LEN: usize = 92;
+pub(super) const COOKIE_REPLY_LEN: usize = 64;
 /// Transport header: type, receiver index and counter.
 pub const TRANSPORT_HEADER_LEN: usize = 16;
-pub const AEAD_TAG_LEN: usize = 16;
+pub(super) const AEAD_TAG_LEN: usize = 16;
 /// The smallest transport message: header and the tag of an empty (keepalive) payload.
-pub const TRANSPORT_MIN_LEN: usize = TRANSPORT_HEADER_LEN + AEAD_TAG_LEN;
+pub(super) const TRANSPORT_MIN_LEN: usize = TRANSPORT_HEADER_LEN + AEAD_TAG_LEN;
 /// Bytes a caller must leave free after a plaintext so that it can be sealed in place:
 /// padding to a multiple of 16 plus the tag.
 pub const SEAL_TAILROOM: usize = 15 + AEAD_TAG_LEN;
 
 /// Noise payloads inside handshake messages.
-pub const INITIATION_NOISE: std::ops::Range<usize> = 8..116;
-pub const RESPONSE_NOISE: std::ops::Range<usize> = 12..60;
+pub(super) const INITIATION_NOISE: std::ops::Range<usize> = 8..116;
+pub(super) const RESPONSE_NOISE: std::ops::Range<usize> = 12..60;
 
 /// What a received datagram claims to be, judged only by its type byte and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(super) enum Kind {
     Initiation,
     Response,
     CookieReply,
@@ -33,7 +33,7 @@ pub enum Kind {
 }
 
 /// Classifies a datagram; `None` for anything that is not a well-formed WireGuard message.
-pub fn classify(datagram: &[u8]) -> Option<Kind> {
+pub(super) fn classify(datagram: &[u8]) -> Option<Kind> {
     if datagram.len() < 4 || datagram[1..4] != [0, 0, 0] {
         return None;
     }
@@ -51,20 +51,20 @@ pub fn is_transport(datagram: &[u8]) -> bool {
     datagram.first() == Some(&TYPE_TRANSPORT)
 }
 
-pub fn read_u32(buf: &[u8], at: usize) -> u32 {
+pub(super) fn read_u32(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
 }
 
-pub fn read_u64(buf: &[u8], at: usize) -> u64 {
+pub(super) fn read_u64(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
-pub fn write_header(buf: &mut [u8], msg_type: u8) {
+pub(super) fn write_header(buf: &mut [u8], msg_type: u8) {
     buf[..4].copy_from_slice(&[msg_type, 0, 0, 0]);
 }
 
 /// Offsets of mac1 and mac2 in a handshake message of `len` bytes.
-pub fn mac_offsets(len: usize) -> (usize, usize) {
+pub(super) fn mac_offsets(len: usize) -> (usize, usize) {
     (len - 32, len - 16)
 }
 

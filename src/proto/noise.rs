@@ -21,10 +21,10 @@ use super::messages::{
 
 /// WireGuard without a preshared key uses 32 zero bytes in its place.
 const NO_PRESHARED_KEY: [u8; 32] = [0; 32];
-pub const TIMESTAMP_LEN: usize = 12;
+pub(super) const TIMESTAMP_LEN: usize = 12;
 
 /// Random bytes for one handshake's ephemeral key, drawn by the caller.
-pub type EphemeralSeed = [u8; 32];
+pub(super) type EphemeralSeed = [u8; 32];
 
 /// Gives snow the caller's bytes for the one ephemeral key of a handshake; asking for
 /// more than that is an error, so snow can never draw randomness of its own.
@@ -68,7 +68,7 @@ impl CryptoResolver for SeededResolver {
 }
 
 /// Transport keys from a completed handshake, from our point of view.
-pub struct TransportKeys {
+pub(super) struct TransportKeys {
     pub send: [u8; 32],
     pub receive: [u8; 32],
 }
@@ -94,7 +94,7 @@ fn builder(local_private: &[u8; 32], seed: EphemeralSeed) -> snow::Builder<'_> {
 
 /// Writes an initiation (without macs) into `out` and returns the Noise state that
 /// waits for the response.
-pub fn write_initiation(
+pub(super) fn write_initiation(
     local_private: &[u8; 32],
     seed: EphemeralSeed,
     peer_public: &[u8; 32],
@@ -117,7 +117,7 @@ pub fn write_initiation(
 }
 
 /// An initiation that decrypted under one of our static keys.
-pub struct ReceivedInitiation {
+pub(super) struct ReceivedInitiation {
     pub noise: HandshakeState,
     pub peer_public: [u8; 32],
     pub sender_index: u32,
@@ -126,7 +126,7 @@ pub struct ReceivedInitiation {
 
 /// Runs the responder's half of message 1; `None` if it does not decrypt. `seed` is for
 /// the ephemeral key of the response.
-pub fn read_initiation(
+pub(super) fn read_initiation(
     local_private: &[u8; 32],
     seed: EphemeralSeed,
     msg: &[u8],
@@ -149,7 +149,7 @@ pub fn read_initiation(
 }
 
 /// Writes the response (without macs) to an accepted initiation and returns the keys.
-pub fn write_response(
+pub(super) fn write_response(
     mut received: ReceivedInitiation,
     sender_index: u32,
     out: &mut [u8; RESPONSE_LEN],
@@ -172,7 +172,7 @@ pub fn write_response(
 }
 
 /// Runs the initiator's half of message 2; `None` if it does not decrypt.
-pub fn read_response(mut noise: HandshakeState, msg: &[u8]) -> Option<TransportKeys> {
+pub(super) fn read_response(mut noise: HandshakeState, msg: &[u8]) -> Option<TransportKeys> {
     let mut payload = [0u8; 0];
     let n = noise
         .read_message(&msg[RESPONSE_NOISE], &mut payload)
@@ -188,7 +188,7 @@ pub fn read_response(mut noise: HandshakeState, msg: &[u8]) -> Option<TransportK
 }
 
 /// The TAI64N label of a wall-clock time given as time since the Unix epoch.
-pub fn tai64n(since_unix_epoch: std::time::Duration) -> [u8; TIMESTAMP_LEN] {
+pub(super) fn tai64n(since_unix_epoch: std::time::Duration) -> [u8; TIMESTAMP_LEN] {
     let stamp = tai64::Tai64N::from_system_time(&(std::time::UNIX_EPOCH + since_unix_epoch));
     stamp.to_bytes()
 }

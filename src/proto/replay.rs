@@ -10,7 +10,7 @@ const WORDS: usize = (REPLAY_WINDOW_BITS / WORD_BITS) as usize;
 /// How far behind the newest counter a packet may be and still be accepted.
 pub const WINDOW: u64 = REPLAY_WINDOW_BITS - WORD_BITS;
 
-pub struct ReplayWindow {
+pub(super) struct ReplayWindow {
     /// One past the greatest counter accepted so far.
     next: u64,
     bitmap: Box<[u64; WORDS]>,
@@ -23,7 +23,7 @@ impl Default for ReplayWindow {
 }
 
 impl ReplayWindow {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         ReplayWindow {
             next: 0,
             bitmap: Box::new([0; WORDS]),
@@ -32,7 +32,7 @@ impl ReplayWindow {
 
     /// Cheap pre-check before decrypting: false when `counter` is surely a replay, too old
     /// or past the message limit.
-    pub fn may_accept(&self, counter: u64) -> bool {
+    pub(super) fn may_accept(&self, counter: u64) -> bool {
         if counter >= REJECT_AFTER_MESSAGES {
             return false;
         }
@@ -47,7 +47,7 @@ impl ReplayWindow {
     }
 
     /// Marks `counter` as seen after the packet authenticated; false if it was a replay.
-    pub fn accept(&mut self, counter: u64) -> bool {
+    pub(super) fn accept(&mut self, counter: u64) -> bool {
         if !self.may_accept(counter) {
             return false;
         }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 /// One of a tunnel's timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Timer {
+pub(super) enum Timer {
     /// Resend the initiation that got no response (REKEY_TIMEOUT plus jitter).
     RetryHandshake,
     /// Start a handshake, unless something authenticated arrives first (data left, no
@@ -20,7 +20,7 @@ pub enum Timer {
 impl Timer {
     /// In the order they are handled when several are due: a handshake that starts
     /// makes a keepalive unnecessary.
-    pub const ALL: [Timer; 4] = [
+    pub(super) const ALL: [Timer; 4] = [
         Timer::RetryHandshake,
         Timer::NewHandshake,
         Timer::Keepalive,
@@ -33,27 +33,27 @@ impl Timer {
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct TimerTable {
+pub(super) struct TimerTable {
     deadlines: [Option<Instant>; Timer::ALL.len()],
 }
 
 impl TimerTable {
-    pub fn set(&mut self, timer: Timer, at: Instant) {
+    pub(super) fn set(&mut self, timer: Timer, at: Instant) {
         self.deadlines[timer.slot()] = Some(at);
     }
 
     /// Sets `timer` unless it is already running.
-    pub fn start_unless_running(&mut self, timer: Timer, at: Instant) {
+    pub(super) fn start_unless_running(&mut self, timer: Timer, at: Instant) {
         let slot = &mut self.deadlines[timer.slot()];
         slot.get_or_insert(at);
     }
 
-    pub fn stop(&mut self, timer: Timer) {
+    pub(super) fn stop(&mut self, timer: Timer) {
         self.deadlines[timer.slot()] = None;
     }
 
     /// Whether `timer` is set and due at `now`; a due timer is stopped, so it fires once.
-    pub fn take_expired(&mut self, timer: Timer, now: Instant) -> bool {
+    pub(super) fn take_expired(&mut self, timer: Timer, now: Instant) -> bool {
         let slot = &mut self.deadlines[timer.slot()];
         if slot.is_some_and(|at| at <= now) {
             *slot = None;
@@ -64,7 +64,7 @@ impl TimerTable {
     }
 
     /// The earliest deadline of any timer.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.iter().flatten().min().copied()
     }
 }

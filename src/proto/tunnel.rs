@@ -62,7 +62,7 @@ pub(super) struct Tunnel {
 }
 
 impl Tunnel {
-    pub fn new(
+    pub(super) fn new(
         local: LocalKeyId,
         peer_public: [u8; 32],
         endpoint: Option<SocketAddr>,
@@ -94,25 +94,25 @@ impl Tunnel {
         }
     }
 
-    pub fn local(&self) -> LocalKeyId {
+    pub(super) fn local(&self) -> LocalKeyId {
         self.local
     }
 
-    pub fn peer_public(&self) -> &[u8; 32] {
+    pub(super) fn peer_public(&self) -> &[u8; 32] {
         &self.peer_public
     }
 
-    pub fn endpoint(&self) -> Option<SocketAddr> {
+    pub(super) fn endpoint(&self) -> Option<SocketAddr> {
         self.endpoint
     }
 
-    pub fn has_session(&self) -> bool {
+    pub(super) fn has_session(&self) -> bool {
         self.current.is_some()
     }
 
     /// Roaming: an authenticated, non-replayed packet from `source` makes it the peer's
     /// endpoint. Returns whether a known endpoint changed.
-    pub fn update_endpoint(&mut self, source: SocketAddr) -> bool {
+    pub(super) fn update_endpoint(&mut self, source: SocketAddr) -> bool {
         let roamed = self.endpoint.is_some_and(|e| e != source);
         self.endpoint = Some(source);
         roamed
@@ -121,12 +121,12 @@ impl Tunnel {
     // --- sessions
 
     /// The session to send with, if one is usable.
-    pub fn sending_session(&mut self, now: Instant) -> Option<&mut Session> {
+    pub(super) fn sending_session(&mut self, now: Instant) -> Option<&mut Session> {
         self.current.as_mut().filter(|s| s.can_send(now))
     }
 
     /// The session whose local index is `index`.
-    pub fn session_by_index(&mut self, index: u32) -> Option<&mut Session> {
+    pub(super) fn session_by_index(&mut self, index: u32) -> Option<&mut Session> {
         [&mut self.current, &mut self.previous, &mut self.next]
             .into_iter()
             .flatten()
@@ -135,7 +135,7 @@ impl Tunnel {
 
     /// Drops sessions past REJECT_AFTER_TIME: their keys can never be used again.
     /// Returns their indices and whether the current session was among them.
-    pub fn expire_sessions(&mut self, now: Instant) -> (Released, bool) {
+    pub(super) fn expire_sessions(&mut self, now: Instant) -> (Released, bool) {
         let mut released = Released::new();
         let mut current_expired = false;
         for (slot, is_current) in [
@@ -153,7 +153,7 @@ impl Tunnel {
 
     /// Initiator: the new session is usable at once; the old current stays as previous
     /// for packets still in flight. Ends the handshake attempts.
-    pub fn start_initiator_session(&mut self, session: Session, now: Instant) -> Released {
+    pub(super) fn start_initiator_session(&mut self, session: Session, now: Instant) -> Released {
         let old_previous = self.previous.take();
         self.previous = self.current.replace(session);
         self.attempts_since = None;
@@ -163,7 +163,7 @@ impl Tunnel {
 
     /// Responder: the new session waits in `next` until the initiator uses it; the
     /// previous one goes, as in WireGuard.
-    pub fn start_responder_session(&mut self, session: Session) -> Released {
+    pub(super) fn start_responder_session(&mut self, session: Session) -> Released {
         [self.next.replace(session), self.previous.take()]
             .into_iter()
             .flatten()
@@ -173,7 +173,7 @@ impl Tunnel {
 
     /// The initiator used the `next` session under `index`: it becomes current. Returns
     /// whether it did, and the index of the session that had to go.
-    pub fn confirm_next(&mut self, index: u32) -> (bool, Released) {
+    pub(super) fn confirm_next(&mut self, index: u32) -> (bool, Released) {
         if self.next.as_ref().is_none_or(|s| s.local_index != index) {
             return (false, Released::new());
         }
@@ -188,7 +188,7 @@ impl Tunnel {
 
     /// Whether sessions are due a rekey after sending: the initiator's session is old or
     /// has sent very many messages.
-    pub fn wants_rekey_after_send(&self, now: Instant) -> bool {
+    pub(super) fn wants_rekey_after_send(&self, now: Instant) -> bool {
         self.current.as_ref().is_some_and(|s| {
             s.messages_sent() >= REKEY_AFTER_MESSAGES
                 || (s.we_initiated && s.age(now) >= REKEY_AFTER_TIME)
@@ -196,7 +196,7 @@ impl Tunnel {
     }
 
     /// Whether to rekey after receiving on a session we initiated that nears rejection.
-    pub fn wants_rekey_after_receive(&self, now: Instant) -> bool {
+    pub(super) fn wants_rekey_after_receive(&self, now: Instant) -> bool {
         self.current
             .as_ref()
             .is_some_and(|s| s.we_initiated && s.age(now) >= REKEY_ON_RECEIVE_AFTER)
@@ -206,7 +206,7 @@ impl Tunnel {
 
     /// Whether a new initiation may go out now: none is waiting for its response and
     /// none was sent within REKEY_TIMEOUT.
-    pub fn may_initiate(&self, now: Instant) -> bool {
+    pub(super) fn may_initiate(&self, now: Instant) -> bool {
         let recently = self
             .last_initiation_sent
             .is_some_and(|at| now.saturating_duration_since(at) < REKEY_TIMEOUT);
@@ -214,19 +214,19 @@ impl Tunnel {
     }
 
     /// A new series of handshake attempts starts now.
-    pub fn begin_attempts(&mut self, now: Instant) {
+    pub(super) fn begin_attempts(&mut self, now: Instant) {
         self.attempts_since = Some(now);
     }
 
     /// Whether handshake attempts have gone on for REKEY_ATTEMPT_TIME.
-    pub fn attempts_exhausted(&self, now: Instant) -> bool {
+    pub(super) fn attempts_exhausted(&self, now: Instant) -> bool {
         self.attempts_since
             .is_none_or(|since| now.saturating_duration_since(since) >= REKEY_ATTEMPT_TIME)
     }
 
     /// Handshake attempts gave up: the waiting packets and the handshake go. Returns the
     /// handshake's index and how many packets were dropped.
-    pub fn give_up(&mut self) -> (Released, usize) {
+    pub(super) fn give_up(&mut self) -> (Released, usize) {
         let dropped = self.queue.len();
         self.queue.clear();
         self.attempts_since = None;
@@ -238,7 +238,7 @@ impl Tunnel {
 
     /// Writes mac1 (and mac2, when a fresh cookie from the peer is known) into a
     /// handshake message to the peer; returns mac1.
-    pub fn write_macs(&self, msg: &mut [u8], now: Instant) -> Mac16 {
+    pub(super) fn write_macs(&self, msg: &mut [u8], now: Instant) -> Mac16 {
         let cookie = self
             .cookie
             .as_ref()
@@ -250,7 +250,7 @@ impl Tunnel {
     /// An initiation went out at `now` under `local_index`: its response is awaited and
     /// the retry timer runs until `retry_at`. Returns the index of the initiation it
     /// replaces.
-    pub fn initiation_sent(
+    pub(super) fn initiation_sent(
         &mut self,
         noise: HandshakeState,
         local_index: u32,
@@ -270,7 +270,7 @@ impl Tunnel {
     }
 
     /// Lets go of the initiation in progress, if any; returns its index.
-    pub fn abandon_initiation(&mut self) -> Released {
+    pub(super) fn abandon_initiation(&mut self) -> Released {
         self.initiating
             .take()
             .map(|i| i.local_index)
@@ -279,7 +279,7 @@ impl Tunnel {
     }
 
     /// Whether a response under `index` is one we wait for (and have not tried yet).
-    pub fn awaits_response(&self, index: u32) -> bool {
+    pub(super) fn awaits_response(&self, index: u32) -> bool {
         self.initiating
             .as_ref()
             .is_some_and(|i| i.local_index == index && i.noise.is_some())
@@ -287,19 +287,19 @@ impl Tunnel {
 
     /// The handshake state for the awaited response. Taken once: a response that fails
     /// leaves the initiation to its retry timer.
-    pub fn take_handshake_state(&mut self) -> Option<HandshakeState> {
+    pub(super) fn take_handshake_state(&mut self) -> Option<HandshakeState> {
         self.initiating.as_mut()?.noise.take()
     }
 
     /// The response arrived and completed the handshake: the initiation is over. Returns
     /// its index, which the new session keeps.
-    pub fn finish_initiation(&mut self) -> Option<u32> {
+    pub(super) fn finish_initiation(&mut self) -> Option<u32> {
         self.timers.stop(Timer::RetryHandshake);
         self.initiating.take().map(|i| i.local_index)
     }
 
     /// A cookie reply to our initiation under `index`: keeps the cookie for the retry.
-    pub fn accept_cookie_reply(
+    pub(super) fn accept_cookie_reply(
         &mut self,
         index: u32,
         reply: &[u8],
@@ -321,7 +321,7 @@ impl Tunnel {
 
     /// Refuses an initiation that replays an old timestamp or comes too soon after the
     /// last one.
-    pub fn check_initiation(
+    pub(super) fn check_initiation(
         &self,
         timestamp: &[u8; TIMESTAMP_LEN],
         now: Instant,
@@ -339,7 +339,7 @@ impl Tunnel {
     }
 
     /// An initiation was answered: later ones must carry a newer timestamp.
-    pub fn initiation_answered(&mut self, timestamp: [u8; TIMESTAMP_LEN], now: Instant) {
+    pub(super) fn initiation_answered(&mut self, timestamp: [u8; TIMESTAMP_LEN], now: Instant) {
         self.last_timestamp = Some(timestamp);
         self.last_initiation_received = Some(now);
         self.on_authenticated_receive(now);
@@ -350,7 +350,7 @@ impl Tunnel {
 
     /// Queues a packet (laid out for sealing in place) until a session exists. Returns
     /// whether an older packet had to be dropped to make room.
-    pub fn enqueue(&mut self, packet: Vec<u8>) -> bool {
+    pub(super) fn enqueue(&mut self, packet: Vec<u8>) -> bool {
         let overflow = self.queue.len() >= MAX_QUEUED_PACKETS;
         if overflow {
             self.queue.pop_front();
@@ -359,41 +359,41 @@ impl Tunnel {
         overflow
     }
 
-    pub fn dequeue(&mut self) -> Option<Vec<u8>> {
+    pub(super) fn dequeue(&mut self) -> Option<Vec<u8>> {
         self.queue.pop_front()
     }
 
-    pub fn has_queued(&self) -> bool {
+    pub(super) fn has_queued(&self) -> bool {
         !self.queue.is_empty()
     }
 
     // --- timers
 
     /// Whether `timer` is due at `now`; a due timer is stopped, so it fires once.
-    pub fn take_expired(&mut self, timer: Timer, now: Instant) -> bool {
+    pub(super) fn take_expired(&mut self, timer: Timer, now: Instant) -> bool {
         self.timers.take_expired(timer, now)
     }
 
     /// Timers that follow any authenticated packet we send.
-    pub fn on_authenticated_send(&mut self, now: Instant) {
+    pub(super) fn on_authenticated_send(&mut self, now: Instant) {
         self.timers.stop(Timer::Keepalive);
         self.arm_persistent_keepalive(now);
     }
 
     /// Timers that follow a data (non-keepalive) packet we send: expect an answer.
-    pub fn on_data_sent(&mut self, now: Instant) {
+    pub(super) fn on_data_sent(&mut self, now: Instant) {
         self.timers
             .start_unless_running(Timer::NewHandshake, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT);
     }
 
     /// Timers that follow any authenticated packet we receive.
-    pub fn on_authenticated_receive(&mut self, now: Instant) {
+    pub(super) fn on_authenticated_receive(&mut self, now: Instant) {
         self.timers.stop(Timer::NewHandshake);
         self.arm_persistent_keepalive(now);
     }
 
     /// Timers that follow a data packet we receive: answer within KEEPALIVE_TIMEOUT.
-    pub fn on_data_received(&mut self, now: Instant) {
+    pub(super) fn on_data_received(&mut self, now: Instant) {
         self.timers
             .start_unless_running(Timer::Keepalive, now + KEEPALIVE_TIMEOUT);
     }
@@ -405,7 +405,7 @@ impl Tunnel {
     }
 
     /// The earliest instant at which this tunnel has timer work to do.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
         let session_expiry = [&self.current, &self.previous, &self.next]
             .into_iter()
             .flatten()
