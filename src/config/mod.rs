@@ -93,9 +93,8 @@ pub struct InterfaceConfig {
     pub queue_length: u32,
 }
 
-/// Default `interface.queue_length`. The kernel's 500 overflows while the daemon waits
-/// for a core: with iperf3's UDP test on two cores, 4,000 halved the datagrams dropped
-/// at the device and raised the received rate by about a third.
+/// Default `interface.queue_length`: the kernel's 500 overflows while the daemon waits
+/// for a core (the README's benchmark section has the figures).
 pub const DEFAULT_QUEUE_LENGTH: u32 = 4000;
 /// Bounds of `interface.queue_length`.
 pub const MIN_QUEUE_LENGTH: u32 = 16;

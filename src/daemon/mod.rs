@@ -47,8 +47,7 @@ pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
 
 /// `interface.workers`, or one per two cores this process may run on (at least one, at
 /// most `MAX_AUTO_WORKERS`): the kernel's half of every packet (TUN, UDP, the workloads'
-/// own TCP stacks) needs about as much CPU as the daemon's. On two cores one worker
-/// measured faster than two (`scripts/bench.sh --workers`).
+/// own TCP stacks) needs about as much CPU as the daemon's.
 fn worker_count(config: &NodeConfig) -> usize {
     config.interface.workers.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
