@@ -2,6 +2,7 @@
 //! (`fields`), then checks the files against each other (`cross_checks`).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::cross_checks::{check_cross, check_mtu_ipv6, Positions};
@@ -56,19 +57,10 @@ pub fn load(path: &Path) -> Result<NodeConfig, FileError> {
     }
     let mut identities = Vec::with_capacity(raw.identity.len());
     let mut positions = Positions::default();
-    let mut principals: HashMap<Principal, usize> = HashMap::new();
+    let mut seen = PrincipalsSeen::new("");
     for (i, rid) in raw.identity.iter().enumerate() {
         let (id, pos) = check_local_identity(&src, base, i, rid)?;
-        if let Some(first) = principals.insert(id.principal.clone(), i) {
-            return Err(src.error_at(
-                format!("identity[{i}].principal"),
-                rid.principal.span(),
-                format!(
-                    "duplicate principal {}: already used by identity[{first}]",
-                    id.principal
-                ),
-            ));
-        }
+        seen.check(&src, i, &id.principal, rid.principal.span())?;
         identities.push(id);
         positions.identities.push(pos);
     }
@@ -132,19 +124,10 @@ fn load_peer(path: &Path) -> Result<(PeerConfig, Positions), FileError> {
     }
     let mut identities = Vec::with_capacity(raw.identity.len());
     let mut positions = Positions::default();
-    let mut principals: HashMap<Principal, usize> = HashMap::new();
+    let mut seen = PrincipalsSeen::new(" in this peer file");
     for (i, rid) in raw.identity.iter().enumerate() {
         let (id, pos) = check_peer_identity(&src, i, rid)?;
-        if let Some(first) = principals.insert(id.principal.clone(), i) {
-            return Err(src.error_at(
-                format!("identity[{i}].principal"),
-                rid.principal.span(),
-                format!(
-                    "duplicate principal {} in this peer file: already used by identity[{first}]",
-                    id.principal
-                ),
-            ));
-        }
+        seen.check(&src, i, &id.principal, rid.principal.span())?;
         identities.push(id);
         positions.identities.push(pos);
     }
@@ -185,4 +168,41 @@ fn list_peer_files(src: &TomlFile, dir: &Path) -> Result<Vec<PathBuf>, FileError
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(files)
+}
+
+/// The principals of one file's `[[identity]]` tables so far: each may appear once.
+struct PrincipalsSeen {
+    first: HashMap<Principal, usize>,
+    /// Where "once" holds, for the message: "" (the node file) or " in this peer file".
+    scope: &'static str,
+}
+
+impl PrincipalsSeen {
+    fn new(scope: &'static str) -> Self {
+        PrincipalsSeen {
+            first: HashMap::new(),
+            scope,
+        }
+    }
+
+    /// Records `identity[i]`'s principal, written at `span`; refuses one seen before.
+    fn check(
+        &mut self,
+        src: &TomlFile,
+        i: usize,
+        principal: &Principal,
+        span: Range<usize>,
+    ) -> Result<(), FileError> {
+        match self.first.insert(principal.clone(), i) {
+            None => Ok(()),
+            Some(first) => Err(src.error_at(
+                format!("identity[{i}].principal"),
+                span,
+                format!(
+                    "duplicate principal {principal}{}: already used by identity[{first}]",
+                    self.scope
+                ),
+            )),
+        }
+    }
 }

@@ -19,15 +19,15 @@ use anyhow::Result;
 use bytes::BytesMut;
 use tokio::sync::Notify;
 
-use crate::io::tun::{GROTable, Tun, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use crate::io::tun::{
+    GROTable, Tun, TunRead, IDEAL_BATCH_SIZE, MAX_SUPER_PACKET, VIRTIO_NET_HDR_LEN,
+};
 use crate::io::udp::{RecvMeta, Udp};
 use crate::node::{EgressStep, Ingress, IngressStep, Node};
 use crate::proto::{
     self, OpenError, SealJob, Transmit, TransportOpen, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
 };
 
-/// Largest IP packet (or super packet) read from the TUN device.
-const MAX_PACKET: usize = 65535;
 /// Largest UDP receive (one datagram, or several coalesced by GRO).
 const MAX_DATAGRAM: usize = 65536;
 /// Receive buffers per receive call (recvmmsg).
@@ -89,12 +89,9 @@ impl Shared {
 
 /// Reusable buffers for batches in both directions: nothing is allocated per packet.
 struct Buffers {
-    /// A raw TUN read: virtio header and super packet.
-    tun_read: Vec<u8>,
     /// Segments from the TUN device, each with transport-header room in front and
     /// sealing room behind.
-    segments: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
+    tun: TunRead,
     /// Where each segment goes and the sealing left to do (`None`: dropped or queued).
     sealing: Vec<Option<(SocketAddr, SealJob)>>,
     /// Sealed segments for one peer, back to back, for one segmented send.
@@ -118,9 +115,7 @@ impl Buffers {
         let segment = TRANSPORT_HEADER_LEN + usize::from(mtu).max(1500) + SEAL_TAILROOM;
         let segments = SEGMENTS_PER_SUPER_PACKET * 2;
         Buffers {
-            tun_read: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            segments: vec![vec![0; segment]; segments],
-            sizes: vec![0; segments],
+            tun: TunRead::new(segments, segment, TRANSPORT_HEADER_LEN),
             sealing: Vec::with_capacity(segments),
             gso: vec![0; MAX_GSO_BYTES],
             received: vec![vec![0; MAX_DATAGRAM]; RECEIVE_SLOTS],
@@ -128,7 +123,7 @@ impl Buffers {
             opening: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             plaintexts: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             to_tun: (0..IDEAL_BATCH_SIZE)
-                .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
+                .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_SUPER_PACKET))
                 .collect(),
             gro: GROTable::default(),
             transmits: Vec::new(),
@@ -143,7 +138,7 @@ pub(super) async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u1
     loop {
         let b = &mut buffers;
         tokio::select! {
-            read = tun.recv_batch(&mut b.tun_read, &mut b.segments, &mut b.sizes, TRANSPORT_HEADER_LEN) => {
+            read = tun.recv_batch(&mut b.tun, 0) => {
                 match read {
                     Ok(first) => {
                         tun_errors.clear();
@@ -245,13 +240,8 @@ impl SegmentRun {
 /// ready, as long as a whole super packet still fits, so that single packets (UDP, ICMP)
 /// batch up as well. Returns the total.
 fn read_more(tun: &Tun, b: &mut Buffers, mut count: usize) -> usize {
-    while b.segments.len() - count >= SEGMENTS_PER_SUPER_PACKET {
-        match tun.try_recv_batch(
-            &mut b.tun_read,
-            &mut b.segments[count..],
-            &mut b.sizes[count..],
-            TRANSPORT_HEADER_LEN,
-        ) {
+    while b.tun.segments.len() - count >= SEGMENTS_PER_SUPER_PACKET {
+        match tun.try_recv_batch(&mut b.tun, count) {
             Ok(more) => count += more,
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -272,7 +262,7 @@ async fn seal_and_send(socket: &Udp, shared: &Shared, b: &mut Buffers, count: us
     let now = Instant::now();
     {
         let mut state = shared.lock();
-        for (segment, &len) in b.segments.iter_mut().zip(&b.sizes).take(count) {
+        for (segment, &len) in b.tun.segments.iter_mut().zip(&b.tun.sizes).take(count) {
             b.sealing
                 .push(match state.node.begin_egress(now, segment, len) {
                     EgressStep::Seal { destination, job } => Some((destination, job)),
@@ -283,7 +273,7 @@ async fn seal_and_send(socket: &Udp, shared: &Shared, b: &mut Buffers, count: us
     }
     let max_segments = socket.max_segments().max(1);
     let mut run = SegmentRun::default();
-    for (segment, sealing) in b.segments.iter_mut().zip(&b.sealing) {
+    for (segment, sealing) in b.tun.segments.iter_mut().zip(&b.sealing) {
         let Some((destination, job)) = sealing else {
             continue;
         };

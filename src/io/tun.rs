@@ -11,6 +11,42 @@ use std::io;
 use bytes::BytesMut;
 pub(crate) use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+/// Buffers for TUN reads, allocated once: the raw read (virtio header and super packet)
+/// and the segments it is cut into, each placed `headroom` bytes in.
+pub(crate) struct TunRead {
+    scratch: Vec<u8>,
+    pub(crate) segments: Vec<Vec<u8>>,
+    pub(crate) sizes: Vec<usize>,
+    headroom: usize,
+}
+
+impl TunRead {
+    /// Room for `count` segments of `segment_len` bytes each, headroom included.
+    pub(crate) fn new(count: usize, segment_len: usize, headroom: usize) -> Self {
+        TunRead {
+            scratch: vec![0; VIRTIO_NET_HDR_LEN + MAX_SUPER_PACKET],
+            segments: vec![vec![0; segment_len]; count],
+            sizes: vec![0; count],
+            headroom,
+        }
+    }
+
+    /// The scratch buffer, the segments from `first` on with their sizes, and the
+    /// headroom: what tun-rs reads into.
+    #[allow(clippy::type_complexity)]
+    fn from(&mut self, first: usize) -> (&mut [u8], &mut [Vec<u8>], &mut [usize], usize) {
+        (
+            &mut self.scratch,
+            &mut self.segments[first..],
+            &mut self.sizes[first..],
+            self.headroom,
+        )
+    }
+}
+
+/// Largest IP packet (or super packet) the TUN device reads or writes.
+pub(crate) const MAX_SUPER_PACKET: usize = 65535;
+
 /// An open TUN device; the kernel removes it (and its routes) when this is dropped.
 pub(crate) struct Tun {
     device: tun_rs::AsyncDevice,
@@ -63,29 +99,18 @@ impl Tun {
         Ok(devices.into_iter().map(|device| Tun { device }).collect())
     }
 
-    /// Reads the next packet, or super packet cut into segments, into `segments[i]`
-    /// starting at `headroom`, with lengths in `sizes`. Returns how many. `scratch` holds
-    /// the raw read (virtio header and super packet): at least 10 + 65535 bytes.
-    pub(crate) async fn recv_batch(
-        &self,
-        scratch: &mut [u8],
-        segments: &mut [Vec<u8>],
-        sizes: &mut [usize],
-        headroom: usize,
-    ) -> io::Result<usize> {
+    /// Reads the next packet, or super packet cut into segments, into the segments of
+    /// `read` from index `first` on. Returns how many segments it filled.
+    pub(crate) async fn recv_batch(&self, read: &mut TunRead, first: usize) -> io::Result<usize> {
+        let (scratch, segments, sizes, headroom) = read.from(first);
         self.device
             .recv_multiple(scratch, segments, sizes, headroom)
             .await
     }
 
     /// Like `recv_batch`, without waiting: `WouldBlock` when nothing is pending.
-    pub(crate) fn try_recv_batch(
-        &self,
-        scratch: &mut [u8],
-        segments: &mut [Vec<u8>],
-        sizes: &mut [usize],
-        headroom: usize,
-    ) -> io::Result<usize> {
+    pub(crate) fn try_recv_batch(&self, read: &mut TunRead, first: usize) -> io::Result<usize> {
+        let (scratch, segments, sizes, headroom) = read.from(first);
         self.device
             .try_recv_multiple(scratch, segments, sizes, headroom)
     }

@@ -242,6 +242,19 @@ mod tests {
     use super::*;
     use crate::policy::Protocol;
 
+    /// What a peer opened: a flow to local identity 0 on `port`.
+    fn opened(peer: PeerId, source_ip: Option<&str>, protocol: Protocol, port: u16) -> Opened {
+        Opened {
+            local: LocalId::new(0),
+            peer,
+            request: Request {
+                source_ip: source_ip.map(|ip| ip.parse().unwrap()),
+                protocol,
+                port: Some(port),
+            },
+        }
+    }
+
     fn key_n(n: u16) -> FlowKey {
         FlowKey {
             protocol: 6,
@@ -256,15 +269,7 @@ mod tests {
     fn repeated_touches_see_every_change() {
         let now = Instant::now();
         let mut t = FlowTable::new(2);
-        let opened = Opened {
-            local: LocalId::new(0),
-            peer: PeerId::new(0),
-            request: Request {
-                source_ip: None,
-                protocol: Protocol::Tcp,
-                port: Some(80),
-            },
-        };
+        let opened = opened(PeerId::new(0), None, Protocol::Tcp, 80);
         t.insert(key_n(0), FlowState::Allowed(opened), TCP_IDLE, now);
         assert_eq!(t.touch(&key_n(0), now), Some(FlowState::Allowed(opened)));
         // A reload at the same instant revokes it: the next touch says so.
@@ -315,15 +320,7 @@ mod tests {
     fn eviction_passes_over_revoked_flows() {
         let now = Instant::now();
         let mut t = FlowTable::new(2);
-        let opened = Opened {
-            local: LocalId::new(0),
-            peer: PeerId::new(0),
-            request: Request {
-                source_ip: None,
-                protocol: Protocol::Udp,
-                port: Some(1),
-            },
-        };
+        let opened = opened(PeerId::new(0), None, Protocol::Udp, 1);
         t.insert(key_n(0), FlowState::Revoked(opened), UDP_IDLE, now);
         for n in 1..50 {
             t.insert(key_n(n), FlowState::OpenedLocally, UDP_IDLE, now);
@@ -341,15 +338,7 @@ mod tests {
     fn recheck_revokes_and_restores() {
         let now = Instant::now();
         let mut t = FlowTable::new(10);
-        let opened = Opened {
-            local: LocalId::new(0),
-            peer: PeerId::new(1),
-            request: Request {
-                source_ip: Some("10.0.0.2".parse().unwrap()),
-                protocol: Protocol::Tcp,
-                port: Some(1),
-            },
-        };
+        let opened = opened(PeerId::new(1), Some("10.0.0.2"), Protocol::Tcp, 1);
         t.insert(key_n(1), FlowState::Allowed(opened), TCP_IDLE, now);
         t.insert(key_n(2), FlowState::OpenedLocally, TCP_IDLE, now);
         assert_eq!(t.recheck(|_| false), 1);

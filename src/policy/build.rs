@@ -210,23 +210,11 @@ fn build_rule(draft: RuleDraft, form: &Form) -> Result<(Rule, Vec<String>), KeyE
     let mut rule = Rule::default();
     let mut l7 = Vec::new();
     if let Some(from) = draft.from {
-        if from.entries.is_empty() {
-            return Err(KeyError::new(
-                format!("{key}.from"),
-                at_line(from.line, "empty list; omit `from` to match any source"),
-            ));
-        }
-        for source in from.entries {
+        let omit = "omit `from` to match any source";
+        for source in entries(from, format!("{key}.from"), omit)? {
             check_l7(&source.l7, &source.key, key, &mut l7)?;
             if source.lists.is_empty() && source.l7.is_empty() {
-                return Err(KeyError::new(
-                    source.key,
-                    at_line(
-                        source.line,
-                        "empty source; set at least one field, or omit `from` to match any \
-                         source",
-                    ),
-                ));
+                return Err(empty_entry(source.key, source.line, "source", omit));
             }
             // A source left with no L4 field after dropping L7 ones matches any source.
             rule.from
@@ -234,27 +222,13 @@ fn build_rule(draft: RuleDraft, form: &Form) -> Result<(Rule, Vec<String>), KeyE
         }
     }
     if let Some(to) = draft.to {
-        if to.entries.is_empty() {
-            return Err(KeyError::new(
-                format!("{key}.to"),
-                at_line(to.line, "empty list; omit `to` to match any destination"),
-            ));
-        }
-        for destination in to.entries {
+        let omit = "omit `to` to match any destination";
+        for destination in entries(to, format!("{key}.to"), omit)? {
             check_l7(&destination.l7, &destination.key, key, &mut l7)?;
             let no_ports = destination.ports.is_none() && destination.not_ports.is_none();
             if no_ports && destination.l7.is_empty() {
-                return Err(KeyError::new(
-                    destination.key,
-                    at_line(
-                        destination.line,
-                        format!(
-                            "empty {}; set at least one field, or omit `to` to match any \
-                             destination",
-                            form.destination_entry
-                        ),
-                    ),
-                ));
+                let (key, line) = (destination.key, destination.line);
+                return Err(empty_entry(key, line, form.destination_entry, omit));
             }
             let [ports, not_ports] = form.port_fields;
             rule.to.push(Destination {
@@ -272,18 +246,34 @@ fn build_rule(draft: RuleDraft, form: &Form) -> Result<(Rule, Vec<String>), KeyE
         }
     }
     if let Some(when) = draft.when {
-        if when.entries.is_empty() {
-            return Err(KeyError::new(
-                format!("{key}.when"),
-                at_line(
-                    when.line,
-                    "empty list; omit `when` to put no condition on the rule",
-                ),
-            ));
-        }
-        l7.extend((0..when.entries.len()).map(|w| format!("when[{w}]")));
+        let omit = "omit `when` to put no condition on the rule";
+        let conditions = entries(when, format!("{key}.when"), omit)?;
+        l7.extend((0..conditions.len()).map(|w| format!("when[{w}]")));
     }
     Ok((rule, l7))
+}
+
+/// The entries of a `from`, `to` or `when` list at `key`. A list that is present but
+/// empty is an error: "no entries" would read as "nothing" where it means "anything".
+fn entries<T>(list: Entries<T>, key: String, omit: &str) -> Result<Vec<T>, KeyError> {
+    if list.entries.is_empty() {
+        return Err(KeyError::new(
+            key,
+            at_line(list.line, format!("empty list; {omit}")),
+        ));
+    }
+    Ok(list.entries)
+}
+
+/// An entry of a `from` or `to` list with no field set.
+fn empty_entry(key: String, line: Option<usize>, entry: &str, omit: &str) -> KeyError {
+    KeyError::new(
+        key,
+        at_line(
+            line,
+            format!("empty {entry}; set at least one field, or {omit}"),
+        ),
+    )
 }
 
 /// L7-only lists are not interpreted, but empty ones are still mistakes. Records each

@@ -441,94 +441,103 @@ fn draft_policy<'a>(
 }
 
 fn draft_rule(rule: &IstioRule, key: String) -> Result<RuleDraft<'_>, KeyError> {
-    let mut from = None;
-    if let Some(entries) = &rule.from {
-        let mut sources = Vec::with_capacity(entries.len());
-        for (f, entry) in entries.iter().enumerate() {
-            let Some(source) = &entry.source else {
-                return Err(KeyError::new(
-                    format!("{key}.from[{f}].source"),
-                    "missing; each `from` entry needs a source",
-                ));
-            };
-            let source_key = format!("{key}.from[{f}].source");
-            for (field, v) in [
-                ("serviceAccounts", &source.service_accounts),
-                ("notServiceAccounts", &source.not_service_accounts),
-            ] {
-                if v.is_some() {
-                    return Err(KeyError::new(
-                        format!("{source_key}.{field}"),
-                        format!(
-                            "{field} is not supported; write principals such as \
-                             cluster.local/ns/<namespace>/sa/<service-account>"
-                        ),
-                    ));
-                }
-            }
-            sources.push(SourceDraft {
-                key: source_key,
-                line: None,
-                lists: SourceLists {
-                    principals: list(&source.principals),
-                    not_principals: list(&source.not_principals),
-                    namespaces: list(&source.namespaces),
-                    not_namespaces: list(&source.not_namespaces),
-                    ip_blocks: list(&source.ip_blocks),
-                    not_ip_blocks: list(&source.not_ip_blocks),
-                },
-                l7: l7_fields(&[
-                    ("requestPrincipals", &source.request_principals),
-                    ("notRequestPrincipals", &source.not_request_principals),
-                    ("remoteIpBlocks", &source.remote_ip_blocks),
-                    ("notRemoteIpBlocks", &source.not_remote_ip_blocks),
-                ]),
-            });
-        }
-        from = Some(Entries {
-            line: None,
-            entries: sources,
-        });
-    }
-    let mut to = None;
-    if let Some(entries) = &rule.to {
-        let mut destinations = Vec::with_capacity(entries.len());
-        for (t, entry) in entries.iter().enumerate() {
-            let Some(operation) = &entry.operation else {
-                return Err(KeyError::new(
-                    format!("{key}.to[{t}].operation"),
-                    "missing; each `to` entry needs an operation",
-                ));
-            };
-            destinations.push(DestinationDraft {
-                key: format!("{key}.to[{t}].operation"),
-                line: None,
-                ports: list(&operation.ports),
-                not_ports: list(&operation.not_ports),
-                l7: l7_fields(&[
-                    ("hosts", &operation.hosts),
-                    ("notHosts", &operation.not_hosts),
-                    ("methods", &operation.methods),
-                    ("notMethods", &operation.not_methods),
-                    ("paths", &operation.paths),
-                    ("notPaths", &operation.not_paths),
-                ]),
-            });
-        }
-        to = Some(Entries {
-            line: None,
-            entries: destinations,
-        });
-    }
-    let when = rule.when.as_ref().map(|conditions| Entries {
-        line: None,
-        entries: vec![(); conditions.len()],
-    });
+    let from = rule
+        .from
+        .as_deref()
+        .map(|entries| {
+            let draft = |(f, entry)| draft_source(entry, format!("{key}.from[{f}].source"));
+            entries.iter().enumerate().map(draft).collect()
+        })
+        .transpose()?;
+    let to = rule
+        .to
+        .as_deref()
+        .map(|entries| {
+            let draft = |(t, entry)| draft_destination(entry, format!("{key}.to[{t}].operation"));
+            entries.iter().enumerate().map(draft).collect()
+        })
+        .transpose()?;
+    let when = rule
+        .when
+        .as_ref()
+        .map(|conditions| vec![(); conditions.len()]);
     Ok(RuleDraft {
         key,
-        from,
-        to,
-        when,
+        from: from.map(without_lines),
+        to: to.map(without_lines),
+        when: when.map(without_lines),
+    })
+}
+
+/// Entries from YAML, which reports no lines.
+fn without_lines<T>(entries: Vec<T>) -> Entries<T> {
+    Entries {
+        line: None,
+        entries,
+    }
+}
+
+fn draft_source(entry: &IstioFrom, key: String) -> Result<SourceDraft<'_>, KeyError> {
+    let Some(source) = &entry.source else {
+        return Err(KeyError::new(
+            key,
+            "missing; each `from` entry needs a source",
+        ));
+    };
+    for (field, v) in [
+        ("serviceAccounts", &source.service_accounts),
+        ("notServiceAccounts", &source.not_service_accounts),
+    ] {
+        if v.is_some() {
+            return Err(KeyError::new(
+                format!("{key}.{field}"),
+                format!(
+                    "{field} is not supported; write principals such as \
+                     cluster.local/ns/<namespace>/sa/<service-account>"
+                ),
+            ));
+        }
+    }
+    Ok(SourceDraft {
+        key,
+        line: None,
+        lists: SourceLists {
+            principals: list(&source.principals),
+            not_principals: list(&source.not_principals),
+            namespaces: list(&source.namespaces),
+            not_namespaces: list(&source.not_namespaces),
+            ip_blocks: list(&source.ip_blocks),
+            not_ip_blocks: list(&source.not_ip_blocks),
+        },
+        l7: l7_fields(&[
+            ("requestPrincipals", &source.request_principals),
+            ("notRequestPrincipals", &source.not_request_principals),
+            ("remoteIpBlocks", &source.remote_ip_blocks),
+            ("notRemoteIpBlocks", &source.not_remote_ip_blocks),
+        ]),
+    })
+}
+
+fn draft_destination(entry: &IstioTo, key: String) -> Result<DestinationDraft<'_>, KeyError> {
+    let Some(operation) = &entry.operation else {
+        return Err(KeyError::new(
+            key,
+            "missing; each `to` entry needs an operation",
+        ));
+    };
+    Ok(DestinationDraft {
+        key,
+        line: None,
+        ports: list(&operation.ports),
+        not_ports: list(&operation.not_ports),
+        l7: l7_fields(&[
+            ("hosts", &operation.hosts),
+            ("notHosts", &operation.not_hosts),
+            ("methods", &operation.methods),
+            ("notMethods", &operation.not_methods),
+            ("paths", &operation.paths),
+            ("notPaths", &operation.not_paths),
+        ]),
     })
 }
 

@@ -14,7 +14,7 @@
 //!   `boringtun-cli`) running in a namespace, configured with `wg`.
 //! - Traffic checks: [`ping`], [`tcp_transfer`], [`udp_roundtrip`], [`UdpEcho`].
 //!
-//! Rules every topology follows (see DESIGN.md, "Conventions"):
+//! Rules every topology follows:
 //! - Names (namespaces, interfaces, WireGuard sockets) come from [`unique_name`]: a tag,
 //!   this process's pid and a process-wide counter, so tests running in parallel, in one
 //!   process or several, never collide. Interface names stay within 15 bytes.

@@ -11,6 +11,7 @@ use crate::proto::messages::{read_u32, INITIATION_LEN, RESPONSE_LEN};
 use crate::proto::noise::{self, EphemeralSeed, TransportKeys};
 use crate::proto::report::{Event, ProtocolDrop};
 use crate::proto::session::Session;
+use crate::proto::tunnel::Released;
 use crate::proto::{LocalKeyId, TunnelId};
 
 impl Device {
@@ -108,6 +109,24 @@ impl Device {
         Ok(true)
     }
 
+    /// A handshake gave `tunnel` a new session: frees what it replaced, follows the
+    /// peer to `source` and reports it.
+    fn handshake_completed(
+        &mut self,
+        tunnel: TunnelId,
+        source: SocketAddr,
+        released: Released,
+        we_initiated: bool,
+    ) {
+        self.release(released);
+        self.update_endpoint(tunnel, source);
+        self.stats.handshakes_completed += 1;
+        self.events.push_back(Event::HandshakeCompleted {
+            tunnel,
+            we_initiated,
+        });
+    }
+
     pub(super) fn receive_initiation(
         &mut self,
         now: Instant,
@@ -149,13 +168,7 @@ impl Device {
             &keys.receive,
         );
         let released = t.start_responder_session(session);
-        self.release(released);
-        self.update_endpoint(tunnel, source);
-        self.stats.handshakes_completed += 1;
-        self.events.push_back(Event::HandshakeCompleted {
-            tunnel,
-            we_initiated: false,
-        });
+        self.handshake_completed(tunnel, source, released, false);
         self.outbox.push_back(Transmit {
             destination: source,
             data: response.to_vec(),
@@ -170,10 +183,7 @@ impl Device {
         msg: &[u8],
     ) -> Result<Received, ProtocolDrop> {
         let receiver = read_u32(msg, 8);
-        let tunnel = *self
-            .indices
-            .get(&receiver)
-            .ok_or(ProtocolDrop::UnknownIndex)?;
+        let tunnel = self.tunnel_of(receiver)?;
         self.touched = Some(tunnel);
         if !self.tunnels[tunnel.0].awaits_response(receiver) {
             return Err(ProtocolDrop::UnknownIndex);
@@ -190,13 +200,7 @@ impl Device {
         let remote_index = read_u32(msg, 4);
         let session = Session::new(now, local_index, remote_index, true, &send, &receive);
         let released = t.start_initiator_session(session, now);
-        self.release(released);
-        self.update_endpoint(tunnel, source);
-        self.stats.handshakes_completed += 1;
-        self.events.push_back(Event::HandshakeCompleted {
-            tunnel,
-            we_initiated: true,
-        });
+        self.handshake_completed(tunnel, source, released, true);
         // Confirm the session to the responder: with queued data, or a keepalive.
         if self.tunnels[tunnel.0].has_queued() {
             self.flush_queue(now, tunnel);
@@ -212,10 +216,7 @@ impl Device {
         msg: &[u8],
     ) -> Result<Received, ProtocolDrop> {
         let receiver = read_u32(msg, 4);
-        let tunnel = *self
-            .indices
-            .get(&receiver)
-            .ok_or(ProtocolDrop::UnknownIndex)?;
+        let tunnel = self.tunnel_of(receiver)?;
         self.tunnels[tunnel.0].accept_cookie_reply(receiver, msg, now)?;
         tracing::debug!(
             tunnel = tunnel.0,

@@ -251,6 +251,14 @@ impl Device {
         }
     }
 
+    /// The tunnel a message addressed to receiver index `index` is for.
+    fn tunnel_of(&self, index: u32) -> Result<TunnelId, ProtocolDrop> {
+        self.indices
+            .get(&index)
+            .copied()
+            .ok_or(ProtocolDrop::UnknownIndex)
+    }
+
     /// A fresh receiver index for `tunnel`.
     fn allocate_index(&mut self, tunnel: TunnelId) -> u32 {
         loop {
@@ -388,10 +396,7 @@ impl Device {
 
     fn begin_transport(&mut self, now: Instant, msg: &[u8]) -> Result<TransportOpen, ProtocolDrop> {
         let receiver = read_u32(msg, 4);
-        let tunnel = *self
-            .indices
-            .get(&receiver)
-            .ok_or(ProtocolDrop::UnknownIndex)?;
+        let tunnel = self.tunnel_of(receiver)?;
         let session = self.tunnels[tunnel.0]
             .session_by_index(receiver)
             .ok_or(ProtocolDrop::UnknownIndex)?;
