@@ -5,40 +5,41 @@ Builds meshguard in release mode, writes a node file with LOCALS local identitie
 peers directory with PEERS peer files (one identity each, its own /32 and endpoint),
 starts `meshguard up` in a network namespace of its own, waits until it is up, and
 reports VmRSS and VmHWM from /proc. Removes the namespace, the daemon and the files on
-exit. Run as root:  scripts/memory.py [--peers 1000] [--locals 1] [--no-build]
+exit (the benchmark's resource tracking, scripts/meshbench/topology.py). Run as root:
+  scripts/memory.py [--peers 1000] [--locals 1] [--no-build]
 """
+
+from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(REPO, "target", "release", "meshguard")
+from meshbench.common import REPO_ROOT, BenchError, log, run_cmd, write_secret
+from meshbench.meshguard import POLICY_TOML, wait_for_log_line
+from meshbench.topology import Resources
+
+BINARY = REPO_ROOT / "target" / "release" / "meshguard"
+LISTEN = "198.18.200.1"
+UP_TIMEOUT = 60.0  # seconds: thousands of peer files take a moment to load
 
 
-def run(*cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def genkey():
-    private = run(BINARY, "genkey").stdout.strip()
-    public = run(BINARY, "pubkey", input=private).stdout.strip()
+def genkey() -> tuple[str, str]:
+    private = run_cmd([str(BINARY), "genkey"]).strip()
+    public = run_cmd([str(BINARY), "pubkey"], input_text=private + "\n").strip()
     return private, public
 
 
-def write_config(directory, peers, locals_):
-    keys = os.path.join(directory, "keys")
-    peer_dir = os.path.join(directory, "peers")
-    os.makedirs(keys)
-    os.makedirs(peer_dir)
+def write_config(directory: Path, peers: int, locals_: int) -> Path:
+    """The node file, key files, an allow-all policy and one file per peer."""
+    (directory / "keys").mkdir()
+    (directory / "peers").mkdir()
     node = [
         'name = "memory-test"',
-        'listen = "198.18.200.1:51820"',
+        f'listen = "{LISTEN}:51820"',
         'peers_dir = "peers"',
         "",
         "[interface]",
@@ -50,10 +51,7 @@ def write_config(directory, peers, locals_):
     ]
     for i in range(locals_):
         private, _ = genkey()
-        path = os.path.join(keys, f"local-{i}.key")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(private + "\n")
+        write_secret(directory / "keys" / f"local-{i}.key", private + "\n")
         node += [
             "[[identity]]",
             f'principal = "cluster.local/ns/local/sa/workload-{i}"',
@@ -61,35 +59,29 @@ def write_config(directory, peers, locals_):
             f'addresses = ["10.200.{i // 256}.{i % 256}/32"]',
             "",
         ]
-    with open(os.path.join(directory, "node.toml"), "w") as f:
-        f.write("\n".join(node))
-    with open(os.path.join(directory, "policy.toml"), "w") as f:
-        f.write(
-            '[[policy]]\nname = "allow-all"\nnamespace = "istio-system"\n'
-            'action = "ALLOW"\n[[policy.rules]]\n'
-        )
+    (directory / "node.toml").write_text("\n".join(node))
+    (directory / "policy.toml").write_text(POLICY_TOML)
     for i in range(peers):
         _, public = genkey()
-        with open(os.path.join(peer_dir, f"peer-{i:05d}.toml"), "w") as f:
-            f.write(
-                f'name = "peer-{i}"\n'
-                f'endpoint = "198.19.{i // 250}.{i % 250 + 1}:51820"\n\n'
-                "[[identity]]\n"
-                f'principal = "cluster.local/ns/ns-{i % 50}/sa/service-{i}"\n'
-                f'public_key = "{public}"\n'
-                f'allowed_ips = ["10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32"]\n'
-            )
+        (directory / "peers" / f"peer-{i:05d}.toml").write_text(
+            f'name = "peer-{i}"\n'
+            f'endpoint = "198.19.{i // 250}.{i % 250 + 1}:51820"\n\n'
+            "[[identity]]\n"
+            f'principal = "cluster.local/ns/ns-{i % 50}/sa/service-{i}"\n'
+            f'public_key = "{public}"\n'
+            f'allowed_ips = ["10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32"]\n'
+        )
+    return directory / "node.toml"
 
 
-def status_kib(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"{field} not in /proc/{pid}/status")
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--locals", type=int, default=1)
@@ -98,34 +90,17 @@ def main():
     if os.geteuid() != 0:
         sys.exit("run as root: the daemon needs a network namespace and a TUN device")
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO, check=True)
-
-    namespace = f"mgmem{os.getpid()}"
-    directory = tempfile.mkdtemp(prefix="meshguard-memory-")
-    daemon = None
-    try:
-        print(f"writing {args.locals} local and {args.peers} peer identities ...", flush=True)
-        write_config(directory, args.peers, args.locals)
-        run("ip", "netns", "add", namespace)
-        run("ip", "-n", namespace, "link", "set", "lo", "up")
-        run("ip", "-n", namespace, "address", "add", "198.18.200.1/32", "dev", "lo")
-        log = open(os.path.join(directory, "daemon.log"), "w+")
-        daemon = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, BINARY, "up", "--config",
-             os.path.join(directory, "node.toml")],
-            stdout=log, stderr=log, start_new_session=True,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            log.seek(0)
-            if "meshguard is up" in log.read():
-                break
-            if daemon.poll() is not None:
-                log.seek(0)
-                sys.exit("daemon exited:\n" + log.read())
-            time.sleep(0.1)
-        else:
-            sys.exit("daemon did not come up in 60 s")
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO_ROOT, check=True)
+    with Resources() as res:
+        directory = res.make_tempdir("meshguard-memory-")
+        log(f"writing {args.locals} local and {args.peers} peer identities ...")
+        config = write_config(directory, args.peers, args.locals)
+        namespace = res.add_netns(f"mgmem-{os.getpid()}")
+        run_cmd(["ip", "-n", namespace, "link", "set", "lo", "up"])
+        run_cmd(["ip", "-n", namespace, "address", "add", f"{LISTEN}/32", "dev", "lo"])
+        logfile = directory / "daemon.log"
+        daemon = res.spawn(namespace, [str(BINARY), "up", "--config", str(config)], logfile)
+        wait_for_log_line(daemon, logfile, "meshguard is up", timeout=UP_TIMEOUT)
         time.sleep(2)
         rss = status_kib(daemon.pid, "VmRSS")
         peak = status_kib(daemon.pid, "VmHWM")
@@ -134,17 +109,11 @@ def main():
             f"({args.peers * args.locals} tunnels): VmRSS {rss / 1024:.1f} MiB, "
             f"peak VmHWM {peak / 1024:.1f} MiB"
         )
-    finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        shutil.rmtree(directory, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except BenchError as err:
+        sys.exit(f"memory: {err}")

@@ -1,0 +1,190 @@
+"""iperf3 runs through a testbed, the daemons' CPU time, and the kernel's UDP drop
+counters on the way."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from .common import BenchError, cpu_seconds, in_ns, log, log_tail, run_cmd, stop_process, wait_until
+from .model import CPU_TEST, Options, Run, SystemResult
+from .topology import Resources, TUNNEL_PORT, Testbed
+
+TEST_ARGS = {
+    "tcp": [],
+    "tcp4": ["-P", "4"],
+    "reverse": ["-R"],
+    "udp": ["-u", "-b", "0", "-l", "1300"],
+}
+IPERF_PORT = 5201
+PAUSE_BETWEEN_RUNS = 0.5
+CLIENT_SLACK = 30.0  # seconds an iperf3 client may take beyond --duration
+
+
+def iperf_listening(ns: str) -> bool:
+    out = subprocess.run(
+        in_ns(ns, ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]), capture_output=True, text=True
+    )
+    return bool(out.stdout.strip())
+
+
+def start_iperf_server(res: Resources, testbed: Testbed, logfile: Path) -> subprocess.Popen:
+    """A one-off server (-1), so a failed run never leaves a stuck server behind."""
+    proc = res.spawn(testbed.server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], logfile)
+    if not wait_until(lambda: proc.poll() is not None or iperf_listening(testbed.server_ns), 10):
+        raise BenchError("iperf3 server did not start listening")
+    if proc.poll() is not None:
+        raise BenchError(f"iperf3 server exited:\n{log_tail(logfile)}")
+    return proc
+
+
+def received_rate(test: str, data: dict) -> tuple[float, float, float | None]:
+    """(received bit/s, seconds, loss %) from the client's JSON.
+
+    TCP: end.sum_received. UDP: end.sum_received too where it exists (iperf3 3.12 has
+    it: the datagrams the server got, packets - lost_packets); otherwise end.sum, whose
+    bits_per_second is the sender's rate, scaled by (1 - lost_percent / 100)."""
+    end = data["end"]
+    if test != "udp":
+        return end["sum_received"]["bits_per_second"], end["sum_received"]["seconds"], None
+    loss = end["sum"]["lost_percent"]
+    if "sum_received" in end:
+        return end["sum_received"]["bits_per_second"], end["sum_received"]["seconds"], loss
+    return end["sum"]["bits_per_second"] * (1 - loss / 100), end["sum"]["seconds"], loss
+
+
+def run_iperf_client(testbed: Testbed, test: str, duration: int) -> str:
+    argv = f"iperf3 -c {testbed.server_addr} -p {IPERF_PORT} -t {duration} --json".split()
+    argv += TEST_ARGS[test]
+    done = subprocess.run(
+        in_ns(testbed.client_ns, argv),
+        capture_output=True,
+        text=True,
+        timeout=duration + CLIENT_SLACK,
+    )
+    if not done.stdout.strip():
+        raise BenchError(
+            f"iperf3 client printed nothing ({done.returncode}): {done.stderr.strip()}"
+        )
+    return done.stdout
+
+
+def measure_run(
+    res: Resources, testbed: Testbed, test: str, duration: int, json_path: Path, logdir: Path
+) -> Run:
+    server = start_iperf_server(res, testbed, logdir / f"iperf3-server-{json_path.stem}.log")
+    pids = [p.pid for p in testbed.daemons]
+    drops_before = drop_counters(testbed) if test == "udp" else {}
+    cpu_before = [cpu_seconds(pid) for pid in pids]
+    output = run_iperf_client(testbed, test, duration)
+    cpu_after = [cpu_seconds(pid) for pid in pids]
+    drops_after = drop_counters(testbed) if test == "udp" else {}
+    stop_process(server)
+    json_path.write_text(output)
+    data = json.loads(output)
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    bits, seconds, loss = received_rate(test, data)
+    run = Run(gbps=bits / 1e9, seconds=seconds, json_file=json_path.name, loss_pct=loss)
+    if test == "udp":
+        run.datagrams_sent = data["end"]["sum"].get("packets")
+        run.drops = {k: drops_after[k] - drops_before[k] for k in DROP_PLACES}
+    if pids and test == CPU_TEST:
+        run.cpu = sum(a - b for a, b in zip(cpu_after, cpu_before)) / seconds
+        run.cpu_per_gbit = run.cpu / run.gbps if run.gbps > 0 else None
+    return run
+
+
+# Where a UDP datagram can be lost, as the kernel counts it, in path order.
+DROP_PLACES = {
+    "sender_tunnel_queue": "sender's tunnel device queue full (TX dropped)",
+    "tunnel_sockets": "tunnel's own UDP socket full (receiving node)",
+    "iperf3_socket": "receiving iperf3 socket full (UdpRcvbufErrors of the rest)",
+}
+
+
+def tunnel_tx_drops(ns: str) -> int:
+    """TX drops of the tunnel devices in ns: every device but loopback and Ethernet (veth)."""
+    links = json.loads(run_cmd(["ip", "-n", ns, "-s", "-j", "link", "show"]))
+    return sum(
+        link.get("stats64", {}).get("tx", {}).get("dropped", 0)
+        for link in links
+        if link.get("link_type") not in ("loopback", "ether")
+    )
+
+
+def udp_receive_buffer_errors(ns: str) -> int:
+    """UdpRcvbufErrors of ns, IPv4 and IPv6 (a dual-stack socket counts in either)."""
+    total = 0
+    for table, prefix in (("/proc/net/snmp", "Udp:"), ("/proc/net/snmp6", "Udp6RcvbufErrors")):
+        lines = run_cmd(in_ns(ns, ["cat", table])).splitlines()
+        if prefix == "Udp:":
+            rows = [line.split()[1:] for line in lines if line.startswith(prefix)]
+            if len(rows) == 2 and "RcvbufErrors" in rows[0]:
+                total += int(rows[1][rows[0].index("RcvbufErrors")])
+        else:
+            total += sum(int(line.split()[1]) for line in lines if line.startswith(prefix))
+    return total
+
+
+def tunnel_socket_drops(ns: str) -> int:
+    """Drops of the UDP sockets bound to the tunnel port in ns (last column of /proc/net/udp)."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in run_cmd(in_ns(ns, ["cat", table])).splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 2 and int(fields[1].rsplit(":", 1)[1], 16) == TUNNEL_PORT:
+                total += int(fields[-1])
+    return total
+
+
+def drop_counters(testbed: Testbed) -> dict[str, int]:
+    tunnel_sockets = tunnel_socket_drops(testbed.server_ns)
+    return {
+        "sender_tunnel_queue": tunnel_tx_drops(testbed.client_ns),
+        "tunnel_sockets": tunnel_sockets,
+        "iperf3_socket": udp_receive_buffer_errors(testbed.server_ns) - tunnel_sockets,
+    }
+
+
+def check_daemons_alive(testbed: Testbed) -> None:
+    for proc, logfile in zip(testbed.daemons, testbed.logs):
+        if proc.poll() is not None:
+            raise BenchError(f"daemon {proc.pid} exited ({proc.returncode}):\n{log_tail(logfile)}")
+
+
+def describe_run(run: Run) -> str:
+    text = f"{run.gbps:.3f} Gbit/s"
+    if run.loss_pct is not None:
+        text += f", loss {run.loss_pct:.1f} %"
+    if run.cpu is not None:
+        text += f", daemon CPU {run.cpu * 100:.0f} %"
+    if run.drops is not None and run.datagrams_sent:
+        text += " (" + loss_places(run) + ")"
+    return text
+
+
+def loss_places(run: Run) -> str:
+    """Where a UDP run's datagrams were dropped, as shares of those iperf3 sent."""
+    sent = run.datagrams_sent or 0
+    parts = []
+    for key, count in (run.drops or {}).items():
+        share = f"{100 * count / sent:.1f} %" if sent else "n/a"
+        parts.append(f"{key} {share}")
+    return ", ".join(parts)
+
+
+def measure_system(
+    res: Resources, testbed: Testbed, opts: Options, result: SystemResult, logdir: Path
+) -> None:
+    for test in opts.tests:
+        runs = result.runs.setdefault(test, [])
+        for number in range(1, opts.runs + 1):
+            json_path = opts.out / f"{result.name}-{test}-{number}.json"
+            run = measure_run(res, testbed, test, opts.duration, json_path, logdir)
+            check_daemons_alive(testbed)
+            runs.append(run)
+            log(f"[{result.name}] {test} run {number}/{opts.runs}: {describe_run(run)}")
+            time.sleep(PAUSE_BETWEEN_RUNS)

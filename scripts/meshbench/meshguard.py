@@ -1,0 +1,169 @@
+"""meshguard as a system under test: keys, node and peer files, two daemons."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from .common import BenchError, log_tail, run_cmd, wait_until, write_secret
+from .model import SystemResult
+from .topology import (
+    OVERLAY,
+    Resources,
+    START_TIMEOUT,
+    TUNNEL_MTU,
+    TUNNEL_PORT,
+    Testbed,
+    UNDERLAY,
+    wait_for_ping,
+)
+
+PRINCIPALS = ("cluster.local/ns/bench/sa/one", "cluster.local/ns/bench/sa/two")
+POLICY_TOML = """\
+[[policy]]
+name = "allow-all"
+namespace = "istio-system"
+action = "ALLOW"
+[[policy.rules]]
+"""
+
+
+def meshguard_node_toml(side: int, iface: str, with_policy: bool, interface: dict[str, int]) -> str:
+    extra = "".join(f"{key} = {value}\n" for key, value in interface.items())
+    text = f"""\
+name = "bench-{'ab'[side]}"
+listen = "{UNDERLAY[side]}:{TUNNEL_PORT}"
+peers_dir = "peers"
+
+[interface]
+name = "{iface}"
+mtu = {TUNNEL_MTU}
+addresses = ["{OVERLAY[side]}/32"]
+{extra}
+[[identity]]
+principal = "{PRINCIPALS[side]}"
+private_key_file = "key"
+addresses = ["{OVERLAY[side]}/32"]
+"""
+    if with_policy:
+        text += '\n[policy]\nfiles = ["policy.toml"]\n'
+    return text
+
+
+def meshguard_peer_toml(side: int, public_key: str) -> str:
+    other = 1 - side
+    return f"""\
+name = "bench-{'ab'[other]}"
+endpoint = "{UNDERLAY[other]}:{TUNNEL_PORT}"
+
+[[identity]]
+principal = "{PRINCIPALS[other]}"
+public_key = "{public_key}"
+allowed_ips = ["{OVERLAY[other]}/32"]
+"""
+
+
+def write_meshguard_configs(binary: str, workdir: Path) -> list[Path]:
+    """Keys, peer files and policy file for both nodes; returns the node directories."""
+    dirs = [workdir / f"node-{side}" for side in "ab"]
+    public_keys = []
+    for node_dir in dirs:
+        (node_dir / "peers").mkdir(parents=True)
+        private = run_cmd([binary, "genkey"]).strip()
+        write_secret(node_dir / "key", private + "\n")
+        public_keys.append(run_cmd([binary, "pubkey"], input_text=private + "\n").strip())
+        (node_dir / "policy.toml").write_text(POLICY_TOML)
+    for side, node_dir in enumerate(dirs):
+        (node_dir / "peers" / "other.toml").write_text(
+            meshguard_peer_toml(side, public_keys[1 - side])
+        )
+    return dirs
+
+
+def check_meshguard_configs(
+    binary: str,
+    dirs: list[Path],
+    ifaces: tuple[str, str],
+    with_policy: bool,
+    interface: dict[str, int],
+) -> str | None:
+    """Writes both node files; returns None if `meshguard check` accepts them, else its error."""
+    for side, node_dir in enumerate(dirs):
+        toml = meshguard_node_toml(side, ifaces[side], with_policy, interface)
+        (node_dir / "node.toml").write_text(toml)
+        try:
+            run_cmd([binary, "check", "--config", str(node_dir / "node.toml")])
+        except BenchError as err:
+            return str(err)
+    return None
+
+
+def choose_policy_section(
+    binary: str,
+    dirs: list[Path],
+    ifaces: tuple[str, str],
+    result: SystemResult,
+    interface: dict[str, int],
+) -> None:
+    """Keeps an allow-all [policy] section if this build knows the key, drops it otherwise."""
+    error = check_meshguard_configs(binary, dirs, ifaces, True, interface)
+    if error is None:
+        result.notes.append(
+            "allow-all policy loaded ([policy] section accepted by meshguard check)"
+        )
+        return
+    if not re.search(r"unknown (field|key) `?policy\b", error):
+        raise BenchError(f"meshguard check rejected the config: {error}")
+    error = check_meshguard_configs(binary, dirs, ifaces, False, interface)
+    if error is not None:
+        raise BenchError(f"meshguard check rejected the config: {error}")
+    result.notes.append("no [policy] section: this build rejects the key (no allow lists yet)")
+
+
+def wait_for_log_line(
+    proc: subprocess.Popen, logfile: Path, line: str, timeout: float = START_TIMEOUT
+) -> None:
+    """Waits until the daemon logs `line`; fails if it exits first or takes too long."""
+
+    def logged() -> bool:
+        if proc.poll() is not None:
+            raise BenchError(
+                f"daemon exited ({proc.returncode}) before `{line}`:\n{log_tail(logfile)}"
+            )
+        return line in logfile.read_text(errors="replace")
+
+    if not wait_until(logged, timeout):
+        raise BenchError(f"no `{line}` within {timeout:.0f} s:\n{log_tail(logfile)}")
+
+
+def start_meshguard(
+    res: Resources,
+    namespaces: tuple[str, str],
+    index: int,
+    binary: str,
+    result: SystemResult,
+    interface: dict[str, int],
+) -> Testbed:
+    workdir = res.make_tempdir(f"mgbench-{os.getpid()}-meshguard-")
+    ifaces = tuple(f"mg{os.getpid() % 10000}{index}{side}" for side in "ab")
+    dirs = write_meshguard_configs(binary, workdir)
+    choose_policy_section(binary, dirs, ifaces, result, interface)
+    testbed = Testbed(namespaces[0], namespaces[1], OVERLAY[1])
+    env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
+    for ns, node_dir, iface in zip(namespaces, dirs, ifaces):
+        res.own_socket(iface)  # in case a later version adds a wg-compatible UAPI socket
+        logfile = workdir / f"{ns}.log"
+        proc = res.spawn(ns, [binary, "up", "--config", str(node_dir / "node.toml")], logfile, env)
+        testbed.daemons.append(proc)
+        testbed.logs.append(logfile)
+    for proc, logfile in zip(testbed.daemons, testbed.logs):
+        wait_for_log_line(proc, logfile, "meshguard is up")
+    started = re.search(r"workers=(\d+)", testbed.logs[0].read_text(errors="replace"))
+    if started:
+        result.notes.append(f"{started.group(1)} data-path worker(s) per daemon")
+    if "queue_length" in interface:
+        result.notes.append(f"TUN queue length {interface['queue_length']} (--queue-length)")
+    wait_for_ping(namespaces[0], OVERLAY[1], testbed)
+    return testbed

@@ -1,0 +1,56 @@
+"""What the benchmark measures and the records it keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_SYSTEMS = ("veth", "meshguard", "boringtun", "boringtun-1t", "wireguard-go")
+PEER_SYSTEMS = ("boringtun", "boringtun-1t", "wireguard-go")
+ALL_TESTS = ("tcp", "tcp4", "reverse", "udp")
+# The test during which the daemons' CPU time is measured.
+CPU_TEST = "tcp"
+# Table columns: key, heading, whether a larger value is better.
+METRICS = (
+    ("tcp", "TCP 1 stream", True),
+    ("tcp4", "TCP 4 streams", True),
+    ("reverse", "TCP reverse", True),
+    ("udp", "UDP received", True),
+    ("cpu", "Daemon CPU", False),
+    ("cpu_per_gbit", "CPU-s per Gbit", False),
+)
+
+
+@dataclass
+class Run:
+    """One iperf3 run."""
+
+    gbps: float  # received, Gbit/s
+    seconds: float  # test duration as iperf3 measured it
+    json_file: str
+    loss_pct: float | None = None  # UDP only
+    cpu: float | None = None  # daemon CPU-seconds per second, all daemons summed
+    cpu_per_gbit: float | None = None
+    # UDP only: datagrams iperf3 sent, and where the kernel dropped datagrams on the way.
+    datagrams_sent: int | None = None
+    drops: dict[str, int] | None = None
+
+
+@dataclass
+class SystemResult:
+    name: str
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    status: str = "ok"  # ok | skipped | failed
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    duration: int
+    runs: int
+    systems: list[str]
+    tests: list[str]
+    out: Path
+    build: bool
+    interface: dict[str, int] = field(default_factory=dict)  # extra [interface] keys
