@@ -30,7 +30,7 @@ action = "ALLOW"
 """
 
 
-def meshguard_node_toml(side: int, iface: str, with_policy: bool, interface: dict[str, int]) -> str:
+def meshguard_node_toml(side: int, iface: str, interface: dict[str, int]) -> str:
     extra = "".join(f"{key} = {value}\n" for key, value in interface.items())
     text = f"""\
 name = "bench-{'ab'[side]}"
@@ -47,9 +47,7 @@ principal = "{PRINCIPALS[side]}"
 private_key_file = "key"
 addresses = ["{OVERLAY[side]}/32"]
 """
-    if with_policy:
-        text += '\n[policy]\nfiles = ["policy.toml"]\n'
-    return text
+    return text + '\n[policy]\nfiles = ["policy.toml"]\n'
 
 
 def meshguard_peer_toml(side: int, public_key: str) -> str:
@@ -83,43 +81,16 @@ def write_meshguard_configs(binary: str, workdir: Path) -> list[Path]:
 
 
 def check_meshguard_configs(
-    binary: str,
-    dirs: list[Path],
-    ifaces: tuple[str, str],
-    with_policy: bool,
-    interface: dict[str, int],
-) -> str | None:
-    """Writes both node files; returns None if `meshguard check` accepts them, else its error."""
+    binary: str, dirs: list[Path], ifaces: tuple[str, str], interface: dict[str, int]
+) -> None:
+    """Writes both node files, with the allow-all policy; `meshguard check` must accept them."""
     for side, node_dir in enumerate(dirs):
-        toml = meshguard_node_toml(side, ifaces[side], with_policy, interface)
+        toml = meshguard_node_toml(side, ifaces[side], interface)
         (node_dir / "node.toml").write_text(toml)
         try:
             run_cmd([binary, "check", "--config", str(node_dir / "node.toml")])
         except BenchError as err:
-            return str(err)
-    return None
-
-
-def choose_policy_section(
-    binary: str,
-    dirs: list[Path],
-    ifaces: tuple[str, str],
-    result: SystemResult,
-    interface: dict[str, int],
-) -> None:
-    """Keeps an allow-all [policy] section if this build knows the key, drops it otherwise."""
-    error = check_meshguard_configs(binary, dirs, ifaces, True, interface)
-    if error is None:
-        result.notes.append(
-            "allow-all policy loaded ([policy] section accepted by meshguard check)"
-        )
-        return
-    if not re.search(r"unknown (field|key) `?policy\b", error):
-        raise BenchError(f"meshguard check rejected the config: {error}")
-    error = check_meshguard_configs(binary, dirs, ifaces, False, interface)
-    if error is not None:
-        raise BenchError(f"meshguard check rejected the config: {error}")
-    result.notes.append("no [policy] section: this build rejects the key (no allow lists yet)")
+            raise BenchError(f"meshguard check rejected the config: {err}") from err
 
 
 def wait_for_log_line(
@@ -149,7 +120,8 @@ def start_meshguard(
     workdir = res.make_tempdir(f"mgbench-{os.getpid()}-meshguard-")
     ifaces = tuple(f"mg{os.getpid() % 10000}{index}{side}" for side in "ab")
     dirs = write_meshguard_configs(binary, workdir)
-    choose_policy_section(binary, dirs, ifaces, result, interface)
+    check_meshguard_configs(binary, dirs, ifaces, interface)
+    result.notes.append("allow-all policy loaded")
     testbed = Testbed(namespaces[0], namespaces[1], OVERLAY[1])
     env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
     for ns, node_dir, iface in zip(namespaces, dirs, ifaces):
