@@ -1,6 +1,9 @@
 //! meshguard against WireGuard implementations nobody here wrote, in namespaces:
-//! `boringtun-cli` and `wireguard-go`, configured with `wg`. Each side initiates once;
-//! ping and a 20 MB TCP transfer must pass. Needs root.
+//! `boringtun-cli` and `wireguard-go`, configured with `wg`. Each side initiates once,
+//! over an IPv4 and over an IPv6 underlay; ping and a 20 MB TCP transfer in each
+//! direction must pass. The underlay link has an MTU of 1500 and the tunnels 1420, so
+//! full-size packets fit only if no message is padded past the tunnel MTU (an IPv6
+//! underlay leaves exactly 1452 bytes for the message). Needs root.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -11,9 +14,9 @@ use meshguard::testbed::{
 };
 
 const TRANSFER_BYTES: usize = 20 * 1000 * 1000;
-const MG_UNDERLAY: &str = "198.18.2.1";
-const WG_UNDERLAY: &str = "198.18.2.2";
 const WG_PORT: u16 = 51821;
+const UNDERLAY_MTU: u32 = 1500;
+const TUNNEL_MTU: u16 = 1420;
 const MG_OVERLAY: &str = "10.20.0.1";
 const WG_OVERLAY: &str = "10.20.0.2";
 
@@ -29,18 +32,36 @@ enum Initiator {
     Peer,
 }
 
-fn interop(kind: WgKind, initiator: Initiator) {
+/// The underlay's address family.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Underlay {
+    V4,
+    V6,
+}
+
+impl Underlay {
+    /// (meshguard's address, the peer's address, prefix length)
+    fn addresses(self) -> (&'static str, &'static str, u8) {
+        match self {
+            Underlay::V4 => ("198.18.2.1", "198.18.2.2", 24),
+            Underlay::V6 => ("fd00:18:2::1", "fd00:18:2::2", 64),
+        }
+    }
+}
+
+fn interop(kind: WgKind, initiator: Initiator, underlay: Underlay) {
     if !require_root() {
         return;
     }
+    let (mg_underlay, wg_underlay, prefix) = underlay.addresses();
     let ns_mg = Netns::new("iom").unwrap();
     let ns_wg = Netns::new("iow").unwrap();
     let _link = Link::new(
         &ns_mg,
-        &format!("{MG_UNDERLAY}/24"),
+        &format!("{mg_underlay}/{prefix}"),
         &ns_wg,
-        &format!("{WG_UNDERLAY}/24"),
-        None,
+        &format!("{wg_underlay}/{prefix}"),
+        Some(UNDERLAY_MTU),
     )
     .unwrap();
 
@@ -49,14 +70,14 @@ fn interop(kind: WgKind, initiator: Initiator) {
         policy: ALLOW_ALL_POLICY.into(),
         offload: true,
         workers: None,
-        listen: SocketAddr::new(ip(MG_UNDERLAY), 51820),
+        listen: SocketAddr::new(ip(mg_underlay), 51820),
         identities: vec![IdentitySpec::new(
             "cluster.local/ns/interop/sa/meshguard",
             &[&format!("{MG_OVERLAY}/32")],
         )],
     };
     let (wg_private, wg_public) = genkey().unwrap();
-    let wg_endpoint = SocketAddr::new(ip(WG_UNDERLAY), WG_PORT);
+    let wg_endpoint = SocketAddr::new(ip(wg_underlay), WG_PORT);
     let peer_file = PeerEntry {
         name: "plain-wireguard".into(),
         endpoint: (initiator == Initiator::Meshguard).then_some(wg_endpoint),
@@ -75,7 +96,7 @@ fn interop(kind: WgKind, initiator: Initiator) {
         &wg_private,
         WG_PORT,
         &[&format!("{WG_OVERLAY}/32")],
-        Some(1420),
+        Some(u32::from(TUNNEL_MTU)),
     )
     .unwrap();
     wg.add_peer(
@@ -99,7 +120,7 @@ fn interop(kind: WgKind, initiator: Initiator) {
     };
     assert!(
         ping(from_ns, Some(ip(from)), ip(to), 3),
-        "{kind:?}: ping {from} -> {to}\nmeshguard:\n{}\npeer:\n{}",
+        "{kind:?} over {underlay:?}: ping {from} -> {to}\nmeshguard:\n{}\npeer:\n{}",
         daemon.log(),
         wg.process().read_stdout() + &wg.process().read_stderr()
     );
@@ -123,12 +144,12 @@ fn interop(kind: WgKind, initiator: Initiator) {
         )
         .unwrap_or_else(|e| {
             panic!(
-                "{kind:?}: transfer {client} -> {server}: {e}\n{}",
+                "{kind:?} over {underlay:?}: transfer {client} -> {server}: {e}\n{}",
                 daemon.log()
             )
         });
-        assert!(report.is_intact(), "{kind:?}: {report}");
-        eprintln!("{kind:?} {client} -> {server}: {report}");
+        assert!(report.is_intact(), "{kind:?} over {underlay:?}: {report}");
+        eprintln!("{kind:?} over {underlay:?} {client} -> {server}: {report}");
     }
     assert!(wg
         .latest_handshake(&mg.identities[0].public_key())
@@ -144,20 +165,30 @@ fn interop(kind: WgKind, initiator: Initiator) {
 
 #[test]
 fn meshguard_initiates_to_boringtun_cli() {
-    interop(WgKind::BoringtunCli, Initiator::Meshguard);
+    interop(WgKind::BoringtunCli, Initiator::Meshguard, Underlay::V4);
 }
 
 #[test]
 fn boringtun_cli_initiates_to_meshguard() {
-    interop(WgKind::BoringtunCli, Initiator::Peer);
+    interop(WgKind::BoringtunCli, Initiator::Peer, Underlay::V4);
 }
 
 #[test]
 fn meshguard_initiates_to_wireguard_go() {
-    interop(WgKind::WireguardGo, Initiator::Meshguard);
+    interop(WgKind::WireguardGo, Initiator::Meshguard, Underlay::V4);
 }
 
 #[test]
 fn wireguard_go_initiates_to_meshguard() {
-    interop(WgKind::WireguardGo, Initiator::Peer);
+    interop(WgKind::WireguardGo, Initiator::Peer, Underlay::V4);
+}
+
+#[test]
+fn meshguard_initiates_to_boringtun_cli_over_ipv6() {
+    interop(WgKind::BoringtunCli, Initiator::Meshguard, Underlay::V6);
+}
+
+#[test]
+fn wireguard_go_initiates_to_meshguard_over_ipv6() {
+    interop(WgKind::WireguardGo, Initiator::Peer, Underlay::V6);
 }

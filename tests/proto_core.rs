@@ -433,6 +433,7 @@ fn under_load_initiation_gets_a_cookie_and_the_retry_with_mac2_succeeds() {
         DeviceConfig::default(),
         DeviceConfig {
             under_load_threshold: 0,
+            ..DeviceConfig::default()
         },
     );
     assert!(seal(&mut p.a, p.now, p.ab, b"after cookie").is_none());
@@ -555,4 +556,21 @@ fn timers_fire_when_driven_only_by_poll_timeout() {
         }
     }
     assert_eq!(keepalive_at, Some(KEEPALIVE_TIMEOUT));
+}
+
+/// WireGuard pads plaintexts to a multiple of 16 bytes, but never past the MTU: at the
+/// default MTU of 1420 the longest data message is 1420 + 32 bytes, which an IPv6 underlay
+/// on a 1500-byte link carries (40 + 8 + 1452 = 1500).
+#[test]
+fn padding_stops_at_the_mtu() {
+    let mut p = Pair::new();
+    p.handshake();
+    for len in [1, 15, 16, 17, 1404, 1405, 1408, 1409, 1415, 1419, 1420] {
+        let payload = vec![0x5a; len];
+        let mut d = seal(&mut p.a, p.now, p.ab, &payload).expect("session");
+        let padded = len.next_multiple_of(16).min(1420);
+        assert_eq!(d.len(), padded + 32, "message for a {len}-byte plaintext");
+        let r = p.b.receive(p.now, p.a_addr, &mut d);
+        assert_eq!(&payload_of(&r, &d)[..len], &payload[..]);
+    }
 }

@@ -19,8 +19,9 @@ use crate::io::tun::Tun;
 use crate::io::udp::Udp;
 use crate::node::Node;
 use crate::policy::{self, PolicySet};
-use crate::proto::{self, DeviceConfig};
+use crate::proto;
 
+mod send_errors;
 mod worker;
 
 use worker::Shared;
@@ -144,7 +145,6 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
     let node = Node::new(
         &config,
         &policy,
-        DeviceConfig::default(),
         proto::os_random(),
         Instant::now(),
         unix_now(),
@@ -216,7 +216,8 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
                 for line in state.node.decision_counters() {
                     tracing::info!(decisions = %line, "allow-list decisions");
                 }
-                tracing::info!(counters = %state.node.counters(), "counters");
+                let counters = format!("{} {}", state.node.counters(), shared.send_errors.counters());
+                tracing::info!(%counters, "counters");
             }
             _ = hangup.recv() => {
                 policy_version = policy_stamp(&config.policy.files);
@@ -230,7 +231,7 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
                 }
             }
         }
-        worker::send_transmits(&control_socket, &mut transmits).await;
+        worker::send_transmits(&control_socket, &shared.send_errors, &mut transmits).await;
     };
     // Stop the workers first: their queues close and the kernel removes the device.
     running.shutdown().await;
@@ -238,6 +239,11 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
     for line in state.node.decision_counters() {
         tracing::info!(decisions = %line, "allow-list decisions");
     }
-    tracing::info!(counters = %state.node.counters(), "meshguard stopping");
+    let counters = format!(
+        "{} {}",
+        state.node.counters(),
+        shared.send_errors.counters()
+    );
+    tracing::info!(%counters, "meshguard stopping");
     outcome
 }

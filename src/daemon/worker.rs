@@ -23,6 +23,8 @@ use crate::io::tun::{
     GROTable, Tun, TunRead, IDEAL_BATCH_SIZE, MAX_SUPER_PACKET, VIRTIO_NET_HDR_LEN,
 };
 use crate::io::udp::{RecvMeta, Udp};
+
+use super::send_errors::SendErrors;
 use crate::node::{EgressStep, Ingress, IngressStep, Node};
 use crate::proto::{
     self, OpenError, SealJob, Transmit, TransportOpen, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
@@ -51,6 +53,8 @@ pub(super) struct State {
 /// What the workers and the control task share.
 pub(super) struct Shared {
     state: Mutex<State>,
+    /// UDP sends the kernel refused.
+    pub(super) send_errors: SendErrors,
     /// Wakes the control task when a worker moved the node's deadline before `armed`.
     pub timer_moved: Notify,
 }
@@ -59,6 +63,7 @@ impl Shared {
     pub(super) fn new(node: Node) -> Arc<Shared> {
         Arc::new(Shared {
             state: Mutex::new(State { node, armed: None }),
+            send_errors: SendErrors::default(),
             timer_moved: Notify::new(),
         })
     }
@@ -157,7 +162,7 @@ pub(super) async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u1
                 receive_and_deliver(&socket, &shared, &tun, b).await;
             }
         }
-        send_transmits(&socket, &mut b.transmits).await;
+        send_transmits(&socket, &shared.send_errors, &mut b.transmits).await;
     }
 }
 
@@ -227,10 +232,10 @@ impl SegmentRun {
         self.bytes += len;
     }
 
-    async fn flush(&mut self, socket: &Udp, gso: &[u8]) {
+    async fn flush(&mut self, socket: &Udp, errors: &SendErrors, gso: &[u8]) {
         if let Some(destination) = self.destination.filter(|_| self.count > 0) {
             let segment = (self.count > 1).then_some(self.segment);
-            send(socket, &gso[..self.bytes], destination, segment).await;
+            send(socket, errors, &gso[..self.bytes], destination, segment).await;
         }
         *self = SegmentRun::default();
     }
@@ -279,12 +284,12 @@ async fn seal_and_send(socket: &Udp, shared: &Shared, b: &mut Buffers, count: us
         };
         let len = job.seal(segment);
         if !run.accepts(*destination, len, max_segments) {
-            run.flush(socket, &b.gso).await;
+            run.flush(socket, &shared.send_errors, &b.gso).await;
         }
         b.gso[run.bytes..run.bytes + len].copy_from_slice(&segment[..len]);
         run.push(*destination, len);
     }
-    run.flush(socket, &b.gso).await;
+    run.flush(socket, &shared.send_errors, &b.gso).await;
 }
 
 /// A transport message in a receive buffer, on its way through decryption.
@@ -421,14 +426,27 @@ async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
 }
 
 /// Sends (and empties) the messages the node queued.
-pub(super) async fn send_transmits(socket: &Udp, transmits: &mut Vec<Transmit>) {
+pub(super) async fn send_transmits(
+    socket: &Udp,
+    errors: &SendErrors,
+    transmits: &mut Vec<Transmit>,
+) {
     for transmit in transmits.drain(..) {
-        send(socket, &transmit.data, transmit.destination, None).await;
+        send(socket, errors, &transmit.data, transmit.destination, None).await;
     }
 }
 
-async fn send(socket: &Udp, datagrams: &[u8], destination: SocketAddr, segment: Option<usize>) {
+/// Sends one datagram, or several of `segment` bytes each; a failure is counted and
+/// reported, never dropped silently.
+async fn send(
+    socket: &Udp,
+    errors: &SendErrors,
+    datagrams: &[u8],
+    destination: SocketAddr,
+    segment: Option<usize>,
+) {
     if let Err(e) = socket.send(destination, datagrams, segment).await {
-        tracing::trace!(error = %e, %destination, "UDP send failed");
+        let count = segment.map_or(1, |s| datagrams.len().div_ceil(s.max(1)));
+        errors.record(&e, destination, count);
     }
 }

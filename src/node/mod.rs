@@ -93,11 +93,14 @@ impl Node {
     pub fn new(
         config: &NodeConfig,
         policy: &PolicySet,
-        device_config: DeviceConfig,
         random: Random,
         now: Instant,
         now_unix: Duration,
     ) -> Self {
+        let device_config = DeviceConfig {
+            mtu: config.interface.mtu,
+            ..DeviceConfig::default()
+        };
         let mut device = Device::new(device_config, random, now, now_unix);
         let routing = Routing::new(config, &mut device, now);
         let firewall = Firewall::new(&routing, policy, &config.policy, now);

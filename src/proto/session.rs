@@ -82,16 +82,17 @@ impl Session {
     }
 
     /// Seals the plaintext at `buf[16..16 + len]` in place and writes the transport header
-    /// into `buf[..16]`. The plaintext is zero-padded to a multiple of 16 bytes, bounded
-    /// by `buf`, which must hold at least `len + SEAL_TAILROOM` bytes after the header.
-    /// Returns the length of the whole message.
-    pub fn seal(&mut self, buf: &mut [u8], len: usize) -> usize {
-        self.begin_seal(buf, len).seal(buf)
+    /// into `buf[..16]`. The plaintext is zero-padded as [`padded_len`] says for `mtu`;
+    /// `buf` must hold at least `len + SEAL_TAILROOM` bytes after the header. Returns the
+    /// length of the whole message.
+    pub fn seal(&mut self, buf: &mut [u8], len: usize, mtu: usize) -> usize {
+        self.begin_seal(buf, len, mtu).seal(buf)
     }
 
     /// The part of sealing that needs the session: reserves the counter and writes the
-    /// header into `buf[..16]`.
-    pub fn begin_seal(&mut self, buf: &mut [u8], len: usize) -> SealJob {
+    /// header into `buf[..16]`. The plaintext will be padded as WireGuard pads it for a
+    /// device of `mtu` bytes (0: no MTU).
+    pub fn begin_seal(&mut self, buf: &mut [u8], len: usize, mtu: usize) -> SealJob {
         let counter = self.send_counter;
         self.send_counter += 1;
         write_header(buf, TYPE_TRANSPORT);
@@ -101,6 +102,7 @@ impl Session {
             key: Arc::clone(&self.send_key),
             counter,
             len,
+            padded: padded_len(len, mtu),
         }
     }
 
@@ -150,14 +152,27 @@ pub struct SealJob {
     key: Arc<LessSafeKey>,
     counter: u64,
     len: usize,
+    /// `len` with its padding.
+    padded: usize,
+}
+
+/// The length WireGuard pads a plaintext of `len` bytes to: a multiple of 16, but never
+/// past the device's MTU, so that a full-size packet still fits the underlay (the
+/// whitepaper's §5.4.6). For a super packet longer than the MTU, its last MTU-sized piece
+/// is padded. `mtu` 0 means no MTU.
+pub(crate) fn padded_len(len: usize, mtu: usize) -> usize {
+    if mtu == 0 {
+        return len.next_multiple_of(16);
+    }
+    let last = if len > mtu { len % mtu } else { len };
+    len + (last.next_multiple_of(16).min(mtu) - last)
 }
 
 impl SealJob {
     /// Pads and encrypts the plaintext at `buf[16..16 + len]` in place and appends the
     /// tag. Returns the length of the whole message.
     pub fn seal(&self, buf: &mut [u8]) -> usize {
-        let padded = self.len.next_multiple_of(16);
-        let end = TRANSPORT_HEADER_LEN + padded;
+        let end = TRANSPORT_HEADER_LEN + self.padded;
         assert!(
             buf.len() >= end + AEAD_TAG_LEN,
             "caller must reserve tailroom"
@@ -177,7 +192,7 @@ impl SealJob {
 
     /// The length of the sealed message.
     pub fn sealed_len(&self) -> usize {
-        TRANSPORT_HEADER_LEN + self.len.next_multiple_of(16) + AEAD_TAG_LEN
+        TRANSPORT_HEADER_LEN + self.padded + AEAD_TAG_LEN
     }
 }
 
@@ -206,5 +221,23 @@ impl OpenJob {
             )
             .map_err(|_| OpenError::Forged)?;
         Ok(TRANSPORT_HEADER_LEN..tag_at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::padded_len;
+
+    #[test]
+    fn padding_is_capped_at_the_mtu() {
+        assert_eq!(padded_len(0, 1420), 0, "a keepalive stays empty");
+        assert_eq!(padded_len(1, 1420), 16);
+        assert_eq!(padded_len(1408, 1420), 1408);
+        assert_eq!(padded_len(1409, 1420), 1420);
+        assert_eq!(padded_len(1420, 1420), 1420);
+        assert_eq!(padded_len(1419, 0), 1424, "no MTU: plain multiple of 16");
+        // Longer than the MTU (a super packet): its last MTU-sized piece is padded.
+        assert_eq!(padded_len(1420 + 1, 1420), 1420 + 16);
+        assert_eq!(padded_len(2 * 1420, 1420), 2 * 1420);
     }
 }

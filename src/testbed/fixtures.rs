@@ -327,14 +327,7 @@ impl NodePair {
             inner: IpNet::new(Ipv4Addr::from(B_INNER).into(), 32).expect("prefix"),
         };
         let node = |config: &NodeConfig, seed: u64| {
-            Node::new(
-                config,
-                &PolicySet::default(),
-                DeviceConfig::default(),
-                seeded(seed),
-                now,
-                UNIX_START,
-            )
+            Node::new(config, &PolicySet::default(), seeded(seed), now, UNIX_START)
         };
         NodePair {
             now,

@@ -13,6 +13,8 @@
 //! - [`WgPeer`]: a WireGuard implementation nobody here wrote (`wireguard-go`,
 //!   `boringtun-cli`) running in a namespace, configured with `wg`.
 //! - Traffic checks: [`ping`], [`tcp_transfer`], [`udp_roundtrip`], [`UdpEcho`].
+//! - [`UdpRelay`]: a userspace relay between two tunnel endpoints that loses, duplicates,
+//!   reorders and delays datagrams, and measures them (there is no `netem`).
 //!
 //! Rules every topology follows:
 //! - Names (namespaces, interfaces, WireGuard sockets) come from [`unique_name`]: a tag,
@@ -37,6 +39,7 @@ mod link;
 mod mesh;
 mod netns;
 mod process;
+mod relay;
 mod traffic;
 mod wg;
 
@@ -57,6 +60,7 @@ pub use mesh::{
 };
 pub use netns::{Netns, NETNS_DIR};
 pub use process::{ChildGuard, DEFAULT_GRACE};
+pub use relay::{DirectionStats, Impairment, UdpRelay};
 pub use traffic::{
     ping, ping_all, ping_stats, tcp_connect, tcp_transfer, udp_roundtrip, PingStats,
     TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,

@@ -101,12 +101,15 @@ pub enum Received {
 pub struct DeviceConfig {
     /// Handshake messages per second above which initiations need a cookie (mac2).
     pub under_load_threshold: u32,
+    /// The MTU of the device the plaintexts come from: padding never goes past it.
+    pub mtu: u16,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
         DeviceConfig {
             under_load_threshold: 256,
+            mtu: 1420,
         }
     }
 }
@@ -131,6 +134,7 @@ pub struct Device {
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
     load: LoadMeter,
+    mtu: usize,
     /// Never later than the earliest tunnel deadline; may be earlier (a spurious wake-up
     /// recomputes it), so per-packet calls keep it up to date in O(1).
     next_deadline: Option<Instant>,
@@ -163,6 +167,7 @@ impl Device {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             load: LoadMeter::new(config.under_load_threshold),
+            mtu: usize::from(config.mtu),
             next_deadline: None,
             touched: None,
             stats: Stats::default(),
@@ -317,7 +322,7 @@ impl Device {
             self.initiate(now, tunnel);
             return SealStep::Queued;
         };
-        let job = session.begin_seal(buf, len);
+        let job = session.begin_seal(buf, len, self.mtu);
         t.on_authenticated_send(now);
         if len > 0 {
             t.on_data_sent(now);

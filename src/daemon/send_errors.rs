@@ -1,0 +1,147 @@
+//! Failed UDP sends, counted by kind and logged at warn, at most once per kind every ten
+//! seconds: a datagram the kernel refuses is a packet lost, and must never go unnoticed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// At most one warning per kind this often; the rest are counted.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why the kernel refused a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendFailure {
+    /// EMSGSIZE: larger than the path allows.
+    TooLarge,
+    /// ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL: no route to the endpoint.
+    Unreachable,
+    /// ECONNREFUSED: an ICMP port unreachable came back for an earlier datagram.
+    Refused,
+    /// ENOBUFS, ENOMEM: the kernel's buffers are full.
+    NoBuffers,
+    /// Anything else.
+    Other,
+}
+
+impl SendFailure {
+    const ALL: [SendFailure; 5] = [
+        SendFailure::TooLarge,
+        SendFailure::Unreachable,
+        SendFailure::Refused,
+        SendFailure::NoBuffers,
+        SendFailure::Other,
+    ];
+
+    pub(crate) fn of(error: &io::Error) -> SendFailure {
+        match error.raw_os_error() {
+            Some(libc_errno::EMSGSIZE) => SendFailure::TooLarge,
+            Some(
+                libc_errno::ENETUNREACH | libc_errno::EHOSTUNREACH | libc_errno::EADDRNOTAVAIL,
+            ) => SendFailure::Unreachable,
+            Some(libc_errno::ECONNREFUSED) => SendFailure::Refused,
+            Some(libc_errno::ENOBUFS | libc_errno::ENOMEM) => SendFailure::NoBuffers,
+            _ => SendFailure::Other,
+        }
+    }
+
+    /// The counter's name in the counter line.
+    fn name(self) -> &'static str {
+        match self {
+            SendFailure::TooLarge => "send_too_large",
+            SendFailure::Unreachable => "send_unreachable",
+            SendFailure::Refused => "send_refused",
+            SendFailure::NoBuffers => "send_no_buffers",
+            SendFailure::Other => "send_other_errors",
+        }
+    }
+}
+
+/// errno values, from nix (which re-exports the platform's).
+mod libc_errno {
+    use nix::errno::Errno;
+
+    pub(super) const EMSGSIZE: i32 = Errno::EMSGSIZE as i32;
+    pub(super) const ENETUNREACH: i32 = Errno::ENETUNREACH as i32;
+    pub(super) const EHOSTUNREACH: i32 = Errno::EHOSTUNREACH as i32;
+    pub(super) const EADDRNOTAVAIL: i32 = Errno::EADDRNOTAVAIL as i32;
+    pub(super) const ECONNREFUSED: i32 = Errno::ECONNREFUSED as i32;
+    pub(super) const ENOBUFS: i32 = Errno::ENOBUFS as i32;
+    pub(super) const ENOMEM: i32 = Errno::ENOMEM as i32;
+}
+
+/// Counts of failed sends, shared by every worker; touched only when a send fails.
+#[derive(Default)]
+pub(crate) struct SendErrors {
+    counts: [AtomicU64; SendFailure::ALL.len()],
+    /// Per kind: when it was last logged, and how many went unlogged since.
+    warned: Mutex<[(Option<Instant>, u64); SendFailure::ALL.len()]>,
+}
+
+impl SendErrors {
+    /// Counts a failed send of `datagrams` datagrams to `destination`, and warns about
+    /// it unless a warning of the same kind went out within WARN_INTERVAL.
+    pub(crate) fn record(&self, error: &io::Error, destination: SocketAddr, datagrams: usize) {
+        let kind = SendFailure::of(error);
+        let slot = kind as usize;
+        self.counts[slot].fetch_add(datagrams as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, unlogged) = &mut warned[slot];
+        if last.is_some_and(|at| now.duration_since(at) < WARN_INTERVAL) {
+            *unlogged += datagrams as u64;
+            return;
+        }
+        tracing::warn!(
+            %error,
+            %destination,
+            datagrams,
+            similar_failures_not_logged = *unlogged,
+            counter = kind.name(),
+            "UDP send failed; datagrams lost"
+        );
+        *last = Some(now);
+        *unlogged = 0;
+    }
+
+    /// `send_too_large=N send_unreachable=N ...`, for the counter line.
+    pub(crate) fn counters(&self) -> String {
+        SendFailure::ALL
+            .iter()
+            .map(|kind| {
+                let count = self.counts[*kind as usize].load(Ordering::Relaxed);
+                format!("{}={count}", kind.name())
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_counted_by_kind() {
+        let errors = SendErrors::default();
+        let to: SocketAddr = "198.18.0.2:51820".parse().unwrap();
+        let too_large = io::Error::from_raw_os_error(libc_errno::EMSGSIZE);
+        errors.record(&too_large, to, 3);
+        errors.record(&too_large, to, 1);
+        errors.record(
+            &io::Error::from_raw_os_error(libc_errno::ENETUNREACH),
+            to,
+            1,
+        );
+        errors.record(&io::Error::other("odd"), to, 2);
+        assert_eq!(
+            errors.counters(),
+            "send_too_large=4 send_unreachable=1 send_refused=0 send_no_buffers=0 \
+             send_other_errors=2"
+        );
+    }
+}
