@@ -574,3 +574,95 @@ fn padding_stops_at_the_mtu() {
         assert_eq!(&payload_of(&r, &d)[..len], &payload[..]);
     }
 }
+
+/// mac1 of a handshake message to the owner of `receiver_public`, written in place (the
+/// whitepaper's §5.4.4): anyone who knows a node's public key can make one.
+fn write_mac1(msg: &mut [u8], receiver_public: &[u8; 32]) {
+    use blake2::digest::consts::U16;
+    use blake2::digest::{FixedOutput, KeyInit, Update};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let key: [u8; 32] = Blake2s256::new()
+        .chain_update(LABEL_MAC1)
+        .chain_update(receiver_public)
+        .finalize()
+        .into();
+    let at = msg.len() - 32;
+    let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+    Update::update(&mut mac, &msg[..at]);
+    let mac1: [u8; 16] = mac.finalize_fixed().into();
+    msg[at..at + 16].copy_from_slice(&mac1);
+}
+
+/// An on-path attacker who sees A's initiation answers it first with a response that has
+/// the right index and a valid mac1 but garbage where the Noise payload goes. A must
+/// keep waiting for the real response, which then completes the handshake at once.
+#[test]
+fn a_forged_response_does_not_spoil_the_handshake() {
+    let mut p = Pair::new();
+    p.a.initiate(p.now, p.ab);
+    let mut initiation = p.a.poll_transmit().expect("initiation").data;
+    let mut forged = [0u8; 92];
+    forged[0] = 2;
+    forged[4..8].copy_from_slice(&[9, 9, 9, 9]);
+    forged[8..12].copy_from_slice(&initiation[4..8]);
+    forged[12..60].fill(0x42);
+    write_mac1(&mut forged, &p.a_public);
+    assert_eq!(
+        p.a.receive(p.now, p.b_addr, &mut forged),
+        Received::Dropped(Drop::HandshakeFailed)
+    );
+    // The genuine response still finds its handshake.
+    assert_eq!(
+        p.b.receive(p.now, p.a_addr, &mut initiation),
+        Received::Control
+    );
+    let mut response = p.b.poll_transmit().expect("response").data;
+    assert_eq!(
+        p.a.receive(p.now, p.b_addr, &mut response),
+        Received::Control
+    );
+    assert!(
+        p.a.has_session(p.ab),
+        "the real response completed the handshake"
+    );
+}
+
+/// A node under load answers our *response* with a cookie reply; the cookie must be taken
+/// (as wireguard-go does) so that our next response carries mac2. Otherwise every
+/// handshake the loaded node initiates towards us fails.
+#[test]
+fn a_cookie_reply_to_our_response_is_used_for_the_next_one() {
+    // A counts every handshake message as load: it wants mac2 on everything.
+    let mut p = Pair::with_configs(
+        DeviceConfig {
+            under_load_threshold: 0,
+            ..DeviceConfig::default()
+        },
+        DeviceConfig::default(),
+    );
+    assert!(seal(&mut p.a, p.now, p.ab, b"from a loaded node").is_none());
+    let start = p.now;
+    loop {
+        p.pump();
+        if p.a.has_session(p.ab) || p.now - start > Duration::from_secs(30) {
+            break;
+        }
+        let next = p.a.poll_timeout().expect("A retries");
+        p.advance(next.saturating_duration_since(p.now));
+    }
+    assert!(
+        p.a.has_session(p.ab),
+        "no handshake within 30 s: {:?} / {:?}",
+        p.a.stats(),
+        p.b.stats()
+    );
+    assert!(
+        p.a.stats().cookie_replies_sent >= 1,
+        "A did ask for a cookie"
+    );
+    assert!(
+        p.now - start <= REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX,
+        "the first retry succeeds: {:?}",
+        p.now - start
+    );
+}

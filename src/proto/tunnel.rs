@@ -14,7 +14,7 @@ use snow::HandshakeState;
 
 use super::constants::*;
 use super::cookie::{Mac16, MacKeys};
-use super::noise::TIMESTAMP_LEN;
+use super::noise::{EphemeralSeed, TIMESTAMP_LEN};
 use super::report::ProtocolDrop;
 use super::session::Session;
 use super::timers::{Timer, TimerTable};
@@ -25,11 +25,20 @@ pub(super) type Released = Vec<u32>;
 
 /// An initiation we sent and whose response we wait for.
 struct Initiating {
-    /// `None` once a response was tried and failed; the retry timer sends a new one.
+    /// Out only while a response is being tried; put back if it was not genuine.
     noise: Option<HandshakeState>,
     local_index: u32,
-    /// mac1 of the initiation: the associated data of a cookie reply to it.
-    mac1: Mac16,
+    /// What made the initiation, so that its handshake state can be made again after a
+    /// response that was not genuine consumed it.
+    seed: EphemeralSeed,
+    timestamp: [u8; TIMESTAMP_LEN],
+}
+
+/// What an initiation in flight was made from: enough to make its handshake state again.
+pub(super) struct InitiationInputs {
+    pub(super) local_index: u32,
+    pub(super) seed: EphemeralSeed,
+    pub(super) timestamp: [u8; TIMESTAMP_LEN],
 }
 
 pub(super) struct Tunnel {
@@ -46,6 +55,9 @@ pub(super) struct Tunnel {
     last_initiation_sent: Option<Instant>,
     /// Cookie from the peer's last cookie reply, and when it arrived.
     cookie: Option<(Mac16, Instant)>,
+    /// mac1 of the last handshake message we sent the peer (initiation or response):
+    /// the associated data of a cookie reply to it.
+    last_mac1: Option<Mac16>,
 
     /// Newest initiation timestamp accepted from the peer, and when.
     last_timestamp: Option<[u8; TIMESTAMP_LEN]>,
@@ -84,6 +96,7 @@ impl Tunnel {
             attempts_since: None,
             last_initiation_sent: None,
             cookie: None,
+            last_mac1: None,
             last_timestamp: None,
             last_initiation_received: None,
             current: None,
@@ -237,31 +250,31 @@ impl Tunnel {
     }
 
     /// Writes mac1 (and mac2, when a fresh cookie from the peer is known) into a
-    /// handshake message to the peer; returns mac1.
-    pub(super) fn write_macs(&self, msg: &mut [u8], now: Instant) -> Mac16 {
+    /// handshake message to the peer, and remembers mac1 for a cookie reply to it.
+    pub(super) fn write_macs(&mut self, msg: &mut [u8], now: Instant) {
         let cookie = self
             .cookie
             .as_ref()
             .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_REFRESH_TIME)
             .map(|(c, _)| c);
-        self.peer_keys.write_macs(msg, cookie)
+        self.last_mac1 = Some(self.peer_keys.write_macs(msg, cookie));
     }
 
-    /// An initiation went out at `now` under `local_index`: its response is awaited and
+    /// An initiation made from `inputs` went out at `now`: its response is awaited and
     /// the retry timer runs until `retry_at`. Returns the index of the initiation it
     /// replaces.
     pub(super) fn initiation_sent(
         &mut self,
         noise: HandshakeState,
-        local_index: u32,
-        mac1: Mac16,
+        inputs: InitiationInputs,
         now: Instant,
         retry_at: Instant,
     ) -> Released {
         let replaced = self.initiating.replace(Initiating {
             noise: Some(noise),
-            local_index,
-            mac1,
+            local_index: inputs.local_index,
+            seed: inputs.seed,
+            timestamp: inputs.timestamp,
         });
         self.last_initiation_sent = Some(now);
         self.timers.set(Timer::RetryHandshake, retry_at);
@@ -278,17 +291,33 @@ impl Tunnel {
             .collect()
     }
 
-    /// Whether a response under `index` is one we wait for (and have not tried yet).
+    /// Whether a response under `index` is one we wait for.
     pub(super) fn awaits_response(&self, index: u32) -> bool {
         self.initiating
             .as_ref()
             .is_some_and(|i| i.local_index == index && i.noise.is_some())
     }
 
-    /// The handshake state for the awaited response. Taken once: a response that fails
-    /// leaves the initiation to its retry timer.
+    /// The handshake state for one try at the awaited response. A response that turns
+    /// out not to be genuine has consumed it: [`Tunnel::restore_handshake_state`] puts
+    /// back a state made again from [`Tunnel::initiation_inputs`].
     pub(super) fn take_handshake_state(&mut self) -> Option<HandshakeState> {
         self.initiating.as_mut()?.noise.take()
+    }
+
+    /// What the initiation in flight was made from.
+    pub(super) fn initiation_inputs(&self) -> Option<InitiationInputs> {
+        self.initiating.as_ref().map(|i| InitiationInputs {
+            local_index: i.local_index,
+            seed: i.seed,
+            timestamp: i.timestamp,
+        })
+    }
+
+    pub(super) fn restore_handshake_state(&mut self, noise: HandshakeState) {
+        if let Some(initiating) = &mut self.initiating {
+            initiating.noise = Some(noise);
+        }
     }
 
     /// The response arrived and completed the handshake: the initiation is over. Returns
@@ -298,19 +327,14 @@ impl Tunnel {
         self.initiating.take().map(|i| i.local_index)
     }
 
-    /// A cookie reply to our initiation under `index`: keeps the cookie for the retry.
+    /// A cookie reply to the last handshake message we sent (an initiation or a
+    /// response): keeps the cookie for the next one.
     pub(super) fn accept_cookie_reply(
         &mut self,
-        index: u32,
         reply: &[u8],
         now: Instant,
     ) -> Result<(), ProtocolDrop> {
-        let mac1 = self
-            .initiating
-            .as_ref()
-            .filter(|i| i.local_index == index)
-            .map(|i| i.mac1)
-            .ok_or(ProtocolDrop::UnknownIndex)?;
+        let mac1 = self.last_mac1.ok_or(ProtocolDrop::UnknownIndex)?;
         let cookie = self
             .peer_keys
             .open_cookie_reply(reply, &mac1)

@@ -5,13 +5,15 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use snow::HandshakeState;
+
 use super::{Device, Received, Transmit};
 use crate::proto::constants::REKEY_TIMEOUT;
 use crate::proto::messages::{read_u32, INITIATION_LEN, RESPONSE_LEN};
 use crate::proto::noise::{self, EphemeralSeed, TransportKeys};
 use crate::proto::report::{Event, ProtocolDrop};
 use crate::proto::session::Session;
-use crate::proto::tunnel::Released;
+use crate::proto::tunnel::{InitiationInputs, Released};
 use crate::proto::{LocalKeyId, TunnelId};
 
 impl Device {
@@ -48,6 +50,35 @@ impl Device {
         seed
     }
 
+    /// Writes the initiation that `inputs` make into `msg` (without macs); returns the
+    /// handshake state that waits for its response.
+    fn write_initiation(
+        &self,
+        tunnel: TunnelId,
+        inputs: &InitiationInputs,
+        msg: &mut [u8; INITIATION_LEN],
+    ) -> HandshakeState {
+        let t = &self.tunnels[tunnel.0];
+        noise::write_initiation(
+            &self.locals[t.local().0].private,
+            inputs.seed,
+            t.peer_public(),
+            inputs.local_index,
+            &inputs.timestamp,
+            msg,
+        )
+    }
+
+    /// Makes the handshake state of the initiation in flight again: writing the same
+    /// initiation from the same inputs leaves snow in the same state.
+    fn restore_initiation(&mut self, tunnel: TunnelId) {
+        let Some(inputs) = self.tunnels[tunnel.0].initiation_inputs() else {
+            return;
+        };
+        let state = self.write_initiation(tunnel, &inputs, &mut [0u8; INITIATION_LEN]);
+        self.tunnels[tunnel.0].restore_handshake_state(state);
+    }
+
     /// Writes a fresh initiation (new ephemeral key and index) and arms its retry timer.
     fn send_initiation(&mut self, now: Instant, tunnel: TunnelId) {
         let Some(destination) = self.tunnels[tunnel.0].endpoint() else {
@@ -55,22 +86,17 @@ impl Device {
         };
         let released = self.tunnels[tunnel.0].abandon_initiation();
         self.release(released);
-        let local_index = self.allocate_index(tunnel);
-        let timestamp = noise::tai64n(self.wall_clock(now));
-        let seed = self.ephemeral_seed();
+        let inputs = InitiationInputs {
+            local_index: self.allocate_index(tunnel),
+            seed: self.ephemeral_seed(),
+            timestamp: noise::tai64n(self.wall_clock(now)),
+        };
         let retry_at = now + REKEY_TIMEOUT + self.retry_jitter();
-        let t = &mut self.tunnels[tunnel.0];
         let mut msg = [0u8; INITIATION_LEN];
-        let handshake = noise::write_initiation(
-            &self.locals[t.local().0].private,
-            seed,
-            t.peer_public(),
-            local_index,
-            &timestamp,
-            &mut msg,
-        );
-        let mac1 = t.write_macs(&mut msg, now);
-        let released = t.initiation_sent(handshake, local_index, mac1, now, retry_at);
+        let handshake = self.write_initiation(tunnel, &inputs, &mut msg);
+        let t = &mut self.tunnels[tunnel.0];
+        t.write_macs(&mut msg, now);
+        let released = t.initiation_sent(handshake, inputs, now, retry_at);
         self.release(released);
         tracing::debug!(tunnel = tunnel.0, %destination, "sending handshake initiation");
         self.outbox.push_back(Transmit {
@@ -194,8 +220,13 @@ impl Device {
         }
         let t = &mut self.tunnels[tunnel.0];
         let handshake = t.take_handshake_state().ok_or(ProtocolDrop::UnknownIndex)?;
-        let TransportKeys { send, receive } =
-            noise::read_response(handshake, msg).ok_or(ProtocolDrop::HandshakeFailed)?;
+        let Some(TransportKeys { send, receive }) = noise::read_response(handshake, msg) else {
+            // Not the peer's response (a forgery with a valid mac1, say): the real one may
+            // still come, so the initiation waits on with its state made again.
+            self.restore_initiation(tunnel);
+            return Err(ProtocolDrop::HandshakeFailed);
+        };
+        let t = &mut self.tunnels[tunnel.0];
         let local_index = t.finish_initiation().ok_or(ProtocolDrop::UnknownIndex)?;
         let remote_index = read_u32(msg, 4);
         let session = Session::new(now, local_index, remote_index, true, &send, &receive);
@@ -217,7 +248,7 @@ impl Device {
     ) -> Result<Received, ProtocolDrop> {
         let receiver = read_u32(msg, 4);
         let tunnel = self.tunnel_of(receiver)?;
-        self.tunnels[tunnel.0].accept_cookie_reply(receiver, msg, now)?;
+        self.tunnels[tunnel.0].accept_cookie_reply(msg, now)?;
         tracing::debug!(
             tunnel = tunnel.0,
             "cookie reply received; peer is under load"
