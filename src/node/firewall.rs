@@ -178,12 +178,15 @@ impl Firewall {
                 None => {}
             }
         }
-        // An error about a packet this identity sent ("fragmentation needed", "port
-        // unreachable") belongs to that packet's flow, as conntrack's RELATED does. It
-        // does not keep the flow alive.
+        // An error about a packet this identity sent to the peer that reports it
+        // ("fragmentation needed", "port unreachable") belongs to that packet's flow, as
+        // conntrack's RELATED does. It does not keep the flow alive. A peer may not report
+        // on packets sent to another peer's addresses.
         let related = quoted
             .as_ref()
-            .filter(|(inner, _)| inner.source == header.destination)
+            .filter(|(inner, _)| {
+                inner.source == header.destination && routing.peer_owns(peer, inner.destination)
+            })
             .and_then(|(inner, inner_transport)| {
                 flows::key(inner, *inner_transport, Direction::Outbound)
             });

@@ -28,6 +28,9 @@ pub(super) struct FlowKey {
     local_port: u16,
     remote: IpAddr,
     remote_port: u16,
+    /// ICMP echo: the peer sent the request. A request and its reply are one flow; a
+    /// request from the other side with the same identifier is another.
+    peer_asked: bool,
 }
 
 /// What the policy was asked about when a peer opened a flow, kept for re-checks.
@@ -88,6 +91,10 @@ pub(super) fn key(
         }
         Transport::IcmpOther | Transport::Other => return None,
     };
+    let peer_asked = match transport {
+        Transport::IcmpEcho { request, .. } => request == (direction == Direction::Inbound),
+        _ => false,
+    };
     let key = match direction {
         Direction::Outbound => FlowKey {
             protocol,
@@ -95,6 +102,7 @@ pub(super) fn key(
             local_port: source_port,
             remote: header.destination,
             remote_port: destination_port,
+            peer_asked,
         },
         Direction::Inbound => FlowKey {
             protocol,
@@ -102,6 +110,7 @@ pub(super) fn key(
             local_port: destination_port,
             remote: header.source,
             remote_port: source_port,
+            peer_asked,
         },
     };
     Some((key, idle))
@@ -262,6 +271,7 @@ mod tests {
             local_port: n,
             remote: "10.0.0.2".parse().unwrap(),
             remote_port: 80,
+            peer_asked: false,
         }
     }
 

@@ -149,6 +149,14 @@ impl Routing {
         &self.peers[id.index()]
     }
 
+    /// Whether `address` belongs to `peer`: its longest match among all peer identities'
+    /// allowed IPs is one of `peer`'s.
+    pub(super) fn peer_owns(&self, peer: PeerId, address: IpAddr) -> bool {
+        self.peer_by_address
+            .longest_match(address)
+            .is_some_and(|(_, &owner)| owner == peer)
+    }
+
     /// The pair a tunnel joins.
     pub(super) fn pair_of(&self, tunnel: TunnelId) -> (LocalId, PeerId) {
         self.pairs[tunnel.index()]

@@ -16,7 +16,7 @@ use crate::config::{
     InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
 };
 use crate::identity::{Principal, PrivateKey};
-use crate::node::{Egress, Ingress, Node};
+use crate::node::{Dropped, Egress, Ingress, Node};
 use crate::policy::{DefaultAction, PolicySet};
 use crate::proto::{
     Device, DeviceConfig, Random, Received, Transmit, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
@@ -209,7 +209,7 @@ pub fn ipv4_udp(source: [u8; 4], destination: [u8; 4], total_len: usize) -> Vec<
     packet[2..4].copy_from_slice(&ip_len.to_be_bytes());
     packet[12..16].copy_from_slice(&source);
     packet[16..20].copy_from_slice(&destination);
-    let checksum = ipv4_header_checksum(&packet[..20]);
+    let checksum = internet_checksum(&packet[..20]);
     packet[10..12].copy_from_slice(&checksum.to_be_bytes());
     let udp_len = ip_len - 20;
     packet[20..22].copy_from_slice(&40000u16.to_be_bytes());
@@ -220,9 +220,62 @@ pub fn ipv4_udp(source: [u8; 4], destination: [u8; 4], total_len: usize) -> Vec<
     buf
 }
 
-fn ipv4_header_checksum(header: &[u8]) -> u16 {
+/// An IPv4 ICMP message from `source` to `destination`: type, code, the second word of
+/// the ICMP header (`rest`: an echo's identifier and sequence number), then `body`. Laid
+/// out for sealing in place; returns the buffer and the packet's length.
+pub fn ipv4_icmp(
+    source: [u8; 4],
+    destination: [u8; 4],
+    (icmp_type, code): (u8, u8),
+    rest: [u8; 4],
+    body: &[u8],
+) -> (Vec<u8>, usize) {
+    let total_len = 20 + 8 + body.len();
+    let mut buf = buffer(total_len);
+    let packet = &mut buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + total_len];
+    packet[..20].copy_from_slice(&[
+        0x45, 0, 0, 0, // version 4, IHL 5, TOS, total length (below)
+        0, 0, 0, 0, // id, flags, offset
+        64, 1, 0, 0, // TTL, ICMP, checksum (below)
+        0, 0, 0, 0, 0, 0, 0, 0, // addresses (below)
+    ]);
+    let ip_len = u16::try_from(total_len).expect("fits");
+    packet[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    packet[12..16].copy_from_slice(&source);
+    packet[16..20].copy_from_slice(&destination);
+    let checksum = internet_checksum(&packet[..20]);
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet[20..24].copy_from_slice(&[icmp_type, code, 0, 0]);
+    packet[24..28].copy_from_slice(&rest);
+    packet[28..].copy_from_slice(body);
+    let checksum = internet_checksum(&packet[20..]);
+    packet[22..24].copy_from_slice(&checksum.to_be_bytes());
+    (buf, total_len)
+}
+
+/// An ICMP echo request (or reply) with `identifier`, sequence 1 and 32 bytes of data.
+pub fn ipv4_echo(
+    source: [u8; 4],
+    destination: [u8; 4],
+    request: bool,
+    identifier: u16,
+) -> (Vec<u8>, usize) {
+    let icmp_type = if request { 8 } else { 0 };
+    let [id_high, id_low] = identifier.to_be_bytes();
+    ipv4_icmp(
+        source,
+        destination,
+        (icmp_type, 0),
+        [id_high, id_low, 0, 1],
+        &[0x61; 32],
+    )
+}
+
+/// The Internet checksum of `data` (an even number of bytes).
+fn internet_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header
-        .chunks_exact(2)
+        .chunks(2)
+        .map(|w| [w[0], w.get(1).copied().unwrap_or(0)])
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
         .sum();
     while sum > 0xffff {
@@ -231,18 +284,38 @@ fn ipv4_header_checksum(header: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// One side of a node pair: its identity and the one node it knows.
-struct Side<'a> {
-    name: &'a str,
+/// One node of a pair: its name, endpoint and identities (principal, key, address).
+struct Side {
+    name: &'static str,
     endpoint: SocketAddr,
-    principal: &'a Principal,
-    key: &'a PrivateKey,
-    inner: IpNet,
+    identities: Vec<(Principal, PrivateKey, IpNet)>,
 }
 
-/// A node configuration with `local`'s identity and one peer node carrying `peer`'s.
+/// A node configuration with `local`'s identities and one peer node carrying `peer`'s.
 fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig {
     let dir = PathBuf::from("/nonexistent/meshguard-fixture").join(local.name);
+    let identities = local
+        .identities
+        .iter()
+        .enumerate()
+        .map(|(i, (principal, key, inner))| LocalIdentityConfig {
+            principal: principal.clone(),
+            private_key_file: dir.join(format!("identity-{i}.key")),
+            private_key: key.clone(),
+            public_key: key.public_key(),
+            addresses: vec![*inner],
+            labels: BTreeMap::new(),
+        })
+        .collect();
+    let peer_identities = peer
+        .identities
+        .iter()
+        .map(|(principal, key, inner)| PeerIdentityConfig {
+            principal: principal.clone(),
+            public_key: key.public_key(),
+            allowed_ips: vec![*inner],
+        })
+        .collect();
     NodeConfig {
         path: dir.join("node.toml"),
         name: local.name.to_owned(),
@@ -250,7 +323,11 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
         interface: InterfaceConfig {
             name: "mgfixture0".to_owned(),
             mtu: 1420,
-            addresses: vec![local.inner],
+            addresses: local
+                .identities
+                .iter()
+                .map(|(_, _, inner)| *inner)
+                .collect(),
             offload: false,
             workers: None,
             queue_length: 4000,
@@ -261,29 +338,18 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             default,
             ..PolicyConfig::default()
         },
-        identities: vec![LocalIdentityConfig {
-            principal: local.principal.clone(),
-            private_key_file: dir.join("identity.key"),
-            private_key: local.key.clone(),
-            public_key: local.key.public_key(),
-            addresses: vec![local.inner],
-            labels: BTreeMap::new(),
-        }],
+        identities,
         peers: vec![PeerConfig {
             path: dir.join("peers").join(format!("{}.toml", peer.name)),
             name: peer.name.to_owned(),
             endpoint: Some(peer.endpoint),
             persistent_keepalive: None,
-            identities: vec![PeerIdentityConfig {
-                principal: peer.principal.clone(),
-                public_key: peer.key.public_key(),
-                allowed_ips: vec![peer.inner],
-            }],
+            identities: peer_identities,
         }],
     }
 }
 
-/// Two nodes, each hosting one identity and knowing the other's.
+/// Two nodes, each knowing the other's identities: A hosts one, B one or more.
 pub struct NodePair {
     pub now: Instant,
     pub a: Node,
@@ -300,6 +366,11 @@ impl Default for NodePair {
     }
 }
 
+/// A /32 prefix.
+fn host(address: [u8; 4]) -> IpNet {
+    IpNet::new(Ipv4Addr::from(address).into(), 32).expect("prefix")
+}
+
 impl NodePair {
     pub fn new() -> Self {
         Self::default()
@@ -307,24 +378,45 @@ impl NodePair {
 
     /// Nodes without policies whose defaults are `a_default` and `b_default`.
     pub fn with_defaults(a_default: DefaultAction, b_default: DefaultAction) -> Self {
+        Self::with_b_identities(a_default, b_default, &[B_INNER])
+    }
+
+    /// Like `with_defaults`, with B hosting one identity per address of `b_inner`
+    /// (`cluster.local/ns/bench/sa/server`, then `server-2`, `server-3`, ...).
+    pub fn with_b_identities(
+        a_default: DefaultAction,
+        b_default: DefaultAction,
+        b_inner: &[[u8; 4]],
+    ) -> Self {
         let now = Instant::now();
-        let a_key = seeded_key(A_SEED);
-        let b_key = seeded_key(B_SEED);
-        let a_principal: Principal = "cluster.local/ns/bench/sa/client".parse().expect("valid");
-        let b_principal: Principal = "cluster.local/ns/bench/sa/server".parse().expect("valid");
+        let principal = |name: &str| -> Principal {
+            format!("cluster.local/ns/bench/sa/{name}")
+                .parse()
+                .expect("valid")
+        };
         let a = Side {
             name: "node-a",
             endpoint: A_ENDPOINT.parse().expect("address"),
-            principal: &a_principal,
-            key: &a_key,
-            inner: IpNet::new(Ipv4Addr::from(A_INNER).into(), 32).expect("prefix"),
+            identities: vec![(principal("client"), seeded_key(A_SEED), host(A_INNER))],
         };
         let b = Side {
             name: "node-b",
             endpoint: B_ENDPOINT.parse().expect("address"),
-            principal: &b_principal,
-            key: &b_key,
-            inner: IpNet::new(Ipv4Addr::from(B_INNER).into(), 32).expect("prefix"),
+            identities: b_inner
+                .iter()
+                .enumerate()
+                .map(|(i, address)| {
+                    let name = match i {
+                        0 => "server".to_owned(),
+                        n => format!("server-{}", n + 1),
+                    };
+                    (
+                        principal(&name),
+                        seeded_key(B_SEED + i as u64),
+                        host(*address),
+                    )
+                })
+                .collect(),
         };
         let node = |config: &NodeConfig, seed: u64| {
             Node::new(config, &PolicySet::default(), seeded(seed), now, UNIX_START)
@@ -347,37 +439,68 @@ impl NodePair {
     /// Completes the handshake with a first packet from A, which B must let in.
     pub fn connect(self) -> Self {
         let mut pair = self;
-        let mut first = ipv4_udp(A_INNER, B_INNER, 64);
-        assert_eq!(pair.a.egress(pair.now, &mut first, 64), Egress::Queued);
-        let delivered = pair.pump();
-        assert_eq!(delivered, 1, "the queued packet went through");
+        let first = ipv4_udp(A_INNER, B_INNER, 64);
+        assert!(
+            matches!(pair.a_to_b(first, 64), Ingress::Deliver { .. }),
+            "the queued packet went through"
+        );
         pair
     }
 
+    /// Sends the IP packet in `buf` (laid out for sealing, `len` bytes) from A; returns
+    /// what B made of it, after a handshake if one was needed.
+    pub fn a_to_b(&mut self, buf: Vec<u8>, len: usize) -> Ingress {
+        self.send(true, buf, len)
+    }
+
+    /// Sends the IP packet in `buf` from B; returns what A made of it.
+    pub fn b_to_a(&mut self, buf: Vec<u8>, len: usize) -> Ingress {
+        self.send(false, buf, len)
+    }
+
+    fn send(&mut self, from_a: bool, mut buf: Vec<u8>, len: usize) -> Ingress {
+        let (sender, receiver, source) = if from_a {
+            (&mut self.a, &mut self.b, self.a_addr)
+        } else {
+            (&mut self.b, &mut self.a, self.b_addr)
+        };
+        match sender.egress(self.now, &mut buf, len) {
+            Egress::Send { len, .. } => receiver.ingress(self.now, source, &mut buf[..len]),
+            Egress::Queued => {
+                let mut outcomes = self.pump();
+                assert_eq!(outcomes.len(), 1, "one packet waited for the handshake");
+                outcomes.remove(0)
+            }
+            Egress::Dropped(drop) => panic!("the sender dropped the packet: {drop:?}"),
+        }
+    }
+
     /// Delivers queued datagrams both ways until neither side has anything to send;
-    /// returns how many IP packets were delivered.
-    pub fn pump(&mut self) -> usize {
-        let mut delivered = 0;
+    /// returns what the receiving node made of each IP packet (delivered, or dropped by
+    /// routing or the allow list). A datagram the protocol drops fails the test.
+    pub fn pump(&mut self) -> Vec<Ingress> {
+        let mut packets = Vec::new();
         loop {
             let mut idle = true;
-            while let Some(mut t) = self.a.poll_transmit() {
-                idle = false;
-                match self.b.ingress(self.now, self.a_addr, &mut t.data) {
-                    Ingress::Deliver { .. } => delivered += 1,
-                    Ingress::Control => {}
-                    Ingress::Dropped(drop) => panic!("b dropped a datagram from a: {drop:?}"),
-                }
-            }
-            while let Some(mut t) = self.b.poll_transmit() {
-                idle = false;
-                match self.a.ingress(self.now, self.b_addr, &mut t.data) {
-                    Ingress::Deliver { .. } => delivered += 1,
-                    Ingress::Control => {}
-                    Ingress::Dropped(drop) => panic!("a dropped a datagram from b: {drop:?}"),
+            for from_a in [true, false] {
+                let (sender, receiver, source) = if from_a {
+                    (&mut self.a, &mut self.b, self.a_addr)
+                } else {
+                    (&mut self.b, &mut self.a, self.b_addr)
+                };
+                while let Some(mut t) = sender.poll_transmit() {
+                    idle = false;
+                    match receiver.ingress(self.now, source, &mut t.data) {
+                        Ingress::Control => {}
+                        Ingress::Dropped(Dropped::Protocol(drop)) => {
+                            panic!("a datagram was dropped (from A: {from_a}): {drop:?}")
+                        }
+                        packet => packets.push(packet),
+                    }
                 }
             }
             if idle {
-                return delivered;
+                return packets;
             }
         }
     }
