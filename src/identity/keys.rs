@@ -5,9 +5,11 @@
 //! tools. Private key material never appears in `Debug` output or in any error message.
 
 use std::fmt;
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -208,8 +210,19 @@ pub enum KeyFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("private key file {} is not a regular file", .path.display())]
-    NotAFile { path: PathBuf },
+    #[error(
+        "private key file {} is a symbolic link; meshguard does not follow links to keys: \
+         point private_key_file at the key file itself", .path.display()
+    )]
+    SymbolicLink { path: PathBuf },
+    #[error("private key file {} is not a regular file (it is a {kind})", .path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "private key file {p} is owned by uid {uid}, not by the user meshguard runs as \
+         (uid {euid}) or root; run chown {euid} {p}",
+        p = .path.display()
+    )]
+    Owner { path: PathBuf, uid: u32, euid: u32 },
     #[error(
         "private key file {p} is readable by group or others (mode {mode:04o}); run chmod 600 {p}",
         p = .path.display()
@@ -224,7 +237,9 @@ impl KeyFileError {
     pub fn path(&self) -> &Path {
         match self {
             KeyFileError::Io { path, .. }
-            | KeyFileError::NotAFile { path }
+            | KeyFileError::SymbolicLink { path }
+            | KeyFileError::NotAFile { path, .. }
+            | KeyFileError::Owner { path, .. }
             | KeyFileError::Permissions { path, .. }
             | KeyFileError::Malformed { path, .. } => path,
         }
@@ -233,21 +248,44 @@ impl KeyFileError {
 
 /// Reads a private key file written by `wg genkey > file`.
 ///
-/// The file must be a regular file that neither group nor others can access
+/// The file must be a regular file (not a symbolic link, which is not followed), owned
+/// by the user meshguard runs as or by root, that neither group nor others can access
 /// (`mode & 0o077 == 0`, e.g. `chmod 600`), holding exactly one base64 key; surrounding
-/// whitespace (such as the trailing newline) is ignored. The mode is checked before the
-/// contents are read.
+/// whitespace (such as the trailing newline) is ignored. It is opened without following
+/// a link and without blocking (a FIFO is refused at once, not waited on), and type,
+/// owner and mode are checked on the opened file, before its contents are read.
 pub fn load_private_key_file(path: &Path) -> Result<PrivateKey, KeyFileError> {
     let io_err = |source| KeyFileError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io_err)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(Errno::ELOOP as i32) {
+                KeyFileError::SymbolicLink {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_err(e)
+            }
+        })?;
     // Check the opened file, not the path, so the file checked is the file read.
     let meta = file.metadata().map_err(io_err)?;
     if !meta.is_file() {
         return Err(KeyFileError::NotAFile {
             path: path.to_path_buf(),
+            kind: file_kind(&meta.file_type()),
+        });
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(KeyFileError::Owner {
+            path: path.to_path_buf(),
+            uid: meta.uid(),
+            euid,
         });
     }
     let mode = meta.permissions().mode() & 0o7777;
@@ -272,6 +310,21 @@ pub fn load_private_key_file(path: &Path) -> Result<PrivateKey, KeyFileError> {
     result
 }
 
+/// What a file that is not a regular file is, for the error message.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
 fn parse_key_file_contents(buf: &[u8]) -> Result<PrivateKey, String> {
     let text = std::str::from_utf8(buf).map_err(|_| "not UTF-8 text".to_owned())?;
     let text = text.trim();
@@ -287,6 +340,7 @@ fn parse_key_file_contents(buf: &[u8]) -> Result<PrivateKey, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -454,5 +508,52 @@ mod tests {
         let e = load_private_key_file(&dir).unwrap_err();
         assert!(matches!(e, KeyFileError::NotAFile { .. }), "{e}");
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// A link to a key file is refused (the file behind a link can be swapped for
+    /// another one without touching the configured path).
+    #[test]
+    fn a_symbolic_link_to_a_key_is_refused() {
+        let target = write_file(format!("{PRIV}\n").as_bytes(), 0o600);
+        let link = temp_path("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let msg = load_private_key_file(&link).unwrap_err().to_string();
+        assert!(msg.contains("symbolic link"), "{msg}");
+        assert!(msg.contains(&link.display().to_string()), "{msg}");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_file(&target).unwrap();
+    }
+
+    /// A FIFO is refused at once; opening it must not wait for a writer.
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let fifo = temp_path("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(load_private_key_file(&path).map(|_| ()));
+        });
+        let outcome = result
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("loading a FIFO returns at once");
+        let msg = outcome.unwrap_err().to_string();
+        assert!(msg.contains("not a regular file") && msg.contains("FIFO"), "{msg}");
+        std::fs::remove_file(&fifo).unwrap();
+    }
+
+    /// A key file someone else owns is refused: its owner could swap the key.
+    #[test]
+    fn a_key_file_owned_by_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: chown to another user needs root");
+            return;
+        }
+        let path = write_file(format!("{PRIV}\n").as_bytes(), 0o600);
+        let other = nix::unistd::Uid::from_raw(4242);
+        nix::unistd::chown(&path, Some(other), None).unwrap();
+        let msg = load_private_key_file(&path).unwrap_err().to_string();
+        assert!(msg.contains("owned by uid 4242") && msg.contains("chown"), "{msg}");
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -62,6 +62,11 @@ pub enum PrincipalError {
     EmptySegment(Segment),
     #[error("invalid character '{}' in {segment}{}", .ch.escape_debug(), allowed_chars(*.segment))]
     InvalidChar { segment: Segment, ch: char },
+    #[error(
+        "trust domain {found:?} has upper-case letters; SPIFFE trust domains are lowercase: \
+         write {lowercase:?}"
+    )]
+    UpperCaseTrustDomain { found: String, lowercase: String },
     #[error("{segment} is {len} characters long; the maximum is {max}")]
     TooLong {
         segment: Segment,
@@ -72,7 +77,7 @@ pub enum PrincipalError {
 
 fn allowed_chars(segment: Segment) -> &'static str {
     match segment {
-        Segment::TrustDomain => " (allowed: A-Z a-z 0-9 . _ -)",
+        Segment::TrustDomain => " (allowed: a-z 0-9 . _ -)",
         Segment::Namespace | Segment::ServiceAccount => " (allowed: a-z 0-9 . -)",
     }
 }
@@ -123,6 +128,14 @@ fn validate_trust_domain(s: &str) -> Result<(), PrincipalError> {
         return Err(PrincipalError::InvalidChar {
             segment: Segment::TrustDomain,
             ch,
+        });
+    }
+    // SPIFFE trust domains are lowercase (as go-spiffe enforces); a mixed-case one would
+    // silently never match policies written in lowercase.
+    if s.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(PrincipalError::UpperCaseTrustDomain {
+            found: s.to_owned(),
+            lowercase: s.to_ascii_lowercase(),
         });
     }
     Ok(())
@@ -259,9 +272,17 @@ mod tests {
     }
 
     #[test]
-    fn trust_domain_allows_upper_case_and_underscore() {
-        let p: Principal = "My_Domain-1.example/ns/a.b-c/sa/x0".parse().unwrap();
-        assert_eq!(p.trust_domain(), "My_Domain-1.example");
+    fn trust_domain_allows_underscore_but_no_upper_case() {
+        let p: Principal = "my_domain-1.example/ns/a.b-c/sa/x0".parse().unwrap();
+        assert_eq!(p.trust_domain(), "my_domain-1.example");
+        // SPIFFE trust domains are lowercase: a mixed-case one would never match a policy
+        // written in lowercase, so it is refused with the spelling to use.
+        assert_eq!(
+            err("Cluster.Local/ns/a/sa/b"),
+            "trust domain \"Cluster.Local\" has upper-case letters; SPIFFE trust domains \
+             are lowercase: write \"cluster.local\""
+        );
+        assert!(err("spiffe://CLUSTER.local/ns/a/sa/b").contains("\"cluster.local\""));
     }
 
     #[test]
@@ -318,7 +339,7 @@ mod tests {
         );
         assert_eq!(
             err("cluster local/ns/payments/sa/x"),
-            "invalid character ' ' in trust domain (allowed: A-Z a-z 0-9 . _ -)"
+            "invalid character ' ' in trust domain (allowed: a-z 0-9 . _ -)"
         );
         assert_eq!(
             err("cluster.local/ns/pay\nments/sa/x"),
@@ -334,7 +355,7 @@ mod tests {
         );
         assert_eq!(
             err("http:cluster.local/ns/a/sa/b"),
-            "invalid character ':' in trust domain (allowed: A-Z a-z 0-9 . _ -)"
+            "invalid character ':' in trust domain (allowed: a-z 0-9 . _ -)"
         );
     }
 

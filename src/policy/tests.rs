@@ -712,6 +712,18 @@ const TOML_ERRORS: &[(&str, &str, &str, &str)] = &[
         "'*' may appear once",
     ),
     (
+        "upper-case trust domain",
+        "[[policy]]\nname = \"a\"\nnamespace = \"b\"\n[[policy.rules]]\n[[policy.rules.from]]\nprincipals = [\"Cluster.Local/ns/web/sa/frontend\"]\n",
+        "policy[0].rules[0].from[0].principals[0]",
+        "write \"cluster.local\"",
+    ),
+    (
+        "upper-case trust domain in a pattern",
+        "[[policy]]\nname = \"a\"\nnamespace = \"b\"\n[[policy.rules]]\n[[policy.rules.from]]\nnot_principals = [\"Cluster.local/*\"]\n",
+        "policy[0].rules[0].from[0].not_principals[0]",
+        "invalid character 'C'",
+    ),
+    (
         "bad namespace pattern",
         "[[policy]]\nname = \"a\"\nnamespace = \"b\"\n[[policy.rules]]\n[[policy.rules.from]]\nnot_namespaces = [\"We*\"]\n",
         "policy[0].rules[0].from[0].not_namespaces[0]",

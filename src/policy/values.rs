@@ -88,8 +88,10 @@ fn check_wildcard(
     Ok(pattern)
 }
 
+/// Principals are lowercase throughout (trust domain, namespace, service account), so a
+/// pattern with an upper-case letter could never match: it is refused.
 fn principal_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/')
 }
 
 fn k8s_name_char(c: char) -> bool {
