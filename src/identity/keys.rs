@@ -538,7 +538,10 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(5))
             .expect("loading a FIFO returns at once");
         let msg = outcome.unwrap_err().to_string();
-        assert!(msg.contains("not a regular file") && msg.contains("FIFO"), "{msg}");
+        assert!(
+            msg.contains("not a regular file") && msg.contains("FIFO"),
+            "{msg}"
+        );
         std::fs::remove_file(&fifo).unwrap();
     }
 
@@ -553,7 +556,10 @@ mod tests {
         let other = nix::unistd::Uid::from_raw(4242);
         nix::unistd::chown(&path, Some(other), None).unwrap();
         let msg = load_private_key_file(&path).unwrap_err().to_string();
-        assert!(msg.contains("owned by uid 4242") && msg.contains("chown"), "{msg}");
+        assert!(
+            msg.contains("owned by uid 4242") && msg.contains("chown"),
+            "{msg}"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }

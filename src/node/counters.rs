@@ -24,6 +24,9 @@ pub enum NodeDrop {
     PolicyDenied,
     /// Ingress: a flow that a policy reload revoked.
     FlowRevoked,
+    /// Ingress: a later fragment that would overwrite the transport header its datagram's
+    /// first fragment was judged by.
+    FragmentOverlap,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -35,6 +38,7 @@ pub struct NodeStats {
     pub wrong_destination: u64,
     pub policy_denied: u64,
     pub flow_revoked: u64,
+    pub fragment_overlap: u64,
     /// New inbound flows (or untracked packets) the allow list let in.
     pub policy_allowed: u64,
     pub packets_out: u64,
@@ -51,6 +55,7 @@ impl NodeStats {
             NodeDrop::WrongDestination => &mut self.wrong_destination,
             NodeDrop::PolicyDenied => &mut self.policy_denied,
             NodeDrop::FlowRevoked => &mut self.flow_revoked,
+            NodeDrop::FragmentOverlap => &mut self.fragment_overlap,
         } += 1;
     }
 }
@@ -103,7 +108,8 @@ pub(super) fn counter_line(device: &Device, node: &NodeStats, flows: FlowCounts)
          handshake_flood={} unknown_index={} forged={} replayed={} expired={} \
          cookie_replies_sent={} no_endpoint={} queue_overflow={} handshake_gave_up={} \
          not_ip={} no_local_identity={} no_peer={} spoofed_source={} wrong_destination={} \
-         policy_allowed={} policy_denied={} flow_revoked={} flows={} flow_evictions={}",
+         policy_allowed={} policy_denied={} flow_revoked={} fragment_overlap={} flows={} \
+         flow_evictions={}",
         r.packets_in,
         r.packets_out,
         p.handshakes_completed,
@@ -130,6 +136,7 @@ pub(super) fn counter_line(device: &Device, node: &NodeStats, flows: FlowCounts)
         r.policy_allowed,
         r.policy_denied,
         r.flow_revoked,
+        r.fragment_overlap,
         flows.flows,
         flows.evictions,
     )

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::counters::{NodeDrop, PairDecisions};
 use super::flows::{self, Direction, FlowState, FlowTable, Opened};
+use super::fragments::{self, Fragments, LaterFragment};
 use super::routing::Routing;
 use crate::config::PolicyConfig;
 use crate::identity::{LocalId, PairTable, PeerId, Principal};
@@ -38,6 +39,7 @@ pub(super) struct Firewall {
     settings: PolicyConfig,
     policy: Evaluator,
     flows: FlowTable,
+    fragments: Fragments,
     last_sweep: Instant,
     decisions: PairTable<PairDecisions>,
 }
@@ -52,10 +54,11 @@ fn protocol_of(header: &IpHeader, transport: Transport) -> (Protocol, Option<u16
         } => (Protocol::Udp, Some(destination_port)),
         Transport::IcmpEcho { .. } | Transport::IcmpOther => (Protocol::Icmp, None),
         Transport::Other => match header.protocol {
-            packet::PROTO_TCP => (Protocol::Tcp, None),
-            packet::PROTO_UDP => (Protocol::Udp, None),
-            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => (Protocol::Icmp, None),
-            other => (Protocol::Other(other), None),
+            Some(packet::PROTO_TCP) => (Protocol::Tcp, None),
+            Some(packet::PROTO_UDP) => (Protocol::Udp, None),
+            Some(packet::PROTO_ICMP | packet::PROTO_ICMPV6) => (Protocol::Icmp, None),
+            Some(other) => (Protocol::Other(other), None),
+            None => (Protocol::Unknown, None),
         },
     }
 }
@@ -91,6 +94,7 @@ impl Firewall {
             policy: compile(routing, policy, settings),
             settings: settings.clone(),
             flows: FlowTable::new(flows::DEFAULT_CAPACITY),
+            fragments: Fragments::new(fragments::DEFAULT_CAPACITY),
             last_sweep: now,
             decisions: PairTable::new(routing.locals().len(), routing.peers().len(), |_, _| {
                 PairDecisions::default()
@@ -118,6 +122,7 @@ impl Firewall {
     /// new policy denies stop. Returns how many were revoked.
     pub(super) fn set_policy(&mut self, routing: &Routing, policy: &PolicySet) -> usize {
         self.policy = compile(routing, policy, &self.settings);
+        self.fragments.clear();
         let evaluator = &self.policy;
         self.flows.recheck(|opened| {
             evaluator
@@ -130,6 +135,7 @@ impl Firewall {
     pub(super) fn sweep(&mut self, now: Instant) {
         if now.saturating_duration_since(self.last_sweep) >= FLOW_SWEEP_INTERVAL {
             self.flows.expire(now);
+            self.fragments.expire(now);
             self.last_sweep = now;
         }
     }
@@ -155,6 +161,35 @@ impl Firewall {
     /// revoked), ICMP errors about a packet of a tracked flow go with that flow, anything
     /// else is evaluated and, when allowed, tracked.
     pub(super) fn admit_inbound(
+        &mut self,
+        now: Instant,
+        routing: &Routing,
+        local: LocalId,
+        peer: PeerId,
+        packet: &InboundPacket,
+    ) -> Result<Admitted, NodeDrop> {
+        let header = &packet.header;
+        match header.fragment {
+            // A later fragment has no ports: it passes as part of a datagram whose first
+            // fragment was let in, or is judged like any packet whose port is unknown.
+            Some(fragment) if fragment.offset > 0 => {
+                match self.fragments.later(header, &fragment, now) {
+                    LaterFragment::Admitted => Ok(Admitted::Tracked),
+                    LaterFragment::Overlapping => Err(NodeDrop::FragmentOverlap),
+                    LaterFragment::Unknown => self.admit(now, routing, local, peer, packet),
+                }
+            }
+            Some(fragment) => {
+                let admitted = self.admit(now, routing, local, peer, packet)?;
+                self.fragments.first_admitted(header, &fragment, now);
+                Ok(admitted)
+            }
+            None => self.admit(now, routing, local, peer, packet),
+        }
+    }
+
+    /// Admission of one packet: tracked flows, related ICMP errors, then the allow list.
+    fn admit(
         &mut self,
         now: Instant,
         routing: &Routing,

@@ -76,19 +76,18 @@ pub(super) fn key(
     transport: Transport,
     direction: Direction,
 ) -> Option<(FlowKey, Duration)> {
+    let protocol = header.protocol?;
     let (protocol, source_port, destination_port, idle) = match transport {
         Transport::Tcp {
             source_port,
             destination_port,
             ..
-        } => (header.protocol, source_port, destination_port, TCP_IDLE),
+        } => (protocol, source_port, destination_port, TCP_IDLE),
         Transport::Udp {
             source_port,
             destination_port,
-        } => (header.protocol, source_port, destination_port, UDP_IDLE),
-        Transport::IcmpEcho { identifier, .. } => {
-            (header.protocol, identifier, identifier, ICMP_IDLE)
-        }
+        } => (protocol, source_port, destination_port, UDP_IDLE),
+        Transport::IcmpEcho { identifier, .. } => (protocol, identifier, identifier, ICMP_IDLE),
         Transport::IcmpOther | Transport::Other => return None,
     };
     let peer_asked = match transport {

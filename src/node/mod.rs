@@ -10,6 +10,7 @@
 mod counters;
 mod firewall;
 mod flows;
+mod fragments;
 mod routing;
 
 use std::net::SocketAddr;

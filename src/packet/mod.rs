@@ -1,4 +1,8 @@
 //! Zero-copy views of IP packets: just what routing and filtering need.
+//!
+//! IPv6 extension headers are walked by hand (a bounded loop over the five kinds the
+//! kernel processes), in the same pass that reads the fragment fields; a parsing crate
+//! would add a second walk for those fields and no safety.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -9,11 +13,37 @@ pub(crate) struct IpHeader {
     pub destination: IpAddr,
     /// The packet's own idea of its length (total length), never more than the buffer.
     pub len: usize,
-    /// Offset of the transport header, when the packet has one this view understands.
+    /// Offset of the transport header, when the packet has one this view can reach: not
+    /// in a later fragment, and not behind an extension chain that could not be walked.
     transport_offset: Option<usize>,
-    /// IP protocol number (IPv6: the first next-header).
-    pub protocol: u8,
+    /// The protocol of the payload, after any IPv6 extension headers. `None` when the
+    /// chain of extension headers could not be walked to its end (too long, cut short):
+    /// then nothing is known of what the packet carries.
+    pub protocol: Option<u8>,
+    /// Set when the packet is one fragment of a larger datagram.
+    pub fragment: Option<Fragment>,
 }
+
+/// Where a fragment sits in its datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fragment {
+    /// The datagram's identification (16 bits in IPv4, 32 in IPv6).
+    pub id: u32,
+    /// Byte offset of this fragment's data in the datagram; 0 for the first fragment.
+    pub offset: usize,
+    /// More fragments follow.
+    pub more: bool,
+}
+
+/// At most this many IPv6 extension headers are walked; a longer chain leaves the
+/// payload's protocol unknown.
+const MAX_EXTENSION_HEADERS: usize = 8;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTHENTICATION: u8 = 51;
+const IPV6_DESTINATION_OPTIONS: u8 = 60;
 
 pub(crate) const PROTO_ICMP: u8 = 1;
 pub(crate) const PROTO_TCP: u8 = 6;
@@ -57,7 +87,7 @@ impl IpHeader {
             })
         };
         match self.protocol {
-            PROTO_TCP if l4.len() >= 20 => {
+            Some(PROTO_TCP) if l4.len() >= 20 => {
                 const SYN: u8 = 0x02;
                 const ACK: u8 = 0x10;
                 ports().map_or(Transport::Other, |(s, d)| Transport::Tcp {
@@ -66,14 +96,14 @@ impl IpHeader {
                     opening: l4[13] & (SYN | ACK) == SYN,
                 })
             }
-            PROTO_UDP if l4.len() >= 8 => {
+            Some(PROTO_UDP) if l4.len() >= 8 => {
                 ports().map_or(Transport::Other, |(s, d)| Transport::Udp {
                     source_port: s,
                     destination_port: d,
                 })
             }
-            PROTO_ICMP | PROTO_ICMPV6 if l4.len() >= 8 => {
-                let echo = match (self.protocol, l4[0]) {
+            Some(protocol @ (PROTO_ICMP | PROTO_ICMPV6)) if l4.len() >= 8 => {
+                let echo = match (protocol, l4[0]) {
                     (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => Some(true),
                     (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => Some(false),
                     _ => None,
@@ -86,7 +116,7 @@ impl IpHeader {
                     None => Transport::IcmpOther,
                 }
             }
-            PROTO_ICMP | PROTO_ICMPV6 => Transport::IcmpOther,
+            Some(PROTO_ICMP | PROTO_ICMPV6) => Transport::IcmpOther,
             _ => Transport::Other,
         }
     }
@@ -98,8 +128,8 @@ impl IpHeader {
         let at = self.transport_offset?;
         let l4 = &packet[at..self.len];
         let error = match self.protocol {
-            PROTO_ICMP => matches!(l4.first(), Some(3 | 11 | 12)),
-            PROTO_ICMPV6 => matches!(l4.first(), Some(1..=4)),
+            Some(PROTO_ICMP) => matches!(l4.first(), Some(3 | 11 | 12)),
+            Some(PROTO_ICMPV6) => matches!(l4.first(), Some(1..=4)),
             _ => false,
         };
         if !error || l4.len() < 8 {
@@ -123,12 +153,12 @@ impl IpHeader {
         let source_port = u16::from_be_bytes([l4[0], l4[1]]);
         let destination_port = u16::from_be_bytes([l4[2], l4[3]]);
         match self.protocol {
-            PROTO_TCP => Transport::Tcp {
+            Some(PROTO_TCP) => Transport::Tcp {
                 source_port,
                 destination_port,
                 opening: false,
             },
-            PROTO_UDP => Transport::Udp {
+            Some(PROTO_UDP) => Transport::Udp {
                 source_port,
                 destination_port,
             },
@@ -170,14 +200,22 @@ fn parse_header(packet: &[u8], length: Length) -> Option<IpHeader> {
             let len = fit(len)?;
             let src: [u8; 4] = packet[12..16].try_into().ok()?;
             let dst: [u8; 4] = packet[16..20].try_into().ok()?;
+            let flags_and_offset = u16::from_be_bytes([packet[6], packet[7]]);
+            let offset = usize::from(flags_and_offset & 0x1fff) * 8;
+            let more = flags_and_offset & 0x2000 != 0;
+            let fragment = (more || offset != 0).then(|| Fragment {
+                id: u32::from(u16::from_be_bytes([packet[4], packet[5]])),
+                offset,
+                more,
+            });
             // Only the first fragment carries the transport header.
-            let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
             Some(IpHeader {
                 source: Ipv4Addr::from(src).into(),
                 destination: Ipv4Addr::from(dst).into(),
                 len,
-                transport_offset: (fragment_offset == 0).then_some(header_len),
-                protocol: packet[9],
+                transport_offset: (offset == 0).then_some(header_len),
+                protocol: Some(packet[9]),
+                fragment,
             })
         }
         6 => {
@@ -187,19 +225,97 @@ fn parse_header(packet: &[u8], length: Length) -> Option<IpHeader> {
             let len = fit(40 + usize::from(u16::from_be_bytes([packet[4], packet[5]])))?;
             let src: [u8; 16] = packet[8..24].try_into().ok()?;
             let dst: [u8; 16] = packet[24..40].try_into().ok()?;
-            // Extension headers are not walked: such packets count as `Transport::Other`.
-            let protocol = packet[6];
-            let known = matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_ICMPV6);
+            let end = len.min(packet.len());
+            let payload = ipv6_payload(&packet[..end], packet[6]);
             Some(IpHeader {
                 source: Ipv6Addr::from(src).into(),
                 destination: Ipv6Addr::from(dst).into(),
                 len,
-                transport_offset: known.then_some(40),
-                protocol,
+                transport_offset: payload.offset,
+                protocol: payload.protocol,
+                fragment: payload.fragment,
             })
         }
         _ => None,
     }
+}
+
+/// Where an IPv6 packet's payload starts and what it is, past its extension headers.
+struct Ipv6Payload {
+    protocol: Option<u8>,
+    offset: Option<usize>,
+    fragment: Option<Fragment>,
+}
+
+/// Walks the extension headers of the IPv6 packet `packet` (cut to its length), whose
+/// fixed header names `first` as the next header.
+fn ipv6_payload(packet: &[u8], first: u8) -> Ipv6Payload {
+    let mut next = first;
+    let mut at = 40;
+    let mut fragment = None;
+    let unknown = |fragment| Ipv6Payload {
+        protocol: None,
+        offset: None,
+        fragment,
+    };
+    for _ in 0..=MAX_EXTENSION_HEADERS {
+        let Some(header) = packet.get(at..at + 8) else {
+            // A payload (or a header) shorter than 8 bytes: fine for the protocols that
+            // follow, a cut-off chain for an extension header.
+            return match next {
+                IPV6_HOP_BY_HOP
+                | IPV6_ROUTING
+                | IPV6_FRAGMENT
+                | IPV6_AUTHENTICATION
+                | IPV6_DESTINATION_OPTIONS => unknown(fragment),
+                protocol => Ipv6Payload {
+                    protocol: Some(protocol),
+                    offset: Some(at),
+                    fragment,
+                },
+            };
+        };
+        let header_len = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS => {
+                (usize::from(header[1]) + 1) * 8
+            }
+            IPV6_AUTHENTICATION => (usize::from(header[1]) + 2) * 4,
+            IPV6_FRAGMENT => {
+                let offset_and_more = u16::from_be_bytes([header[2], header[3]]);
+                let this = Fragment {
+                    id: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),
+                    offset: usize::from(offset_and_more >> 3) * 8,
+                    more: offset_and_more & 1 != 0,
+                };
+                // An "atomic fragment" (offset 0, no more) is a whole datagram.
+                if this.offset != 0 || this.more {
+                    fragment = Some(this);
+                }
+                if this.offset != 0 {
+                    // A later fragment: the rest of the chain is in the first one.
+                    return Ipv6Payload {
+                        protocol: Some(header[0]),
+                        offset: None,
+                        fragment,
+                    };
+                }
+                8
+            }
+            protocol => {
+                return Ipv6Payload {
+                    protocol: Some(protocol),
+                    offset: Some(at),
+                    fragment,
+                }
+            }
+        };
+        if at + header_len > packet.len() {
+            return unknown(fragment);
+        }
+        next = header[0];
+        at += header_len;
+    }
+    unknown(fragment)
 }
 
 #[cfg(test)]
@@ -301,7 +417,7 @@ mod tests {
         let (inner, transport) = outer.quoted(&error).expect("quoted packet");
         assert_eq!(inner.source, "10.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(inner.destination, "10.0.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(inner.protocol, PROTO_TCP);
+        assert_eq!(inner.protocol, Some(PROTO_TCP));
         assert_eq!(
             transport,
             Transport::Tcp {
@@ -368,5 +484,117 @@ mod tests {
         assert_eq!(h.transport(&v6), Transport::Other);
         assert_eq!(parse(&[0x50; 60]), None);
         assert_eq!(parse(&[]), None);
+    }
+}
+
+#[cfg(test)]
+mod extension_tests {
+    use super::*;
+
+    /// An IPv6 packet whose fixed header names `first`, then `rest` (extension headers
+    /// and payload).
+    fn ipv6(first: u8, rest: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(rest.len() as u16).to_be_bytes());
+        p[6] = first;
+        p.extend_from_slice(rest);
+        p
+    }
+
+    const UDP_HEADER: [u8; 8] = [0x9c, 0x40, 0x27, 0x0f, 0, 8, 0, 0];
+
+    #[test]
+    fn extension_headers_are_walked_to_the_transport_header() {
+        // Hop-by-hop (8 bytes), then Destination Options (16 bytes), then UDP.
+        let mut rest = vec![IPV6_DESTINATION_OPTIONS, 0, 1, 4, 0, 0, 0, 0];
+        rest.extend_from_slice(&[PROTO_UDP, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        rest.extend_from_slice(&UDP_HEADER);
+        let p = ipv6(IPV6_HOP_BY_HOP, &rest);
+        let h = parse(&p).unwrap();
+        assert_eq!(h.protocol, Some(PROTO_UDP));
+        assert_eq!(h.fragment, None);
+        assert_eq!(
+            h.transport(&p),
+            Transport::Udp {
+                source_port: 40000,
+                destination_port: 9999
+            }
+        );
+        // An Authentication header counts its length in 4-byte units (plus 2).
+        let mut rest = vec![PROTO_UDP, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        rest.extend_from_slice(&UDP_HEADER);
+        let p = ipv6(IPV6_AUTHENTICATION, &rest);
+        assert!(matches!(
+            parse(&p).unwrap().transport(&p),
+            Transport::Udp { .. }
+        ));
+    }
+
+    #[test]
+    fn a_chain_that_cannot_be_walked_leaves_the_protocol_unknown() {
+        // Nine Destination Options headers: one more than the walk follows.
+        let mut rest = Vec::new();
+        for _ in 0..8 {
+            rest.extend_from_slice(&[IPV6_DESTINATION_OPTIONS, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        rest.extend_from_slice(&[PROTO_UDP, 0, 1, 4, 0, 0, 0, 0]);
+        rest.extend_from_slice(&UDP_HEADER);
+        let p = ipv6(IPV6_DESTINATION_OPTIONS, &rest);
+        let h = parse(&p).unwrap();
+        assert_eq!((h.protocol, h.transport(&p)), (None, Transport::Other));
+        // A header whose length runs past the packet.
+        let p = ipv6(IPV6_DESTINATION_OPTIONS, &[PROTO_UDP, 5, 1, 4, 0, 0, 0, 0]);
+        assert_eq!(parse(&p).unwrap().protocol, None);
+        // An extension header cut short.
+        let p = ipv6(IPV6_ROUTING, &[PROTO_UDP, 0, 0]);
+        assert_eq!(parse(&p).unwrap().protocol, None);
+    }
+
+    #[test]
+    fn fragments_say_where_they_sit() {
+        // A first fragment: offset 0, more, id 9; its UDP header follows.
+        let mut rest = vec![PROTO_UDP, 0, 0, 1, 0, 0, 0, 9];
+        rest.extend_from_slice(&UDP_HEADER);
+        let p = ipv6(IPV6_FRAGMENT, &rest);
+        let h = parse(&p).unwrap();
+        let first = Fragment {
+            id: 9,
+            offset: 0,
+            more: true,
+        };
+        assert_eq!(h.fragment, Some(first));
+        assert!(matches!(h.transport(&p), Transport::Udp { .. }));
+        // A later fragment: offset 1000 (125 units); no transport header.
+        let p = ipv6(
+            IPV6_FRAGMENT,
+            &[PROTO_UDP, 0, 0x03, 0xe8, 0, 0, 0, 9, 1, 2, 3, 4],
+        );
+        let h = parse(&p).unwrap();
+        assert_eq!(h.protocol, Some(PROTO_UDP));
+        assert_eq!(h.fragment.map(|f| (f.offset, f.more)), Some((1000, false)));
+        assert_eq!(h.transport(&p), Transport::Other);
+        // An atomic fragment (offset 0, no more) is a whole datagram.
+        let mut rest = vec![PROTO_UDP, 0, 0, 0, 0, 0, 0, 9];
+        rest.extend_from_slice(&UDP_HEADER);
+        let p = ipv6(IPV6_FRAGMENT, &rest);
+        assert_eq!(parse(&p).unwrap().fragment, None);
+        // IPv4: more fragments, and a later fragment at offset 1480.
+        let mut v4 = vec![0x45, 0, 0, 28, 0, 7, 0x20, 0, 64, PROTO_UDP, 0, 0];
+        v4.extend_from_slice(&[0; 8]);
+        v4.extend_from_slice(&UDP_HEADER);
+        let h = parse(&v4).unwrap();
+        assert_eq!(
+            h.fragment,
+            Some(Fragment {
+                id: 7,
+                offset: 0,
+                more: true
+            })
+        );
+        v4[6..8].copy_from_slice(&185u16.to_be_bytes());
+        let h = parse(&v4).unwrap();
+        assert_eq!(h.fragment.map(|f| (f.offset, f.more)), Some((1480, false)));
+        assert_eq!(h.transport(&v4), Transport::Other);
     }
 }

@@ -175,14 +175,17 @@ impl CompiledDestination {
     }
 
     /// `unknown_port_matches` decides for a TCP or UDP packet whose port is unknown (a
-    /// later fragment, a truncated header): DENY and AUDIT rules treat it as matching any
-    /// port condition of its protocol and ALLOW rules as matching none, so an unknown port
+    /// later fragment, a truncated header), and for a packet whose protocol is unknown
+    /// (every port condition could be meant): DENY and AUDIT rules treat it as matching
+    /// those port conditions and ALLOW rules as matching none, so what cannot be read
     /// can never slip past `ports` or `not_ports` (fail closed).
     #[inline]
     fn matches(&self, protocol: Protocol, port: Option<u16>, unknown_port_matches: bool) -> bool {
-        let unknown = port.is_none() && matches!(protocol, Protocol::Tcp | Protocol::Udp);
-        let hit = |p: &PortMatch, unknown_counts_as: bool| match *p {
-            PortMatch::Ports { tcp, udp, .. } if unknown => {
+        let unknown_port = port.is_none() && matches!(protocol, Protocol::Tcp | Protocol::Udp);
+        let hit = |p: &PortMatch, unknown_counts_as: bool| match (p, protocol) {
+            (PortMatch::Any, _) => true,
+            (_, Protocol::Unknown) => unknown_counts_as,
+            (&PortMatch::Ports { tcp, udp, .. }, _) if unknown_port => {
                 unknown_counts_as && if protocol == Protocol::Tcp { tcp } else { udp }
             }
             _ => p.matches(protocol, port),

@@ -93,6 +93,10 @@ pub enum Protocol {
     Icmp,
     /// Any other IP protocol number: only the `"any"` port condition matches it.
     Other(u8),
+    /// A packet whose protocol cannot be known (an IPv6 extension chain too long or cut
+    /// short): it matches every port condition of DENY and AUDIT rules and no port
+    /// condition of ALLOW rules but `"any"`.
+    Unknown,
 }
 
 impl fmt::Display for Protocol {
@@ -102,6 +106,7 @@ impl fmt::Display for Protocol {
             Protocol::Udp => f.write_str("udp"),
             Protocol::Icmp => f.write_str("icmp"),
             Protocol::Other(n) => write!(f, "ip protocol {n}"),
+            Protocol::Unknown => f.write_str("unknown protocol"),
         }
     }
 }
@@ -176,7 +181,7 @@ impl PortMatch {
                 let proto_ok = match protocol {
                     Protocol::Tcp => tcp,
                     Protocol::Udp => udp,
-                    Protocol::Icmp | Protocol::Other(_) => false,
+                    Protocol::Icmp | Protocol::Other(_) | Protocol::Unknown => false,
                 };
                 proto_ok && port.is_some_and(|p| first <= p && p <= last)
             }

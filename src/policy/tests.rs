@@ -33,6 +33,7 @@ pub(super) fn req(s: &str) -> Request {
         "udp" => Protocol::Udp,
         "icmp" => Protocol::Icmp,
         "other" => Protocol::Other(0),
+        "unknown" => Protocol::Unknown,
         _ => panic!("bad protocol {proto}"),
     };
     for t in it {
@@ -282,7 +283,14 @@ fn ports_and_protocols() {
         row("known port, ALLOW not_ports", to("not_ports", r#"["22/tcp"]"#), FRONTEND, "tcp 80", ALLOWED),
         row("unknown port, DENY ports", deny_22.clone(), FRONTEND, "tcp", denied_22),
         row("known port, DENY ports", deny_22.clone(), FRONTEND, "tcp 80", ALLOWED),
-        row("unknown port, DENY other protocol", deny_22, FRONTEND, "udp", ALLOWED),
+        row("unknown port, DENY other protocol", deny_22.clone(), FRONTEND, "udp", ALLOWED),
+        // A packet whose protocol is unknown (an IPv6 extension chain that could not be
+        // walked): every port condition could be meant.
+        row("unknown protocol, DENY ports", deny_22, FRONTEND, "unknown", denied_22),
+        row("unknown protocol, ALLOW ports", to("ports", r#"["8080/tcp"]"#), FRONTEND, "unknown", NO_MATCH),
+        row("unknown protocol, ALLOW icmp", to("ports", r#"["icmp"]"#), FRONTEND, "unknown", NO_MATCH),
+        row("unknown protocol, ALLOW not_ports", to("not_ports", r#"["22/tcp"]"#), FRONTEND, "unknown", NO_MATCH),
+        row("unknown protocol, ALLOW any", to("ports", r#"["any"]"#), FRONTEND, "unknown", ALLOWED),
         row("tcp port", to("ports", r#"["8080/tcp"]"#), FRONTEND, "tcp 8080", ALLOWED),
         row("tcp port, udp packet", to("ports", r#"["8080/tcp"]"#), FRONTEND, "udp 8080", NO_MATCH),
         row("tcp port, other port", to("ports", r#"["8080/tcp"]"#), FRONTEND, "tcp 8081", NO_MATCH),

@@ -4,7 +4,7 @@
 //! seeds, so every run follows the same schedule (retry jitter, indices, keys).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,9 @@ pub const UNIX_START: Duration = Duration::from_secs(1_800_000_000);
 /// Inner (tunnelled) address of the identity on node A, and on node B.
 pub const A_INNER: [u8; 4] = [10, 1, 0, 1];
 pub const B_INNER: [u8; 4] = [10, 2, 0, 1];
+/// The same identities' IPv6 addresses (B's n-th identity has `fd00:2::n`).
+pub const A_INNER6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const B_INNER6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Seeds of side A's and side B's randomness.
 pub const A_SEED: u64 = 0xa;
@@ -271,6 +274,107 @@ pub fn ipv4_echo(
     )
 }
 
+/// A UDP header (ports, length, checksum 0) and `data`.
+pub fn udp(source_port: u16, destination_port: u16, data: &[u8]) -> Vec<u8> {
+    let mut datagram = Vec::with_capacity(8 + data.len());
+    datagram.extend_from_slice(&source_port.to_be_bytes());
+    datagram.extend_from_slice(&destination_port.to_be_bytes());
+    let len = u16::try_from(8 + data.len()).expect("fits");
+    datagram.extend_from_slice(&len.to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(data);
+    datagram
+}
+
+/// A TCP header with `flags` (SYN is 0x02, ACK 0x10) and no options, and `data`.
+pub fn tcp(source_port: u16, destination_port: u16, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut segment = vec![0u8; 20];
+    segment[..2].copy_from_slice(&source_port.to_be_bytes());
+    segment[2..4].copy_from_slice(&destination_port.to_be_bytes());
+    segment[12] = 5 << 4;
+    segment[13] = flags;
+    segment.extend_from_slice(data);
+    segment
+}
+
+/// An IPv4 packet (or fragment) carrying `payload` for `protocol`: `fragment` is
+/// (identification, offset in 8-byte units, more fragments). Laid out for sealing;
+/// returns the buffer and the packet's length.
+pub fn ipv4(
+    source: [u8; 4],
+    destination: [u8; 4],
+    protocol: u8,
+    fragment: (u16, u16, bool),
+    payload: &[u8],
+) -> (Vec<u8>, usize) {
+    let (id, offset, more) = fragment;
+    let total_len = 20 + payload.len();
+    let mut buf = buffer(total_len);
+    let packet = &mut buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + total_len];
+    packet[..20].fill(0);
+    packet[0] = 0x45;
+    packet[2..4].copy_from_slice(&u16::try_from(total_len).expect("fits").to_be_bytes());
+    packet[4..6].copy_from_slice(&id.to_be_bytes());
+    let flags_and_offset = (u16::from(more) << 13) | offset;
+    packet[6..8].copy_from_slice(&flags_and_offset.to_be_bytes());
+    packet[8] = 64;
+    packet[9] = protocol;
+    packet[12..16].copy_from_slice(&source);
+    packet[16..20].copy_from_slice(&destination);
+    let checksum = internet_checksum(&packet[..20]);
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet[20..].copy_from_slice(payload);
+    (buf, total_len)
+}
+
+/// An IPv6 extension header: its type and its bytes, whose first byte (the next header)
+/// [`ipv6`] fills in.
+pub type Extension = (u8, Vec<u8>);
+
+/// A Destination Options header holding one PadN option: 8 bytes.
+pub fn destination_options() -> Extension {
+    (60, vec![0, 0, 1, 4, 0, 0, 0, 0])
+}
+
+/// A Fragment header: offset in 8-byte units, more fragments, identification.
+pub fn fragment_header(offset: u16, more: bool, id: u32) -> Extension {
+    let mut header = vec![0u8; 8];
+    header[2..4].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    header[4..8].copy_from_slice(&id.to_be_bytes());
+    (44, header)
+}
+
+/// An IPv6 packet from `source` to `destination` with `extensions` before `payload` of
+/// `protocol`. Laid out for sealing; returns the buffer and the packet's length.
+pub fn ipv6(
+    source: [u8; 16],
+    destination: [u8; 16],
+    extensions: &[Extension],
+    protocol: u8,
+    payload: &[u8],
+) -> (Vec<u8>, usize) {
+    let mut after_header = Vec::new();
+    for (i, (_, bytes)) in extensions.iter().enumerate() {
+        let next = extensions.get(i + 1).map_or(protocol, |(kind, _)| *kind);
+        after_header.push(next);
+        after_header.extend_from_slice(&bytes[1..]);
+    }
+    after_header.extend_from_slice(payload);
+    let total_len = 40 + after_header.len();
+    let mut buf = buffer(total_len);
+    let packet = &mut buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + total_len];
+    packet[..40].fill(0);
+    packet[0] = 0x60;
+    let payload_len = u16::try_from(after_header.len()).expect("fits");
+    packet[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    packet[6] = extensions.first().map_or(protocol, |(kind, _)| *kind);
+    packet[7] = 64;
+    packet[8..24].copy_from_slice(&source);
+    packet[24..40].copy_from_slice(&destination);
+    packet[40..].copy_from_slice(&after_header);
+    (buf, total_len)
+}
+
 /// The Internet checksum of `data` (an even number of bytes).
 fn internet_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header
@@ -284,11 +388,11 @@ fn internet_checksum(header: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// One node of a pair: its name, endpoint and identities (principal, key, address).
+/// One node of a pair: its name, endpoint and identities (principal, key, addresses).
 struct Side {
     name: &'static str,
     endpoint: SocketAddr,
-    identities: Vec<(Principal, PrivateKey, IpNet)>,
+    identities: Vec<(Principal, PrivateKey, Vec<IpNet>)>,
 }
 
 /// A node configuration with `local`'s identities and one peer node carrying `peer`'s.
@@ -303,7 +407,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             private_key_file: dir.join(format!("identity-{i}.key")),
             private_key: key.clone(),
             public_key: key.public_key(),
-            addresses: vec![*inner],
+            addresses: inner.clone(),
             labels: BTreeMap::new(),
         })
         .collect();
@@ -313,7 +417,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
         .map(|(principal, key, inner)| PeerIdentityConfig {
             principal: principal.clone(),
             public_key: key.public_key(),
-            allowed_ips: vec![*inner],
+            allowed_ips: inner.clone(),
         })
         .collect();
     NodeConfig {
@@ -326,7 +430,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             addresses: local
                 .identities
                 .iter()
-                .map(|(_, _, inner)| *inner)
+                .flat_map(|(_, _, inner)| inner.iter().copied())
                 .collect(),
             offload: false,
             workers: None,
@@ -366,9 +470,13 @@ impl Default for NodePair {
     }
 }
 
-/// A /32 prefix.
-fn host(address: [u8; 4]) -> IpNet {
-    IpNet::new(Ipv4Addr::from(address).into(), 32).expect("prefix")
+/// An identity's addresses: `v4`/32, and `v6`/128 with its last byte set to `last`.
+fn hosts(v4: [u8; 4], mut v6: [u8; 16], last: u8) -> Vec<IpNet> {
+    v6[15] = last;
+    vec![
+        IpNet::new(Ipv4Addr::from(v4).into(), 32).expect("prefix"),
+        IpNet::new(Ipv6Addr::from(v6).into(), 128).expect("prefix"),
+    ]
 }
 
 impl NodePair {
@@ -397,7 +505,11 @@ impl NodePair {
         let a = Side {
             name: "node-a",
             endpoint: A_ENDPOINT.parse().expect("address"),
-            identities: vec![(principal("client"), seeded_key(A_SEED), host(A_INNER))],
+            identities: vec![(
+                principal("client"),
+                seeded_key(A_SEED),
+                hosts(A_INNER, A_INNER6, 1),
+            )],
         };
         let b = Side {
             name: "node-b",
@@ -413,7 +525,7 @@ impl NodePair {
                     (
                         principal(&name),
                         seeded_key(B_SEED + i as u64),
-                        host(*address),
+                        hosts(*address, B_INNER6, i as u8 + 1),
                     )
                 })
                 .collect(),
