@@ -260,3 +260,110 @@ fn later_ipv6_fragments_follow_their_admitted_first_fragment() {
         "another datagram's fragment"
     );
 }
+
+/// B's first identity may open anything on A; the rest of B may not.
+fn allow_server_only(pair: &mut NodePair) {
+    let policy = r#"
+[[policy]]
+name = "server-only"
+namespace = "bench"
+[[policy.rules]]
+[[policy.rules.from]]
+principals = ["cluster.local/ns/bench/sa/server"]
+"#;
+    pair.a
+        .set_policy(&parse_toml(policy, Path::new("allow.toml")).unwrap());
+}
+
+/// One peer identity opening flow after flow cannot push another identity's flows out
+/// of A's flow table: the flood evicts its own flows first, so the reply to a flow A's
+/// workload opened towards B2 still comes back.
+#[test]
+fn a_peer_flooding_the_flow_table_evicts_its_own_flows_first() {
+    let mut pair = NodePair::with_b_identities(
+        DefaultAction::Deny,
+        DefaultAction::Allow,
+        &[B_INNER, B2_INNER],
+    );
+    allow_server_only(&mut pair);
+    let (out, len) = ipv4(
+        A_INNER,
+        B2_INNER,
+        UDP,
+        (1, 0, false),
+        &udp(40000, 5201, &[0; 8]),
+    );
+    assert!(
+        delivered(&pair.a_to_b(out, len)),
+        "A's workload talks to B2"
+    );
+    // B1 opens more flows than the table holds (65,536).
+    for n in 0..70_000u32 {
+        let (source_port, destination_port) =
+            (1024 + (n % 60_000) as u16, 1000 + (n / 60_000) as u16);
+        let (flood, len) = ipv4(
+            B_INNER,
+            A_INNER,
+            UDP,
+            (2, 0, false),
+            &udp(source_port, destination_port, &[]),
+        );
+        assert!(delivered(&pair.b_to_a(flood, len)), "B1 may open flows");
+    }
+    let (reply, len) = ipv4(
+        B2_INNER,
+        A_INNER,
+        UDP,
+        (3, 0, false),
+        &udp(5201, 40000, &[1; 8]),
+    );
+    assert!(
+        delivered(&pair.b_to_a(reply, len)),
+        "B2's reply to A's flow still comes back: {}",
+        pair.a.counters()
+    );
+}
+
+/// A UDP flow B opened and a reload revoked stays shut after it leaves the flow table:
+/// when A's workload answers on it again, the answer does not reopen it for B.
+#[test]
+fn a_revoked_udp_flow_is_not_reopened_by_a_local_reply() {
+    let mut pair = NodePair::with_defaults(DefaultAction::Allow, DefaultAction::Allow);
+    let (query, len) = ipv4(
+        B_INNER,
+        A_INNER,
+        UDP,
+        (1, 0, false),
+        &udp(5353, 53, &[0; 8]),
+    );
+    assert!(delivered(&pair.b_to_a(query, len)), "B opens UDP to A:53");
+    // A reload lets nothing from B in: the flow is revoked.
+    let nothing = "[[policy]]\nname = \"nothing\"\nnamespace = \"bench\"\n";
+    let revoked = pair
+        .a
+        .set_policy(&parse_toml(nothing, Path::new("nothing.toml")).unwrap());
+    assert_eq!(revoked, 1);
+    // The revoked flow idles out of the table (B stays quiet).
+    pair.now += std::time::Duration::from_secs(200);
+    pair.a.handle_timeout(pair.now);
+    // A's DNS server answers late; B's next query must still be refused.
+    let (answer, len) = ipv4(
+        A_INNER,
+        B_INNER,
+        UDP,
+        (2, 0, false),
+        &udp(53, 5353, &[1; 8]),
+    );
+    pair.a_to_b(answer, len);
+    let (query, len) = ipv4(
+        B_INNER,
+        A_INNER,
+        UDP,
+        (3, 0, false),
+        &udp(5353, 53, &[0; 8]),
+    );
+    assert!(
+        !delivered(&pair.b_to_a(query, len)),
+        "the late answer reopened a revoked flow"
+    );
+}

@@ -66,6 +66,8 @@ pub struct PairDecisions {
     pub allowed: u64,
     pub denied: u64,
     pub audited: u64,
+    /// Flows of this pair pushed out of the full flow table.
+    pub evictions: u64,
     /// When a denial of this pair was last logged, and how many went unlogged since.
     pub(super) last_deny_log: Option<Instant>,
     pub(super) unlogged_denials: u64,
@@ -78,15 +80,16 @@ pub(super) fn decision_lines(
 ) -> Vec<String> {
     decisions
         .iter()
-        .filter(|(_, _, d)| d.allowed + d.denied + d.audited > 0)
+        .filter(|(_, _, d)| d.allowed + d.denied + d.audited + d.evictions > 0)
         .map(|(local, peer, d)| {
             format!(
-                "source={} destination={} allowed={} denied={} audited={}",
+                "source={} destination={} allowed={} denied={} audited={} flow_evictions={}",
                 routing.peer(peer).principal,
                 routing.local(local).principal,
                 d.allowed,
                 d.denied,
-                d.audited
+                d.audited,
+                d.evictions
             )
         })
         .collect()

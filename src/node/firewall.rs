@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::counters::{NodeDrop, PairDecisions};
-use super::flows::{self, Direction, FlowState, FlowTable, Opened};
+use super::flows::{self, Direction, FlowState, FlowTable, Opened, Owner};
 use super::fragments::{self, Fragments, LaterFragment};
 use super::routing::Routing;
 use crate::config::PolicyConfig;
@@ -140,9 +140,17 @@ impl Firewall {
         }
     }
 
-    /// A local workload sends: remember the flow so the peer's replies come back in. A
-    /// flow already known (opened by the peer, or revoked) keeps its state.
-    pub(super) fn track_outbound(&mut self, now: Instant, header: &IpHeader, transport: Transport) {
+    /// A local workload of `owner`'s local identity sends to its peer identity: remember
+    /// the flow so the peer's replies come back in. A flow already known (opened by the
+    /// peer, or revoked) keeps its state, and a UDP flow the peer opened before stays the
+    /// peer's, judged by the allow list in force.
+    pub(super) fn track_outbound(
+        &mut self,
+        now: Instant,
+        header: &IpHeader,
+        transport: Transport,
+        owner: Owner,
+    ) {
         // An echo reply answers the peer's request; it opens nothing.
         if matches!(transport, Transport::IcmpEcho { request: false, .. }) {
             return;
@@ -150,10 +158,34 @@ impl Firewall {
         // Only a SYN opens a TCP flow: a mid-stream packet of a connection the table no
         // longer holds (idled out, evicted) must not open a way in for the peer.
         let may_open = !matches!(transport, Transport::Tcp { opening: false, .. });
-        if let Some((key, idle)) = flows::key(header, transport, Direction::Outbound) {
-            if self.flows.touch(&key, now).is_none() && may_open {
-                self.flows.insert(key, FlowState::OpenedLocally, idle, now);
+        let Some((key, idle)) = flows::key(header, transport, Direction::Outbound) else {
+            return;
+        };
+        if self.flows.touch(&key, now).is_some() || !may_open {
+            return;
+        }
+        let state = match self.flows.peer_opened(&key) {
+            Some(opened) => {
+                let request = &opened.request;
+                if self
+                    .policy
+                    .evaluate(opened.local, opened.peer, request)
+                    .allowed
+                {
+                    FlowState::Allowed(opened)
+                } else {
+                    FlowState::Revoked(opened)
+                }
             }
+            None => FlowState::OpenedLocally,
+        };
+        let evicted = self.flows.insert(key, state, idle, owner, now);
+        self.count_evictions(evicted);
+    }
+
+    fn count_evictions(&mut self, evicted: Vec<Owner>) {
+        for (local, peer) in evicted {
+            self.decisions.get_mut(local, peer).evictions += 1;
         }
     }
 
@@ -265,8 +297,9 @@ impl Firewall {
                     peer,
                     request,
                 };
-                self.flows
-                    .insert(key, FlowState::Allowed(opened), idle, now);
+                let state = FlowState::Allowed(opened);
+                let evicted = self.flows.insert(key, state, idle, (local, peer), now);
+                self.count_evictions(evicted);
             }
             return Ok(Admitted::Allowed);
         }

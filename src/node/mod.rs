@@ -166,12 +166,12 @@ impl Node {
         let Some(header) = packet::parse(packet) else {
             return dropped(self, NodeDrop::NotIp);
         };
-        let tunnel = match self.routing.egress(&header) {
-            Ok((_, _, tunnel)) => tunnel,
+        let (local, peer, tunnel) = match self.routing.egress(&header) {
+            Ok(route) => route,
             Err(drop) => return dropped(self, drop),
         };
         self.firewall
-            .track_outbound(now, &header, header.transport(packet));
+            .track_outbound(now, &header, header.transport(packet), (local, peer));
         match self.device.begin_seal(now, tunnel, buf, len) {
             SealStep::Seal { destination, job } => {
                 self.stats.packets_out += 1;
