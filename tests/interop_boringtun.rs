@@ -52,7 +52,9 @@ fn setup() -> Setup {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap(),
     );
-    let local = ours.add_local(our_secret.to_bytes());
+    let local = ours.add_local(meshguard::identity::PrivateKey::from_bytes(
+        our_secret.to_bytes(),
+    ));
     let tunnel = ours.add_tunnel(
         now,
         local,

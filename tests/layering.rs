@@ -11,7 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("file_error", &[]),
     ("packet", &[]),
     ("identity", &[]),
-    ("proto", &[]),
+    ("proto", &["identity"]),
     ("io", &[]),
     ("telemetry", &[]),
     ("policy", &["file_error", "identity"]),

@@ -125,7 +125,7 @@ fn foreign_initiation(target: SocketAddr, responder_key: [u8; 32]) -> Vec<u8> {
         now,
         unix,
     );
-    let local = device.add_local(PrivateKey::generate().as_bytes());
+    let local = device.add_local(PrivateKey::generate());
     let tunnel = device.add_tunnel(now, local, responder_key, Some(target), None);
     device.initiate(now, tunnel);
     device.poll_transmit().unwrap().data

@@ -261,7 +261,7 @@ fn a_peer_cannot_spoof_sources_or_reach_another_identitys_address() {
         now,
         unix,
     );
-    let local = device.add_local(frontend.as_bytes());
+    let local = device.add_local(frontend.clone());
     let payment_key = a.identities[0].private_key.public_key();
     let tunnel = device.add_tunnel(now, local, *payment_key.as_bytes(), Some(a.listen), None);
     device.initiate(now, tunnel);

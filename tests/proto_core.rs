@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use meshguard::identity::PrivateKey;
 use meshguard::proto::constants::*;
 use meshguard::proto::{
     Device, DeviceConfig, ProtocolDrop as Drop, ReceiveStep, Received, SealStep, Sealed, TunnelId,
@@ -11,11 +12,11 @@ use meshguard::proto::{
 use meshguard::testbed::fixtures::{
     sealable, seeded, DevicePair as Pair, A_ENDPOINT, B_ENDPOINT, UNIX_START,
 };
-use x25519_dalek::{PublicKey, StaticSecret};
 
-fn keypair() -> ([u8; 32], [u8; 32]) {
-    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-    (secret.to_bytes(), PublicKey::from(&secret).to_bytes())
+fn keypair() -> (PrivateKey, [u8; 32]) {
+    let private = PrivateKey::generate();
+    let public = *private.public_key().as_bytes();
+    (private, public)
 }
 
 /// Seals `payload` on `dev`; `Some(datagram)` when it could be sent at once.

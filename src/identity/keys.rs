@@ -7,11 +7,13 @@
 use std::fmt;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use zeroize::Zeroize;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -50,25 +52,29 @@ fn decode_key(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
 /// An X25519 private (static secret) key.
 ///
 /// `Debug` prints `PrivateKey(<redacted>)`; there is deliberately no `Display`.
-/// The key bytes are zeroed on drop.
+/// Clones share one copy of the secret, whose bytes are zeroed when the last goes.
 #[derive(Clone)]
-pub struct PrivateKey(x25519_dalek::StaticSecret);
+pub struct PrivateKey(Arc<x25519_dalek::StaticSecret>);
 
 impl PrivateKey {
     /// Generates a new key from the operating system's random source, clamped like
     /// `wg genkey` output.
     pub fn generate() -> Self {
-        let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
-        let mut bytes = secret.to_bytes();
+        let random = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut bytes = random.to_bytes();
         bytes[0] &= 248;
         bytes[31] &= 127;
         bytes[31] |= 64;
-        PrivateKey(x25519_dalek::StaticSecret::from(bytes))
+        let secret = x25519_dalek::StaticSecret::from(bytes);
+        bytes.zeroize();
+        PrivateKey(Arc::new(secret))
     }
 
     /// Wraps raw key bytes (clamping happens when the key is used, as in WireGuard).
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        PrivateKey(x25519_dalek::StaticSecret::from(bytes))
+    pub fn from_bytes(mut bytes: [u8; KEY_LEN]) -> Self {
+        let key = PrivateKey(Arc::new(x25519_dalek::StaticSecret::from(bytes)));
+        bytes.zeroize();
+        key
     }
 
     /// Parses a base64 private key, as written by `wg genkey`.
@@ -83,7 +89,7 @@ impl PrivateKey {
 
     /// The matching public key (what `wg pubkey` prints).
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
+        PublicKey(x25519_dalek::PublicKey::from(&*self.0).to_bytes())
     }
 
     /// The raw key bytes. Handle the result as a secret.
@@ -306,7 +312,7 @@ pub fn load_private_key_file(path: &Path) -> Result<PrivateKey, KeyFileError> {
         path: path.to_path_buf(),
         reason,
     });
-    buf.fill(0);
+    buf.zeroize();
     result
 }
 

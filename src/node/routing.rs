@@ -74,7 +74,7 @@ impl Routing {
         let mut local_by_address = PrefixTable::new();
         let mut local_keys = Vec::new();
         for (index, identity) in config.identities.iter().enumerate() {
-            local_keys.push(device.add_local(identity.private_key.as_bytes()));
+            local_keys.push(device.add_local(identity.private_key.clone()));
             for address in &identity.addresses {
                 local_by_address.insert(*address, LocalId::new(index));
             }

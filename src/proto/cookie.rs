@@ -14,6 +14,7 @@ use blake2::{Blake2s256, Blake2sMac, Digest};
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand_core::RngCore;
+use zeroize::Zeroizing;
 
 use super::constants::{COOKIE_REFRESH_TIME, LABEL_COOKIE, LABEL_MAC1};
 use super::messages::{mac_offsets, write_header, COOKIE_REPLY_LEN, TYPE_COOKIE_REPLY};
@@ -92,7 +93,8 @@ impl MacKeys {
 
 /// Responder side: hands out cookies bound to a source address and checks mac2.
 pub(super) struct CookieIssuer {
-    secret: [u8; 32],
+    /// Wiped on drop.
+    secret: Zeroizing<[u8; 32]>,
     secret_born: Option<Instant>,
 }
 
@@ -105,7 +107,7 @@ impl Default for CookieIssuer {
 impl CookieIssuer {
     pub(super) fn new() -> Self {
         CookieIssuer {
-            secret: [0; 32],
+            secret: Zeroizing::new([0; 32]),
             secret_born: None,
         }
     }
@@ -116,13 +118,13 @@ impl CookieIssuer {
             .secret_born
             .is_none_or(|born| now.saturating_duration_since(born) >= COOKIE_REFRESH_TIME);
         if stale {
-            random.fill_bytes(&mut self.secret);
+            random.fill_bytes(&mut self.secret[..]);
             self.secret_born = Some(now);
         }
         let port = source.port().to_be_bytes();
         match source.ip() {
-            IpAddr::V4(ip) => mac(&self.secret, &[&ip.octets(), &port]),
-            IpAddr::V6(ip) => mac(&self.secret, &[&ip.octets(), &port]),
+            IpAddr::V4(ip) => mac(&self.secret[..], &[&ip.octets(), &port]),
+            IpAddr::V6(ip) => mac(&self.secret[..], &[&ip.octets(), &port]),
         }
     }
 

@@ -309,7 +309,7 @@ impl Tunnel {
     pub(super) fn initiation_inputs(&self) -> Option<InitiationInputs> {
         self.initiating.as_ref().map(|i| InitiationInputs {
             local_index: i.local_index,
-            seed: i.seed,
+            seed: i.seed.clone(),
             timestamp: i.timestamp,
         })
     }

@@ -118,8 +118,8 @@ impl DevicePair {
         let b_addr: SocketAddr = B_ENDPOINT.parse().expect("address");
         let mut a = Device::new(a_config, seeded(A_SEED), now, UNIX_START);
         let mut b = Device::new(b_config, seeded(B_SEED), now, UNIX_START);
-        let la = a.add_local(a_key.as_bytes());
-        let lb = b.add_local(b_key.as_bytes());
+        let la = a.add_local(a_key);
+        let lb = b.add_local(b_key);
         let ab = a.add_tunnel(now, la, b_public, Some(b_addr), None);
         let ba = b.add_tunnel(now, lb, a_public, Some(a_addr), None);
         DevicePair {

@@ -46,7 +46,7 @@ impl Device {
 
     fn ephemeral_seed(&mut self) -> EphemeralSeed {
         let mut seed = EphemeralSeed::default();
-        self.random.fill_bytes(&mut seed);
+        self.random.fill_bytes(&mut seed[..]);
         seed
     }
 
@@ -60,8 +60,11 @@ impl Device {
     ) -> HandshakeState {
         let t = &self.tunnels[tunnel.0];
         noise::write_initiation(
-            &self.locals[t.local().0].private,
-            inputs.seed,
+            self.locals[t.local().0]
+                .private
+                .as_static_secret()
+                .as_bytes(),
+            &inputs.seed,
             t.peer_public(),
             inputs.local_index,
             &inputs.timestamp,
@@ -168,8 +171,12 @@ impl Device {
             return Ok(Received::Control);
         }
         let seed = self.ephemeral_seed();
-        let received = noise::read_initiation(&self.locals[local.0].private, seed, msg)
-            .ok_or(ProtocolDrop::HandshakeFailed)?;
+        let received = noise::read_initiation(
+            self.locals[local.0].private.as_static_secret().as_bytes(),
+            &seed,
+            msg,
+        )
+        .ok_or(ProtocolDrop::HandshakeFailed)?;
         let tunnel = *self
             .by_peer_key
             .get(&(local, received.peer_public))

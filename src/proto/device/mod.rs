@@ -23,6 +23,7 @@ use super::session::{OpenError, OpenJob, SealJob};
 use super::timers::Timer;
 use super::tunnel::{Released, Tunnel};
 use super::{LocalKeyId, Random, TunnelId};
+use crate::identity::PrivateKey;
 
 /// A datagram to send.
 #[derive(Debug, Clone)]
@@ -116,7 +117,8 @@ impl Default for DeviceConfig {
 
 /// A local identity's static key and what is derived from it.
 struct LocalKey {
-    private: [u8; 32],
+    /// Shared with the configuration, not copied: one owner of the secret.
+    private: PrivateKey,
     /// mac1 and cookie keys of our own public key: for checking what peers send us.
     keys: MacKeys,
     cookies: CookieIssuer,
@@ -174,8 +176,8 @@ impl Device {
         }
     }
 
-    pub fn add_local(&mut self, private: [u8; 32]) -> LocalKeyId {
-        let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(private));
+    pub fn add_local(&mut self, private: PrivateKey) -> LocalKeyId {
+        let public = private.public_key();
         self.locals.push(LocalKey {
             private,
             keys: MacKeys::for_public_key(public.as_bytes()),

@@ -4,14 +4,16 @@
 //! this module frames its output as WireGuard messages 1 and 2 and pulls the transport
 //! keys out when the pattern completes. mac1/mac2 are written by the caller, which knows
 //! the cookie state. The ephemeral key's randomness comes from the caller too: snow is
-//! handed exactly the bytes the device drew, never a generator of its own.
+//! handed exactly the bytes the device drew, never a generator of its own (see
+//! `resolver`, which also gives snow key holders that are wiped when dropped).
+
+mod resolver;
 
 use std::sync::OnceLock;
 
-use snow::params::{CipherChoice, DHChoice, HashChoice, NoiseParams};
-use snow::resolvers::{CryptoResolver, DefaultResolver};
-use snow::types::{Cipher, Dh, Hash, Random};
+use snow::params::NoiseParams;
 use snow::HandshakeState;
+use zeroize::Zeroizing;
 
 use super::constants::{CONSTRUCTION, IDENTIFIER};
 use super::messages::{
@@ -23,54 +25,13 @@ use super::messages::{
 const NO_PRESHARED_KEY: [u8; 32] = [0; 32];
 pub(super) const TIMESTAMP_LEN: usize = 12;
 
-/// Random bytes for one handshake's ephemeral key, drawn by the caller.
-pub(super) type EphemeralSeed = [u8; 32];
+pub(crate) use resolver::EphemeralSeed;
+use resolver::Resolver;
 
-/// Gives snow the caller's bytes for the one ephemeral key of a handshake; asking for
-/// more than that is an error, so snow can never draw randomness of its own.
-struct SeededEntropy {
-    seed: EphemeralSeed,
-    used: usize,
-}
-
-impl Random for SeededEntropy {
-    fn try_fill_bytes(&mut self, out: &mut [u8]) -> Result<(), snow::Error> {
-        let end = self.used + out.len();
-        let bytes = self.seed.get(self.used..end).ok_or(snow::Error::Rng)?;
-        out.copy_from_slice(bytes);
-        self.used = end;
-        Ok(())
-    }
-}
-
-/// snow's own primitives, with the caller's seed as the only randomness.
-struct SeededResolver(EphemeralSeed);
-
-impl CryptoResolver for SeededResolver {
-    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
-        Some(Box::new(SeededEntropy {
-            seed: self.0,
-            used: 0,
-        }))
-    }
-
-    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
-        DefaultResolver.resolve_dh(choice)
-    }
-
-    fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
-        DefaultResolver.resolve_hash(choice)
-    }
-
-    fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
-        DefaultResolver.resolve_cipher(choice)
-    }
-}
-
-/// Transport keys from a completed handshake, from our point of view.
-pub(super) struct TransportKeys {
-    pub send: [u8; 32],
-    pub receive: [u8; 32],
+/// Transport keys from a completed handshake, from our point of view; wiped on drop.
+pub(crate) struct TransportKeys {
+    pub(crate) send: Zeroizing<[u8; 32]>,
+    pub(crate) receive: Zeroizing<[u8; 32]>,
 }
 
 fn params() -> NoiseParams {
@@ -84,8 +45,8 @@ fn params() -> NoiseParams {
         .clone()
 }
 
-fn builder(local_private: &[u8; 32], seed: EphemeralSeed) -> snow::Builder<'_> {
-    snow::Builder::with_resolver(params(), Box::new(SeededResolver(seed)))
+fn builder<'a>(local_private: &'a [u8; 32], seed: &EphemeralSeed) -> snow::Builder<'a> {
+    snow::Builder::with_resolver(params(), Box::new(Resolver::new(seed)))
         .prologue(IDENTIFIER)
         .and_then(|b| b.psk(2, &NO_PRESHARED_KEY))
         .and_then(|b| b.local_private_key(local_private))
@@ -96,7 +57,7 @@ fn builder(local_private: &[u8; 32], seed: EphemeralSeed) -> snow::Builder<'_> {
 /// waits for the response.
 pub(super) fn write_initiation(
     local_private: &[u8; 32],
-    seed: EphemeralSeed,
+    seed: &EphemeralSeed,
     peer_public: &[u8; 32],
     sender_index: u32,
     timestamp: &[u8; TIMESTAMP_LEN],
@@ -128,7 +89,7 @@ pub(super) struct ReceivedInitiation {
 /// the ephemeral key of the response.
 pub(super) fn read_initiation(
     local_private: &[u8; 32],
-    seed: EphemeralSeed,
+    seed: &EphemeralSeed,
     msg: &[u8],
 ) -> Option<ReceivedInitiation> {
     let mut noise = builder(local_private, seed).build_responder().ok()?;
@@ -166,8 +127,8 @@ pub(super) fn write_response(
     let (initiator_to_responder, responder_to_initiator) =
         received.noise.dangerously_get_raw_split();
     TransportKeys {
-        send: responder_to_initiator,
-        receive: initiator_to_responder,
+        send: Zeroizing::new(responder_to_initiator),
+        receive: Zeroizing::new(initiator_to_responder),
     }
 }
 
@@ -182,8 +143,8 @@ pub(super) fn read_response(mut noise: HandshakeState, msg: &[u8]) -> Option<Tra
     }
     let (initiator_to_responder, responder_to_initiator) = noise.dangerously_get_raw_split();
     Some(TransportKeys {
-        send: initiator_to_responder,
-        receive: responder_to_initiator,
+        send: Zeroizing::new(initiator_to_responder),
+        receive: Zeroizing::new(responder_to_initiator),
     })
 }
 
