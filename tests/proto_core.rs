@@ -667,3 +667,86 @@ fn a_cookie_reply_to_our_response_is_used_for_the_next_one() {
         p.now - start
     );
 }
+
+/// Handshake messages whose mac1 fails still cost a BLAKE2s per local identity: they
+/// count towards "under load", so a flood of junk makes B demand cookies.
+#[test]
+fn failed_mac1_checks_count_towards_load() {
+    let mut p = Pair::with_configs(
+        DeviceConfig::default(),
+        DeviceConfig {
+            under_load_threshold: 10,
+            ..DeviceConfig::default()
+        },
+    );
+    let junk_source: SocketAddr = "198.18.0.66:4000".parse().unwrap();
+    for i in 0..20u8 {
+        let mut junk = vec![i; 148];
+        junk[0] = 1;
+        junk[1..4].fill(0);
+        assert_eq!(
+            p.b.receive(p.now, junk_source, &mut junk),
+            Received::Dropped(Drop::BadMac1)
+        );
+    }
+    // A's genuine initiation (no cookie yet) now gets a cookie reply, not a response.
+    p.a.initiate(p.now, p.ab);
+    let mut init = p.a.poll_transmit().unwrap().data;
+    assert_eq!(p.b.receive(p.now, p.a_addr, &mut init), Received::Control);
+    let answer = p.b.poll_transmit().expect("an answer");
+    assert!(is_type(&answer.data, 3), "a cookie reply, B is under load");
+}
+
+/// Under load, an attacker who holds a cookie for its address may send initiations with
+/// a valid mac2 from any number of made-up keys. Each would cost B four X25519
+/// operations; a token bucket per source address (burst 5, 20 a second, as in
+/// wireguard-go and the kernel) drops the rest before any of that work.
+#[test]
+fn initiations_from_one_address_are_rate_limited_under_load() {
+    // B counts every handshake message as load.
+    let mut p = Pair::with_configs(
+        DeviceConfig::default(),
+        DeviceConfig {
+            under_load_threshold: 0,
+            ..DeviceConfig::default()
+        },
+    );
+    let attacker: SocketAddr = "198.18.0.66:4000".parse().unwrap();
+    // 100 made-up identities at one address, each knowing B's public key.
+    let mut fakes: Vec<(Device, TunnelId)> = (0..100)
+        .map(|i| {
+            let mut d = Device::new(DeviceConfig::default(), seeded(100 + i), p.now, UNIX_START);
+            let local = d.add_local(PrivateKey::generate());
+            let t = d.add_tunnel(p.now, local, p.b_public, Some(p.b_addr), None);
+            d.initiate(p.now, t);
+            (d, t)
+        })
+        .collect();
+    // Each first initiation lacks mac2: B hands out a cookie for the address.
+    for (d, _) in &mut fakes {
+        let mut init = d.poll_transmit().unwrap().data;
+        assert_eq!(p.b.receive(p.now, attacker, &mut init), Received::Control);
+        let mut reply = p.b.poll_transmit().expect("cookie reply").data;
+        assert!(is_type(&reply, 3));
+        assert_eq!(d.receive(p.now, p.b_addr, &mut reply), Received::Control);
+    }
+    // The retries carry a valid mac2 and arrive within one instant.
+    let retry = p.now + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX;
+    let mut limited = 0;
+    for (d, _) in &mut fakes {
+        d.handle_timeout(retry);
+        let mut init = d.poll_transmit().expect("a retry").data;
+        match p.b.receive(retry, attacker, &mut init) {
+            Received::Dropped(Drop::RateLimited) => limited += 1,
+            Received::Dropped(Drop::UnknownPeer) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        limited >= 90,
+        "only a burst gets through: {limited} of 100 limited"
+    );
+    assert!(p.b.stats().unknown_peer <= 10, "{:?}", p.b.stats());
+    // Another address is not affected: A's handshake (with its own cookie) completes.
+    assert!(seal(&mut p.a, retry, p.ab, b"legit").is_none());
+}

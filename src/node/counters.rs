@@ -108,7 +108,7 @@ pub(super) fn counter_line(device: &Device, node: &NodeStats, flows: FlowCounts)
     format!(
         "packets_in={} packets_out={} handshakes_completed={} network_drops={} \
          malformed={} bad_mac1={} handshake_failed={} unknown_peer={} handshake_replay={} \
-         handshake_flood={} unknown_index={} forged={} replayed={} expired={} \
+         handshake_flood={} rate_limited={} unknown_index={} forged={} replayed={} expired={} \
          cookie_replies_sent={} no_endpoint={} queue_overflow={} handshake_gave_up={} \
          not_ip={} no_local_identity={} no_peer={} spoofed_source={} wrong_destination={} \
          policy_allowed={} policy_denied={} flow_revoked={} fragment_overlap={} flows={} \
@@ -123,6 +123,7 @@ pub(super) fn counter_line(device: &Device, node: &NodeStats, flows: FlowCounts)
         p.unknown_peer,
         p.handshake_replay,
         p.handshake_flood,
+        p.rate_limited,
         p.unknown_index,
         p.forged,
         p.replayed,

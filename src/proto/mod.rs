@@ -8,6 +8,7 @@ mod device;
 mod load_meter;
 mod messages;
 mod noise;
+mod rate_limiter;
 mod replay;
 mod report;
 mod session;

@@ -20,6 +20,8 @@ pub enum ProtocolDrop {
     HandshakeReplay,
     /// An initiation within MIN_INITIATION_INTERVAL of the previous one.
     HandshakeFlood,
+    /// Under load, a handshake message from an address that sent too many lately.
+    RateLimited,
     /// A message for a receiver index we do not hold.
     UnknownIndex,
     /// A transport message that failed authentication.
@@ -45,6 +47,7 @@ pub struct Stats {
     pub unknown_peer: u64,
     pub handshake_replay: u64,
     pub handshake_flood: u64,
+    pub rate_limited: u64,
     pub unknown_index: u64,
     pub forged: u64,
     pub replayed: u64,
@@ -65,6 +68,7 @@ impl Stats {
             ProtocolDrop::UnknownPeer => &mut self.unknown_peer,
             ProtocolDrop::HandshakeReplay => &mut self.handshake_replay,
             ProtocolDrop::HandshakeFlood => &mut self.handshake_flood,
+            ProtocolDrop::RateLimited => &mut self.rate_limited,
             ProtocolDrop::UnknownIndex => &mut self.unknown_index,
             ProtocolDrop::Forged => &mut self.forged,
             ProtocolDrop::Replayed => &mut self.replayed,
@@ -84,6 +88,7 @@ impl Stats {
             + self.unknown_peer
             + self.handshake_replay
             + self.handshake_flood
+            + self.rate_limited
             + self.unknown_index
             + self.forged
             + self.replayed

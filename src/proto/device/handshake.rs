@@ -108,19 +108,21 @@ impl Device {
         });
     }
 
-    /// Checks mac1 (and mac2 under load) of a handshake message addressed to `local`.
-    /// `Ok(false)` means a cookie reply was sent instead of processing the message.
+    /// Checks mac1 (and, under load, mac2 and the source's rate) of a handshake message
+    /// addressed to `local` (`mac1_checked`: the caller found `local` by its mac1). Every
+    /// message counts as load, whatever its macs. `Ok(false)` means a cookie reply was
+    /// sent instead of processing the message.
     fn admit_handshake(
         &mut self,
         now: Instant,
         source: SocketAddr,
-        local: LocalKeyId,
+        (local, mac1_checked): (LocalKeyId, bool),
         msg: &[u8],
     ) -> Result<bool, ProtocolDrop> {
-        if !self.locals[local.0].keys.verify_mac1(msg) {
+        let under_load = self.load.record(now);
+        if !mac1_checked && !self.locals[local.0].keys.verify_mac1(msg) {
             return Err(ProtocolDrop::BadMac1);
         }
-        let under_load = self.load.record(now);
         let random = self.random.as_rngcore();
         let l = &mut self.locals[local.0];
         if under_load && !l.cookies.verify_mac2(now, source, msg, random) {
@@ -134,6 +136,9 @@ impl Device {
                 data: reply.to_vec(),
             });
             return Ok(false);
+        }
+        if under_load && !self.rate.allow(now, source.ip()) {
+            return Err(ProtocolDrop::RateLimited);
         }
         Ok(true)
     }
@@ -163,11 +168,15 @@ impl Device {
         msg: &[u8],
     ) -> Result<Received, ProtocolDrop> {
         // mac1 is keyed with the responder's public key, so it names the local identity.
-        let local = (0..self.locals.len())
+        let Some(local) = (0..self.locals.len())
             .map(LocalKeyId)
             .find(|l| self.locals[l.0].keys.verify_mac1(msg))
-            .ok_or(ProtocolDrop::BadMac1)?;
-        if !self.admit_handshake(now, source, local, msg)? {
+        else {
+            // The search cost a BLAKE2s per local identity: junk counts as load.
+            self.load.record(now);
+            return Err(ProtocolDrop::BadMac1);
+        };
+        if !self.admit_handshake(now, source, (local, true), msg)? {
             return Ok(Received::Control);
         }
         let seed = self.ephemeral_seed();
@@ -222,7 +231,7 @@ impl Device {
             return Err(ProtocolDrop::UnknownIndex);
         }
         let local = self.tunnels[tunnel.0].local();
-        if !self.admit_handshake(now, source, local, msg)? {
+        if !self.admit_handshake(now, source, (local, false), msg)? {
             return Ok(Received::Control);
         }
         let t = &mut self.tunnels[tunnel.0];

@@ -18,6 +18,7 @@ use super::constants::REKEY_TIMEOUT_JITTER_MAX;
 use super::cookie::{CookieIssuer, MacKeys};
 use super::load_meter::LoadMeter;
 use super::messages::{classify, read_u32, Kind, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+use super::rate_limiter::RateLimiter;
 use super::report::{Event, ProtocolDrop, Stats};
 use super::session::{OpenError, OpenJob, SealJob};
 use super::timers::Timer;
@@ -136,6 +137,8 @@ pub struct Device {
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
     load: LoadMeter,
+    /// Handshake messages per source address, under load.
+    rate: RateLimiter,
     mtu: usize,
     /// Never later than the earliest tunnel deadline; may be earlier (a spurious wake-up
     /// recomputes it), so per-packet calls keep it up to date in O(1).
@@ -165,6 +168,7 @@ impl Device {
             tunnels: Vec::new(),
             by_peer_key: HashMap::with_hasher(hash_state(&mut random)),
             indices: HashMap::with_hasher(hash_state(&mut random)),
+            rate: RateLimiter::new(hash_state(&mut random)),
             random,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
