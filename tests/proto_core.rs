@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use meshguard::identity::PrivateKey;
 use meshguard::proto::constants::*;
 use meshguard::proto::{
-    Device, DeviceConfig, ProtocolDrop as Drop, ReceiveStep, Received, SealStep, Sealed, TunnelId,
-    REPLAY_WINDOW,
+    Device, DeviceConfig, Mac1Verdict, ProtocolDrop as Drop, ReceiveStep, Received, SealStep,
+    Sealed, TunnelId, REPLAY_WINDOW,
 };
 use meshguard::testbed::fixtures::{
     sealable, seeded, DevicePair as Pair, A_ENDPOINT, B_ENDPOINT, UNIX_START,
@@ -303,9 +303,15 @@ fn sealing_and_opening_finished_outside_the_device() {
     datagrams.push(bufs[0].clone());
     let opens: Vec<_> = datagrams
         .iter_mut()
-        .map(|d| match p.b.begin_receive(p.now, p.a_addr, d) {
-            ReceiveStep::Open(open) => open,
-            ReceiveStep::Done(other) => panic!("not opened: {other:?}"),
+        .map(|d| {
+            match p
+                .b
+                .begin_receive(p.now, p.a_addr, d, Mac1Verdict::NotScreened)
+            {
+                ReceiveStep::Open(open) => open,
+                ReceiveStep::Done(other) => panic!("not opened: {other:?}"),
+                ReceiveStep::Initiation(_) => panic!("not an initiation"),
+            }
         })
         .collect();
     let mut delivered = Vec::new();
@@ -329,7 +335,9 @@ fn sealing_and_opening_finished_outside_the_device() {
     let mut forged = seal(&mut p.a, p.now, p.ab, b"tamper").unwrap();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    let ReceiveStep::Open(open) = p.b.begin_receive(p.now, p.a_addr, &mut forged) else {
+    let ReceiveStep::Open(open) =
+        p.b.begin_receive(p.now, p.a_addr, &mut forged, Mac1Verdict::NotScreened)
+    else {
         panic!("not opened");
     };
     let opened = open.open(&mut forged);
@@ -346,7 +354,9 @@ fn a_job_whose_session_was_replaced_is_not_accepted() {
     let mut p = Pair::new();
     p.handshake();
     let mut late = seal(&mut p.a, p.now, p.ab, b"late").unwrap();
-    let ReceiveStep::Open(open) = p.b.begin_receive(p.now, p.a_addr, &mut late) else {
+    let ReceiveStep::Open(open) =
+        p.b.begin_receive(p.now, p.a_addr, &mut late, Mac1Verdict::NotScreened)
+    else {
         panic!("not opened");
     };
     for _ in 0..2 {
@@ -492,6 +502,101 @@ fn roaming_moves_the_endpoint_only_after_authentication() {
         Received::Data { .. }
     ));
     assert_eq!(p.b.endpoint(p.ba), Some(new_addr));
+}
+
+/// The same initiation twice, both admitted before either job ran (two workers): the
+/// Diffie-Hellman work runs for both, but only the first finish answers; the second is
+/// a replay by then.
+#[test]
+fn an_initiation_replayed_while_its_work_runs_is_answered_once() {
+    let mut p = Pair::new();
+    p.a.initiate(p.now, p.ab);
+    let init = p.a.poll_transmit().unwrap().data;
+    let begin = |b: &mut Device, now, from, msg: &mut Vec<u8>| match b.begin_receive(
+        now,
+        from,
+        msg,
+        Mac1Verdict::NotScreened,
+    ) {
+        ReceiveStep::Initiation(job) => job,
+        ReceiveStep::Open(_) => panic!("not transport data"),
+        ReceiveStep::Done(other) => panic!("no work to do: {other:?}"),
+    };
+    let (mut first, mut second) = (init.clone(), init);
+    let first_job = begin(&mut p.b, p.now, p.a_addr, &mut first);
+    let second_job = begin(&mut p.b, p.now, p.a_addr, &mut second);
+    let (first_work, second_work) = (first_job.run(&first), second_job.run(&second));
+    assert_eq!(
+        p.b.finish_initiation(p.now, p.a_addr, first_job, first_work),
+        Received::Control
+    );
+    assert_eq!(
+        p.b.finish_initiation(p.now, p.a_addr, second_job, second_work),
+        Received::Dropped(Drop::HandshakeReplay)
+    );
+    let mut response = p.b.poll_transmit().expect("one response").data;
+    assert!(p.b.poll_transmit().is_none(), "only one response");
+    assert_eq!(
+        p.a.receive(p.now, p.b_addr, &mut response),
+        Received::Control
+    );
+    assert!(p.a.has_session(p.ab));
+}
+
+/// A screen taken before an identity was added does not know it: its verdict is not
+/// trusted, and the device finds the identity itself. A current screen's "none" is
+/// final.
+#[test]
+fn a_stale_mac1_screen_does_not_turn_away_a_new_identity() {
+    let now = Instant::now();
+    let mut responder = Device::new(DeviceConfig::default(), seeded(1), now, UNIX_START);
+    let (init_priv, init_pub) = keypair();
+    let (old_priv, _) = keypair();
+    responder.add_local(old_priv);
+    let stale = responder.mac1_screen();
+    let (new_priv, new_pub) = keypair();
+    let new_local = responder.add_local(new_priv);
+    let tunnel = responder.add_tunnel(now, new_local, init_pub, None, None);
+
+    let mut initiator = Device::new(DeviceConfig::default(), seeded(2), now, UNIX_START);
+    let local = initiator.add_local(init_priv);
+    let responder_addr: SocketAddr = B_ENDPOINT.parse().unwrap();
+    let to_new = initiator.add_tunnel(now, local, new_pub, Some(responder_addr), None);
+    initiator.initiate(now, to_new);
+    let mut init = initiator.poll_transmit().unwrap().data;
+    let from: SocketAddr = A_ENDPOINT.parse().unwrap();
+
+    let verdict = stale.verdict(&init);
+    assert!(matches!(verdict, Mac1Verdict::Screened { local: None, .. }));
+    let current = responder.mac1_screen().verdict(&init);
+    assert!(matches!(
+        current,
+        Mac1Verdict::Screened { local: Some(l), .. } if l == new_local
+    ));
+    let ReceiveStep::Initiation(job) = responder.begin_receive(now, from, &mut init, verdict)
+    else {
+        panic!("the device found the identity the stale screen did not know");
+    };
+    let work = job.run(&init);
+    assert_eq!(
+        responder.finish_initiation(now, from, job, work),
+        Received::Control
+    );
+    let mut response = responder.poll_transmit().expect("a response").data;
+    initiator.receive(now, responder_addr, &mut response);
+    let mut keepalive = initiator.poll_transmit().expect("a keepalive").data;
+    responder.receive(now, from, &mut keepalive);
+    assert!(responder.has_session(tunnel));
+
+    // A junk initiation the current screen found no identity for is dropped as such.
+    let mut junk = init.clone();
+    junk[20] ^= 1;
+    let verdict = responder.mac1_screen().verdict(&junk);
+    assert!(matches!(verdict, Mac1Verdict::Screened { local: None, .. }));
+    assert!(matches!(
+        responder.begin_receive(now, from, &mut junk, verdict),
+        ReceiveStep::Done(Received::Dropped(Drop::BadMac1))
+    ));
 }
 
 #[test]

@@ -27,7 +27,8 @@ use crate::io::udp::{RecvMeta, Udp};
 use super::send_errors::SendErrors;
 use crate::node::{EgressStep, Ingress, IngressStep, Node};
 use crate::proto::{
-    self, OpenError, SealJob, Transmit, TransportOpen, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+    self, Mac1Screen, Mac1Verdict, OpenError, SealJob, Transmit, TransportOpen, SEAL_TAILROOM,
+    TRANSPORT_HEADER_LEN,
 };
 
 /// Largest UDP receive (one datagram, or several coalesced by GRO).
@@ -104,6 +105,11 @@ struct Buffers {
     /// Datagrams from the network, decrypted in place.
     received: Vec<Vec<u8>>,
     meta: [RecvMeta; RECEIVE_SLOTS],
+    /// The datagrams of one receive call: receive slot, range in it, and which local
+    /// identity the mac1 of an initiation names.
+    datagrams: Vec<(usize, Range<usize>, Mac1Verdict)>,
+    /// The local identities' mac1 keys as of the last batch.
+    screen: Mac1Screen,
     /// Transport messages of one receive to decrypt without the node.
     opening: Vec<Opening>,
     /// Plaintexts to deliver: (receive slot, range in it).
@@ -125,6 +131,8 @@ impl Buffers {
             gso: vec![0; MAX_GSO_BYTES],
             received: vec![vec![0; MAX_DATAGRAM]; RECEIVE_SLOTS],
             meta: [RecvMeta::default(); RECEIVE_SLOTS],
+            datagrams: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
+            screen: Mac1Screen::default(),
             opening: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             plaintexts: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             to_tun: (0..IDEAL_BATCH_SIZE)
@@ -338,54 +346,82 @@ async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut B
 
 /// Feeds the datagrams of the first `received` slots to the node, recording in
 /// `plaintexts` where each packet to deliver now lies.
+///
+/// The node is locked in phases. Between them, without the lock, pending transport
+/// messages are decrypted and an admitted initiation gets its Diffie-Hellman work, so a
+/// flood of initiations does not hold up the other workers. A handshake message ends a
+/// phase that has transport data pending: the data before it is finished first, as if
+/// each datagram went through alone.
 fn open_received(shared: &Shared, b: &mut Buffers, received: usize) {
     b.plaintexts.clear();
     b.opening.clear();
-    let now = Instant::now();
-    {
-        let mut state = shared.lock();
-        for slot in 0..received {
-            let meta = b.meta[slot];
-            if meta.len == 0 {
-                // An empty datagram: not a message; the node counts it as malformed.
-                state.node.begin_ingress(now, meta.addr, &mut []);
-                continue;
-            }
-            // Without GRO the stride is the whole datagram.
-            let stride = if meta.stride == 0 {
-                meta.len
-            } else {
-                meta.stride
-            };
-            for start in (0..meta.len).step_by(stride) {
-                let at = start..(start + stride).min(meta.len);
-                let datagram = &mut b.received[slot][at.clone()];
-                // A handshake message can replace sessions: the transport data before
-                // it is finished first, as if each datagram went through alone.
-                if !proto::is_transport(datagram) && !b.opening.is_empty() {
-                    decrypt(&mut b.opening, &mut b.received);
-                    admit(&mut state, now, b);
-                }
-                let datagram = &mut b.received[slot][at.clone()];
-                match state.node.begin_ingress(now, meta.addr, datagram) {
-                    IngressStep::Open(open) => b.opening.push(Opening {
-                        slot,
-                        at,
-                        open,
-                        opened: Err(OpenError::Forged),
-                    }),
-                    IngressStep::Done(Ingress::Deliver { packet, .. }) => b
-                        .plaintexts
-                        .push((slot, start + packet.start..start + packet.end)),
-                    IngressStep::Done(_) => {}
-                }
-            }
+    b.datagrams.clear();
+    for slot in 0..received {
+        for at in datagrams_in(&b.meta[slot]) {
+            // Which local identity an initiation is for costs a BLAKE2s per identity.
+            let verdict = b.screen.verdict(&b.received[slot][at.clone()]);
+            b.datagrams.push((slot, at, verdict));
         }
     }
-    decrypt(&mut b.opening, &mut b.received);
+    let now = Instant::now();
+    let mut next = 0;
     let mut state = shared.lock();
-    admit(&mut state, now, b);
+    b.screen = state.node.mac1_screen();
+    loop {
+        let mut answering = None;
+        while let Some((slot, at, verdict)) = b.datagrams.get(next).cloned() {
+            let datagram = &mut b.received[slot][at.clone()];
+            if !proto::is_transport(datagram) && !b.opening.is_empty() {
+                break;
+            }
+            next += 1;
+            let addr = b.meta[slot].addr;
+            match state.node.begin_ingress(now, addr, datagram, verdict) {
+                IngressStep::Open(open) => b.opening.push(Opening {
+                    slot,
+                    at,
+                    open,
+                    opened: Err(OpenError::Forged),
+                }),
+                IngressStep::Initiation(job) => {
+                    answering = Some((slot, at, job));
+                    break;
+                }
+                IngressStep::Done(Ingress::Deliver { packet, .. }) => b
+                    .plaintexts
+                    .push((slot, at.start + packet.start..at.start + packet.end)),
+                IngressStep::Done(_) => {}
+            }
+        }
+        if b.opening.is_empty() && answering.is_none() {
+            break;
+        }
+        shared.finish(&mut state, &mut b.transmits);
+        drop(state);
+        decrypt(&mut b.opening, &mut b.received);
+        let answered = answering.map(|(slot, at, job)| {
+            let work = job.run(&b.received[slot][at]);
+            (b.meta[slot].addr, job, work)
+        });
+        state = shared.lock();
+        admit(&mut state, now, b);
+        if let Some((addr, job, work)) = answered {
+            state.node.finish_initiation(now, addr, job, work);
+        }
+    }
     shared.finish(&mut state, &mut b.transmits);
+}
+
+/// Where the datagrams of one receive lie: with GRO, several of `stride` bytes each
+/// (the last may be shorter). An empty datagram is one too: the node counts it as
+/// malformed.
+fn datagrams_in(meta: &RecvMeta) -> impl Iterator<Item = Range<usize>> {
+    let len = meta.len;
+    // Without GRO the stride is the whole datagram.
+    let stride = if meta.stride == 0 { len } else { meta.stride }.max(1);
+    (0..len.max(1))
+        .step_by(stride)
+        .map(move |start| start..(start + stride).min(len))
 }
 
 /// Decrypts every pending transport message in place; needs no lock.

@@ -22,8 +22,9 @@ use crate::identity::{LocalId, PairTable, PeerId};
 use crate::packet::{self, Transport};
 use crate::policy::{Evaluator, PolicySet};
 use crate::proto::{
-    self, Device, DeviceConfig, OpenError, ProtocolDrop, Random, ReceiveStep, Received, SealJob,
-    SealStep, TransportOpen, TRANSPORT_HEADER_LEN,
+    self, Device, DeviceConfig, InitiationJob, InitiationWork, Mac1Screen, Mac1Verdict, OpenError,
+    ProtocolDrop, Random, ReceiveStep, Received, SealJob, SealStep, TransportOpen,
+    TRANSPORT_HEADER_LEN,
 };
 
 use counters::FlowCounts;
@@ -54,10 +55,13 @@ pub enum EgressStep {
     Done(Egress),
 }
 
-/// `begin_ingress`'s answer: a transport message to decrypt, or the outcome.
+/// `begin_ingress`'s answer: a transport message to decrypt, an initiation to work on,
+/// or the outcome.
 pub enum IngressStep {
     /// Decrypt with `open.open(datagram)` without the node, then call `finish_ingress`.
     Open(TransportOpen),
+    /// Run `job.run(datagram)` without the node, then call `finish_initiation`.
+    Initiation(InitiationJob),
     Done(Ingress),
 }
 
@@ -185,29 +189,53 @@ impl Node {
     /// Authenticates and decrypts a datagram in place, then applies cryptokey routing and
     /// the allow list.
     pub fn ingress(&mut self, now: Instant, source: SocketAddr, datagram: &mut [u8]) -> Ingress {
-        match self.begin_ingress(now, source, datagram) {
+        match self.begin_ingress(now, source, datagram, Mac1Verdict::NotScreened) {
             IngressStep::Open(open) => {
                 let opened = open.open(datagram);
                 self.finish_ingress(now, source, datagram, open, opened)
+            }
+            IngressStep::Initiation(job) => {
+                let work = job.run(datagram);
+                self.finish_initiation(now, source, job, work)
             }
             IngressStep::Done(ingress) => ingress,
         }
     }
 
-    /// `ingress` up to the decryption of transport data, which the returned job does
-    /// without the node. Handshake messages are processed completely.
+    /// The local identities' mac1 keys, to screen initiations without the node.
+    pub fn mac1_screen(&self) -> Mac1Screen {
+        self.device.mac1_screen()
+    }
+
+    /// `ingress` up to the work that needs no node (decrypting transport data, the
+    /// Diffie-Hellman work of an initiation), which the returned jobs do. `verdict` is
+    /// what a [`Mac1Screen`] said of the datagram, if one looked.
     pub fn begin_ingress(
         &mut self,
         now: Instant,
         source: SocketAddr,
         datagram: &mut [u8],
+        verdict: Mac1Verdict,
     ) -> IngressStep {
-        match self.device.begin_receive(now, source, datagram) {
+        match self.device.begin_receive(now, source, datagram, verdict) {
             ReceiveStep::Open(open) => IngressStep::Open(open),
+            ReceiveStep::Initiation(job) => IngressStep::Initiation(job),
             ReceiveStep::Done(received) => {
                 IngressStep::Done(self.admit_received(now, datagram, received))
             }
         }
+    }
+
+    /// The rest of `ingress` once an initiation's job ran.
+    pub fn finish_initiation(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        job: InitiationJob,
+        work: InitiationWork,
+    ) -> Ingress {
+        let received = self.device.finish_initiation(now, source, job, work);
+        self.admit_received(now, &[], received)
     }
 
     /// The rest of `ingress` once `open` was tried on the datagram.

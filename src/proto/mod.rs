@@ -16,7 +16,8 @@ mod timers;
 mod tunnel;
 
 pub use device::{
-    Device, DeviceConfig, ReceiveStep, Received, SealStep, Sealed, Transmit, TransportOpen,
+    Device, DeviceConfig, InitiationJob, InitiationWork, Mac1Screen, Mac1Verdict, ReceiveStep,
+    Received, SealStep, Sealed, Transmit, TransportOpen,
 };
 pub use messages::{is_transport, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 pub use replay::WINDOW as REPLAY_WINDOW;

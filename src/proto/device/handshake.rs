@@ -3,14 +3,18 @@
 //! turning initiations and responses into sessions.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use snow::HandshakeState;
 
 use super::{Device, Received, Transmit};
+use crate::identity::PrivateKey;
 use crate::proto::constants::REKEY_TIMEOUT;
+use crate::proto::cookie::MacKeys;
+use crate::proto::messages::{classify, Kind};
 use crate::proto::messages::{read_u32, INITIATION_LEN, RESPONSE_LEN};
-use crate::proto::noise::{self, EphemeralSeed, TransportKeys};
+use crate::proto::noise::{self, EphemeralSeed, TransportKeys, TIMESTAMP_LEN};
 use crate::proto::report::{Event, ProtocolDrop};
 use crate::proto::session::Session;
 use crate::proto::tunnel::{InitiationInputs, Released};
@@ -161,59 +165,75 @@ impl Device {
         });
     }
 
-    pub(super) fn receive_initiation(
+    /// An initiation up to its Diffie-Hellman work: mac1 names the local identity (the
+    /// `verdict` of a screen run without the device, or a search here), then admission
+    /// (load, mac2 and cookie replies, the source's rate). The returned job does the
+    /// expensive part without the device; `finish_initiation` does the rest.
+    pub(super) fn begin_initiation(
         &mut self,
         now: Instant,
         source: SocketAddr,
         msg: &[u8],
-    ) -> Result<Received, ProtocolDrop> {
+        verdict: Mac1Verdict,
+    ) -> Result<Option<InitiationJob>, ProtocolDrop> {
         // mac1 is keyed with the responder's public key, so it names the local identity.
-        let Some(local) = (0..self.locals.len())
-            .map(LocalKeyId)
-            .find(|l| self.locals[l.0].keys.verify_mac1(msg))
-        else {
+        let named = match verdict {
+            // A screen of the keys in force: its answer stands.
+            Mac1Verdict::Screened { generation, local } if generation == self.screen.generation => {
+                local
+            }
+            _ => self.screen.local_for(msg),
+        };
+        let Some(local) = named else {
             // The search cost a BLAKE2s per local identity: junk counts as load.
             self.load.record(now);
             return Err(ProtocolDrop::BadMac1);
         };
         if !self.admit_handshake(now, source, (local, true), msg)? {
-            return Ok(Received::Control);
+            return Ok(None);
         }
-        let seed = self.ephemeral_seed();
-        let received = noise::read_initiation(
-            self.locals[local.0].private.as_static_secret().as_bytes(),
-            &seed,
-            msg,
-        )
-        .ok_or(ProtocolDrop::HandshakeFailed)?;
+        Ok(Some(InitiationJob {
+            local,
+            private: self.locals[local.0].private.clone(),
+            seed: self.ephemeral_seed(),
+        }))
+    }
+
+    /// The rest of an initiation once its job ran: the peer must be one of ours and its
+    /// timestamp new; then the response goes out and the new session waits in `next`.
+    pub(super) fn finish_initiation_work(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        local: LocalKeyId,
+        work: InitiationWork,
+    ) -> Result<Received, ProtocolDrop> {
+        let mut answer = work.0.ok_or(ProtocolDrop::HandshakeFailed)?;
         let tunnel = *self
             .by_peer_key
-            .get(&(local, received.peer_public))
+            .get(&(local, answer.peer_public))
             .ok_or(ProtocolDrop::UnknownPeer)?;
         self.touched = Some(tunnel);
-        self.tunnels[tunnel.0].check_initiation(&received.timestamp, now)?;
+        self.tunnels[tunnel.0].check_initiation(&answer.timestamp, now)?;
 
-        let timestamp = received.timestamp;
-        let remote_index = received.sender_index;
         let local_index = self.allocate_index(tunnel);
-        let mut response = [0u8; RESPONSE_LEN];
-        let keys = noise::write_response(received, local_index, &mut response);
+        noise::set_response_sender(&mut answer.response, local_index);
         let t = &mut self.tunnels[tunnel.0];
-        t.write_macs(&mut response, now);
-        t.initiation_answered(timestamp, now);
+        t.write_macs(&mut answer.response, now);
+        t.initiation_answered(answer.timestamp, now);
         let session = Session::new(
             now,
             local_index,
-            remote_index,
+            answer.remote_index,
             false,
-            &keys.send,
-            &keys.receive,
+            &answer.keys.send,
+            &answer.keys.receive,
         );
         let released = t.start_responder_session(session);
         self.handshake_completed(tunnel, source, released, false);
         self.outbox.push_back(Transmit {
             destination: source,
-            data: response.to_vec(),
+            data: answer.response.to_vec(),
         });
         Ok(Received::Control)
     }
@@ -270,5 +290,107 @@ impl Device {
             "cookie reply received; peer is under load"
         );
         Ok(Received::Control)
+    }
+}
+
+/// An admitted initiation's Diffie-Hellman work, to do without the device: decrypting
+/// it and writing the response take four X25519 operations.
+pub struct InitiationJob {
+    local: LocalKeyId,
+    private: PrivateKey,
+    seed: EphemeralSeed,
+}
+
+/// What the job made of the initiation: `None` if it did not decrypt.
+pub struct InitiationWork(Option<Answer>);
+
+/// A decrypted initiation and the response to it, still without our index and macs.
+struct Answer {
+    peer_public: [u8; 32],
+    remote_index: u32,
+    timestamp: [u8; TIMESTAMP_LEN],
+    response: [u8; RESPONSE_LEN],
+    keys: TransportKeys,
+}
+
+impl InitiationJob {
+    pub(crate) fn local(&self) -> LocalKeyId {
+        self.local
+    }
+
+    /// Decrypts the initiation `msg` and writes the response to it.
+    pub fn run(&self, msg: &[u8]) -> InitiationWork {
+        let private = self.private.as_static_secret().as_bytes();
+        let Some(received) = noise::read_initiation(private, &self.seed, msg) else {
+            return InitiationWork(None);
+        };
+        let (peer_public, remote_index, timestamp) = (
+            received.peer_public,
+            received.sender_index,
+            received.timestamp,
+        );
+        let mut response = [0u8; RESPONSE_LEN];
+        let keys = noise::write_response(received, 0, &mut response);
+        InitiationWork(Some(Answer {
+            peer_public,
+            remote_index,
+            timestamp,
+            response,
+            keys,
+        }))
+    }
+}
+
+/// Which local identity an initiation's mac1 names, found before the device is locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mac1Verdict {
+    /// Not looked at: the device searches.
+    NotScreened,
+    /// A screen of the keys of `generation` found `local` (`None`: no local identity).
+    /// The device searches again if its keys changed since.
+    Screened {
+        generation: u64,
+        local: Option<LocalKeyId>,
+    },
+}
+
+/// The mac1 keys of the device's local identities, to find the one an initiation is
+/// for without the device: a search costs a BLAKE2s per local identity.
+#[derive(Clone, Default)]
+pub struct Mac1Screen {
+    keys: Arc<[MacKeys]>,
+    /// Counts the changes of the device's keys, so a stale screen is noticed.
+    generation: u64,
+}
+
+impl Mac1Screen {
+    pub(super) fn new(keys: Vec<MacKeys>, generation: u64) -> Self {
+        Mac1Screen {
+            keys: keys.into(),
+            generation,
+        }
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn local_for(&self, msg: &[u8]) -> Option<LocalKeyId> {
+        self.keys
+            .iter()
+            .position(|keys| keys.verify_mac1(msg))
+            .map(LocalKeyId)
+    }
+
+    /// The verdict for a datagram: which local identity an initiation names (a datagram
+    /// that is no initiation is left to the device).
+    pub fn verdict(&self, datagram: &[u8]) -> Mac1Verdict {
+        if classify(datagram) != Some(Kind::Initiation) {
+            return Mac1Verdict::NotScreened;
+        }
+        Mac1Verdict::Screened {
+            generation: self.generation,
+            local: self.local_for(datagram),
+        }
     }
 }

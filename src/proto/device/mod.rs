@@ -7,6 +7,8 @@
 
 mod handshake;
 
+pub use handshake::{InitiationJob, InitiationWork, Mac1Screen, Mac1Verdict};
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -58,10 +60,13 @@ pub enum SealStep {
     Dropped(ProtocolDrop),
 }
 
-/// `begin_receive`'s answer: a transport message to decrypt, or the outcome.
+/// `begin_receive`'s answer: a transport message to decrypt, an initiation to work on,
+/// or the outcome.
 pub enum ReceiveStep {
     /// Decrypt with `open.open(datagram)`, then hand the result to `finish_receive`.
     Open(TransportOpen),
+    /// Run `job.run(datagram)`, then hand the result to `finish_initiation`.
+    Initiation(InitiationJob),
     Done(Received),
 }
 
@@ -130,6 +135,8 @@ pub struct Device {
     wall_clock_anchor: (Instant, Duration),
     random: Random,
     locals: Vec<LocalKey>,
+    /// The locals' mac1 keys, shared with whoever screens initiations.
+    screen: Mac1Screen,
     tunnels: Vec<Tunnel>,
     by_peer_key: HashMap<(LocalKeyId, [u8; 32]), TunnelId, RandomState>,
     /// Receiver index → tunnel, for sessions and handshakes in progress.
@@ -165,6 +172,7 @@ impl Device {
         Device {
             wall_clock_anchor: (now, now_unix),
             locals: Vec::new(),
+            screen: Mac1Screen::default(),
             tunnels: Vec::new(),
             by_peer_key: HashMap::with_hasher(hash_state(&mut random)),
             indices: HashMap::with_hasher(hash_state(&mut random)),
@@ -187,7 +195,16 @@ impl Device {
             keys: MacKeys::for_public_key(public.as_bytes()),
             cookies: CookieIssuer::new(),
         });
+        self.screen = Mac1Screen::new(
+            self.locals.iter().map(|l| l.keys.clone()).collect(),
+            self.screen.generation() + 1,
+        );
         LocalKeyId(self.locals.len() - 1)
+    }
+
+    /// The local identities' mac1 keys, to screen initiations without the device.
+    pub fn mac1_screen(&self) -> Mac1Screen {
+        self.screen.clone()
     }
 
     /// Adds the tunnel between a local identity and a peer identity's public key.
@@ -342,27 +359,38 @@ impl Device {
 
     /// Processes one datagram from `source`, decrypting transport data in place.
     pub fn receive(&mut self, now: Instant, source: SocketAddr, datagram: &mut [u8]) -> Received {
-        match self.begin_receive(now, source, datagram) {
+        match self.begin_receive(now, source, datagram, Mac1Verdict::NotScreened) {
             ReceiveStep::Open(open) => {
                 let opened = open.open(datagram);
                 self.finish_receive(now, source, open, opened)
+            }
+            ReceiveStep::Initiation(job) => {
+                let work = job.run(datagram);
+                self.finish_initiation(now, source, job, work)
             }
             ReceiveStep::Done(received) => received,
         }
     }
 
-    /// `receive` up to the decryption of transport data, which the returned job does
-    /// without the device. Handshake messages are processed completely.
+    /// `receive` up to the work that needs no device: the decryption of transport data,
+    /// and the Diffie-Hellman work of an initiation, which the returned jobs do.
+    /// `verdict` is what a [`Mac1Screen`] said of the datagram, if one looked. Other
+    /// handshake messages are processed completely.
     pub fn begin_receive(
         &mut self,
         now: Instant,
         source: SocketAddr,
         datagram: &mut [u8],
+        verdict: Mac1Verdict,
     ) -> ReceiveStep {
         self.touched = None;
         let outcome = match classify(datagram) {
             None => Err(ProtocolDrop::Malformed),
-            Some(Kind::Initiation) => self.receive_initiation(now, source, datagram),
+            Some(Kind::Initiation) => match self.begin_initiation(now, source, datagram, verdict) {
+                Ok(Some(job)) => return ReceiveStep::Initiation(job),
+                Ok(None) => Ok(Received::Control),
+                Err(drop) => Err(drop),
+            },
             Some(Kind::Response) => self.receive_response(now, source, datagram),
             Some(Kind::CookieReply) => self.receive_cookie_reply(now, datagram),
             Some(Kind::Transport) => match self.begin_transport(now, datagram) {
@@ -371,6 +399,19 @@ impl Device {
             },
         };
         ReceiveStep::Done(self.conclude(source, outcome))
+    }
+
+    /// The rest of `receive` once an initiation's job ran.
+    pub fn finish_initiation(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        job: InitiationJob,
+        work: InitiationWork,
+    ) -> Received {
+        self.touched = None;
+        let outcome = self.finish_initiation_work(now, source, job.local(), work);
+        self.conclude(source, outcome)
     }
 
     /// The rest of `receive` once `open` was tried on the datagram.

@@ -132,6 +132,11 @@ pub(super) fn write_response(
     }
 }
 
+/// Puts our sender index into a response written before the index was allocated.
+pub(crate) fn set_response_sender(response: &mut [u8; RESPONSE_LEN], sender_index: u32) {
+    response[4..8].copy_from_slice(&sender_index.to_le_bytes());
+}
+
 /// Runs the initiator's half of message 2; `None` if it does not decrypt.
 pub(super) fn read_response(mut noise: HandshakeState, msg: &[u8]) -> Option<TransportKeys> {
     let mut payload = [0u8; 0];
