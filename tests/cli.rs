@@ -117,6 +117,26 @@ fn check_prints_a_summary_of_the_examples() {
             "{expected} missing from:\n{summary}"
         );
     }
+    assert!(!summary.contains("STRICT"), "{summary}");
+
+    // With the Istio example's STRICT PeerAuthentication for payments, check says which
+    // identities get the plaintext filter.
+    let node = dir.join("node-a.toml");
+    let with_istio = std::fs::read_to_string(&node).unwrap().replace(
+        "files = [\"policy-example.toml\"]",
+        "files = [\"istio-example.yaml\"]",
+    );
+    std::fs::write(&node, with_istio).unwrap();
+    let out = meshguard(&["check", "--config", node.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    for identity in ["payment-service", "ledger"] {
+        let line = format!(
+            "mTLS STRICT: cluster.local/ns/payments/sa/{identity}: plaintext to its addresses \
+             is dropped (nftables table inet meshguard_mg0; needs the nft command)"
+        );
+        assert!(summary.contains(&line), "{line} missing from:\n{summary}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

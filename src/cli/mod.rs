@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use crate::config::{self, NodeConfig};
 use crate::identity::PrivateKey;
-use crate::policy::{self, PolicySet, Protocol};
+use crate::policy::{self, MtlsMode, PolicySet, Protocol};
 use crate::{daemon, telemetry};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -74,7 +74,7 @@ enum PolicyCommand {
 /// Loads the node file, its peers and its policy files: all valid, or an error.
 fn load(path: &std::path::Path) -> Result<(NodeConfig, PolicySet)> {
     let config = config::load(path)?;
-    let policy = policy::load_files(&config.policy.files, &config.policy.root_namespace)?;
+    let policy = policy::load_files(&config.policy.files)?;
     Ok((config, policy))
 }
 
@@ -133,6 +133,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("  policies loaded: {}", policy.policies.len());
             for warning in &policy.warnings {
                 println!("  policy warning: {warning}");
+            }
+            for identity in &config.identities {
+                let namespace = identity.principal.namespace();
+                let root = &config.policy.root_namespace;
+                if policy.mtls_mode(root, namespace, &identity.labels) == MtlsMode::Strict {
+                    println!(
+                        "  mTLS STRICT: {}: plaintext to its addresses is dropped (nftables \
+                         table inet meshguard_{}; needs the nft command)",
+                        identity.principal, config.interface.name
+                    );
+                }
             }
         }
         Command::Up { config } => {

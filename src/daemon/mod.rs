@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::config::{NodeConfig, MAX_AUTO_WORKERS};
 use crate::identity::LocalId;
 use crate::io::netconf;
+use crate::io::plaintext_filter::PlaintextFilter;
 use crate::io::tun::Tun;
 use crate::io::udp::Udp;
 use crate::node::Node;
@@ -74,39 +75,56 @@ fn log_policy(node: &Node, policy: &PolicySet) {
     for warning in &policy.warnings {
         tracing::warn!(%warning, "policy adjusted");
     }
-    for (index, local) in node.locals().iter().enumerate() {
-        let id = LocalId::new(index);
-        let selected = node.policy().selected_by_allow(id);
+    let modes = node.mtls_modes(policy);
+    for (index, (local, mode)) in node.locals().iter().zip(modes).enumerate() {
+        let selected = node.policy().selected_by_allow(LocalId::new(index));
         tracing::info!(
             identity = %local.principal,
             selected_by_allow_policy = selected,
-            strict = node.policy().is_strict(id),
+            mtls = ?mode,
             "allow list"
         );
     }
 }
 
-/// Reloads the policy files; a broken file leaves the running policy in place.
-fn reload_policy(shared: &Shared, config: &NodeConfig, why: &str) {
-    match policy::load_files(&config.policy.files, &config.policy.root_namespace) {
-        Ok(policy) => {
-            let mut state = shared.lock();
-            let node = &mut state.node;
-            let revoked = node.set_policy(&policy);
-            tracing::info!(
-                trigger = why,
-                policies = policy.policies.len(),
-                revoked_flows = revoked,
-                "policy reloaded"
-            );
-            log_policy(node, &policy);
-        }
-        Err(e) => tracing::error!(
+/// Reloads the policy files. A broken file, or a plaintext filter that cannot be set
+/// for the new STRICT identities, leaves the running policy (and filter) in place.
+fn reload_policy(shared: &Shared, config: &NodeConfig, filter: &mut PlaintextFilter, why: &str) {
+    let failed = |error: &dyn std::fmt::Display| {
+        tracing::error!(
             trigger = why,
-            error = %e,
+            %error,
             "policy reload failed; the previous policy stays in force"
-        ),
+        )
+    };
+    let policy = match policy::load_files(&config.policy.files) {
+        Ok(policy) => policy,
+        Err(e) => return failed(&e),
+    };
+    let strict = shared.lock().node.strict_addresses(&policy);
+    if let Err(e) = filter.apply(&strict) {
+        return failed(&e);
     }
+    let mut state = shared.lock();
+    let node = &mut state.node;
+    let revoked = node.set_policy(&policy);
+    tracing::info!(
+        trigger = why,
+        policies = policy.policies.len(),
+        revoked_flows = revoked,
+        strict_addresses = strict.len(),
+        "policy reloaded"
+    );
+    log_policy(node, &policy);
+}
+
+/// The node's counters, the send errors and the plaintext filter's drops, on one line.
+fn counters_line(node: &Node, shared: &Shared, filter: &PlaintextFilter) -> String {
+    let mut line = format!("{} {}", node.counters(), shared.send_errors.counters());
+    if let Some(dropped) = filter.dropped() {
+        line.push_str(&format!(" plaintext_dropped={dropped}"));
+    }
+    line
 }
 
 fn unix_now() -> Duration {
@@ -151,6 +169,17 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
     );
     log_policy(&node, &policy);
     let (identities, peer_identities) = (node.locals().len(), node.peers().len());
+    // Before the addresses exist on the device: a STRICT address never takes plaintext.
+    let strict = node.strict_addresses(&policy);
+    let mut filter = PlaintextFilter::new(&config.interface.name);
+    filter.apply(&strict)?;
+    if !strict.is_empty() {
+        tracing::info!(
+            table = filter.table(),
+            addresses = strict.len(),
+            "plaintext to STRICT identities is dropped"
+        );
+    }
     let shared = Shared::new(node);
     let mut policy_version = policy_stamp(&config.policy.files);
     let mut policy_poll = tokio::time::interval(POLICY_POLL_INTERVAL);
@@ -216,18 +245,18 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
                 for line in state.node.decision_counters() {
                     tracing::info!(decisions = %line, "allow-list decisions");
                 }
-                let counters = format!("{} {}", state.node.counters(), shared.send_errors.counters());
+                let counters = counters_line(&state.node, &shared, &filter);
                 tracing::info!(%counters, "counters");
             }
             _ = hangup.recv() => {
                 policy_version = policy_stamp(&config.policy.files);
-                reload_policy(&shared, &config, "SIGHUP");
+                reload_policy(&shared, &config, &mut filter, "SIGHUP");
             }
             _ = policy_poll.tick() => {
                 let stamp = policy_stamp(&config.policy.files);
                 if stamp != policy_version {
                     policy_version = stamp;
-                    reload_policy(&shared, &config, "policy file changed");
+                    reload_policy(&shared, &config, &mut filter, "policy file changed");
                 }
             }
         }
@@ -239,11 +268,11 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
     for line in state.node.decision_counters() {
         tracing::info!(decisions = %line, "allow-list decisions");
     }
-    let counters = format!(
-        "{} {}",
-        state.node.counters(),
-        shared.send_errors.counters()
-    );
+    let counters = counters_line(&state.node, &shared, &filter);
     tracing::info!(%counters, "meshguard stopping");
+    drop(state);
+    if let Err(e) = filter.remove() {
+        tracing::error!(error = %e, "removing the plaintext filter failed");
+    }
     outcome
 }

@@ -1,6 +1,8 @@
-//! The operating-system edge: the TUN device, the UDP socket and interface settings.
+//! The operating-system edge: the TUN device, the UDP socket, interface settings and
+//! the plaintext filter of STRICT mTLS.
 //! The only module that talks to the kernel (and the only one allowed `unsafe`).
 
 pub(crate) mod netconf;
+pub(crate) mod plaintext_filter;
 pub(crate) mod tun;
 pub(crate) mod udp;

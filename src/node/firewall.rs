@@ -131,6 +131,10 @@ impl Firewall {
         })
     }
 
+    pub(super) fn root_namespace(&self) -> &str {
+        &self.settings.root_namespace
+    }
+
     /// Drops flows that idled out, every FLOW_SWEEP_INTERVAL.
     pub(super) fn sweep(&mut self, now: Instant) {
         if now.saturating_duration_since(self.last_sweep) >= FLOW_SWEEP_INTERVAL {

@@ -17,10 +17,12 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
 use crate::config::NodeConfig;
 use crate::identity::{LocalId, PairTable, PeerId};
 use crate::packet::{self, Transport};
-use crate::policy::{Evaluator, PolicySet};
+use crate::policy::{Evaluator, MtlsMode, PolicySet};
 use crate::proto::{
     self, Device, DeviceConfig, InitiationJob, InitiationWork, Mac1Screen, Mac1Verdict, OpenError,
     ProtocolDrop, Random, ReceiveStep, Received, SealJob, SealStep, TransportOpen,
@@ -125,6 +127,26 @@ impl Node {
 
     pub fn policy(&self) -> &Evaluator {
         self.firewall.policy()
+    }
+
+    /// The mTLS mode `policy` sets for each local identity, in `locals()` order.
+    pub fn mtls_modes(&self, policy: &PolicySet) -> Vec<MtlsMode> {
+        let root = self.firewall.root_namespace();
+        self.locals()
+            .iter()
+            .map(|l| policy.mtls_mode(root, l.principal.namespace(), &l.labels))
+            .collect()
+    }
+
+    /// The addresses of the local identities that `policy` puts under STRICT mTLS: only
+    /// tunnelled packets may reach them.
+    pub fn strict_addresses(&self, policy: &PolicySet) -> Vec<IpNet> {
+        self.locals()
+            .iter()
+            .zip(self.mtls_modes(policy))
+            .filter(|(_, mode)| *mode == MtlsMode::Strict)
+            .flat_map(|(local, _)| local.addresses.iter().copied())
+            .collect()
     }
 
     pub fn stats(&self) -> &NodeStats {

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::model::{Action, DefaultAction, Destination, Pattern, PolicySet, PortMatch, Protocol};
+use super::model::{
+    selector_matches, Action, DefaultAction, Destination, Pattern, PolicySet, PortMatch, Protocol,
+};
 use crate::identity::{LocalId, PairTable, PeerId, PrefixTable, Principal};
 
 /// A local identity as policies see it.
@@ -44,8 +46,7 @@ pub enum Reason {
     NoAllowMatched,
     /// No ALLOW policy selects the local identity; the default is allow.
     DefaultAllow,
-    /// No ALLOW policy selects the local identity; the default is deny (configured, or
-    /// forced by STRICT mTLS: see [`Decision::strict`]).
+    /// No ALLOW policy selects the local identity; the default is deny.
     DefaultDeny,
 }
 
@@ -60,9 +61,6 @@ pub struct Decision {
     pub rule: Option<usize>,
     /// `namespace/name` of every AUDIT policy that matched, in policy order.
     pub audited_by: Vec<Arc<str>>,
-    /// The local identity is under STRICT mTLS, so its default is deny whatever the
-    /// configured default.
-    pub strict: bool,
 }
 
 impl Decision {
@@ -79,9 +77,6 @@ impl Decision {
             }
             Reason::DefaultAllow => {
                 "allow: no ALLOW policy selects this identity; default allow".to_owned()
-            }
-            Reason::DefaultDeny if self.strict => {
-                "deny: no ALLOW policy selects this identity; default deny (STRICT mTLS)".to_owned()
             }
             Reason::DefaultDeny => {
                 "deny: no ALLOW policy selects this identity; default deny".to_owned()
@@ -258,7 +253,6 @@ struct Local {
     /// Indices of the policies whose scope and selector take in this identity.
     applicable: Vec<u32>,
     selected_by_allow: bool,
-    strict: bool,
     default_allows: bool,
 }
 
@@ -268,13 +262,6 @@ pub struct Evaluator {
     policies: Vec<CompiledPolicy>,
     locals: Vec<Local>,
     pairs: PairTable<PairRules>,
-}
-
-fn selector_matches(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 impl Evaluator {
@@ -306,17 +293,10 @@ impl Evaluator {
                 let selected_by_allow = applicable
                     .iter()
                     .any(|&i| set.policies[i as usize].action == Action::Allow);
-                let strict = set.mesh_strict
-                    || set.strict_namespaces.contains(ns)
-                    || set
-                        .strict_workloads
-                        .iter()
-                        .any(|w| w.namespace == ns && selector_matches(&w.selector, t.labels));
                 Local {
                     applicable,
                     selected_by_allow,
-                    strict,
-                    default_allows: !strict && default == DefaultAction::Allow,
+                    default_allows: default == DefaultAction::Allow,
                 }
             })
             .collect();
@@ -338,11 +318,6 @@ impl Evaluator {
     #[cfg(test)]
     pub(crate) fn peer_count(&self) -> usize {
         self.pairs.peer_count()
-    }
-
-    /// Whether the local identity is under STRICT mTLS (its default is deny).
-    pub fn is_strict(&self, local: LocalId) -> bool {
-        self.locals[local.index()].strict
     }
 
     /// Whether some ALLOW policy selects the local identity (so the default never applies).
@@ -397,7 +372,6 @@ impl Evaluator {
             policy: Some(Arc::clone(&self.policies[r.policy as usize].id)),
             rule: Some(r.rule as usize),
             audited_by: Vec::new(),
-            strict: local.strict,
         };
         let mut d = if let Some(r) = pair.deny.iter().find(|r| r.matches(ip, req, true)) {
             decided(false, Reason::Denied, r)
@@ -412,7 +386,6 @@ impl Evaluator {
                 policy: None,
                 rule: None,
                 audited_by: Vec::new(),
-                strict: local.strict,
             }
         } else if let Some(r) = pair.allow.iter().find(|r| r.matches(ip, req, false)) {
             decided(true, Reason::Allowed, r)
@@ -423,7 +396,6 @@ impl Evaluator {
                 policy: None,
                 rule: None,
                 audited_by: Vec::new(),
-                strict: local.strict,
             }
         };
         d.audited_by = audited_by;

@@ -11,7 +11,7 @@ use super::build::{
     build_policy, DestinationDraft, Entries, Form, KeyError, L7Field, PolicyDraft, RuleDraft,
     SourceDraft, SourceLists, Warning, WrittenList,
 };
-use super::model::{Action, Policy, PolicySet, StrictWorkload};
+use super::model::{Action, MtlsMode, PeerAuthentication, Policy, PolicySet};
 use super::values::{parse_port_istio, validate_name, validate_namespace, validate_selector};
 use crate::file_error::FileError;
 
@@ -164,7 +164,7 @@ struct IstioCondition {
     not_values: StrList,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PeerAuthnSpec {
     selector: Option<Selector>,
@@ -215,14 +215,10 @@ fn yaml_error(file: &Path, doc: usize, e: &serde_yaml_ng::Error) -> FileError {
 
 /// Parses a YAML file of Istio `AuthorizationPolicy` and `PeerAuthentication` documents
 /// (`---` separated; empty documents are skipped). Documents are numbered from 1 in
-/// errors and origins. `root_namespace` decides which `PeerAuthentication` is mesh-wide.
-pub fn parse_istio_yaml(
-    text: &str,
-    origin: &Path,
-    root_namespace: &str,
-) -> Result<PolicySet, FileError> {
+/// errors and origins.
+pub fn parse_istio_yaml(text: &str, origin: &Path) -> Result<PolicySet, FileError> {
     let mut set = PolicySet::default();
-    read_istio_yaml(text, origin, root_namespace, &mut set)?;
+    read_istio_yaml(text, origin, &mut set)?;
     Ok(set)
 }
 
@@ -230,7 +226,6 @@ pub fn parse_istio_yaml(
 pub(crate) fn read_istio_yaml(
     text: &str,
     origin: &Path,
-    root_namespace: &str,
     set: &mut PolicySet,
 ) -> Result<(), FileError> {
     // First pass: what each document is. The typed pass below needs the kind first, and
@@ -280,8 +275,9 @@ pub(crate) fn read_istio_yaml(
             Some(Kind::PeerAuthentication) => {
                 let obj = Object::<PeerAuthnSpec>::deserialize(doc)
                     .map_err(|e| yaml_error(origin, n, &e))?;
-                peer_authentication(obj, origin, n, root_namespace, set)
-                    .map_err(|e| in_document(origin, n, e))?;
+                let peer_authentication =
+                    peer_authentication(obj, origin, n).map_err(|e| in_document(origin, n, e))?;
+                set.add_peer_authentication(peer_authentication, origin, &format!("document {n}"))?;
             }
         }
     }
@@ -545,51 +541,26 @@ fn peer_authentication(
     obj: Object<PeerAuthnSpec>,
     file: &Path,
     n: usize,
-    root_namespace: &str,
-    set: &mut PolicySet,
-) -> Result<(), KeyError> {
-    let (_name, namespace) = metadata(obj.metadata)?;
-    let Some(spec) = obj.spec else {
-        return Ok(());
-    };
+) -> Result<PeerAuthentication, KeyError> {
+    let (name, namespace) = metadata(obj.metadata)?;
+    let spec = obj.spec.unwrap_or_default();
     if spec.port_level_mtls.is_some() {
         return Err(KeyError::new(
             "spec.portLevelMtls",
-            "portLevelMtls is not supported: meshguard encrypts every port of every \
-             protocol the same way",
+            "portLevelMtls is not supported: meshguard applies one mode to every port of \
+             an identity's addresses; split the workload or use one mode",
         ));
     }
     let selector = selector(spec.selector.as_ref(), "spec.selector")?;
-    let mode = spec.mtls.and_then(|m| m.mode);
-    let strict = match mode.as_deref() {
-        None | Some("UNSET") | Some("PERMISSIVE") => false,
-        Some("STRICT") => true,
-        Some("DISABLE") => {
-            return Err(KeyError::new(
-                "spec.mtls.mode",
-                "meshguard never sends plaintext; mtls mode DISABLE is not supported",
-            ))
-        }
-        Some(other) => {
-            return Err(KeyError::new(
-                "spec.mtls.mode",
-                format!("unknown mode {other:?}; expected UNSET, PERMISSIVE or STRICT"),
-            ))
-        }
+    let mode = match spec.mtls.and_then(|m| m.mode) {
+        None => MtlsMode::Unset,
+        Some(mode) => MtlsMode::parse(&mode).map_err(|e| KeyError::new("spec.mtls.mode", e))?,
     };
-    if !strict {
-        return Ok(());
-    }
-    if !selector.is_empty() {
-        set.strict_workloads.push(StrictWorkload {
-            namespace,
-            selector,
-            origin: format!("{}: document {n}", file.display()),
-        });
-    } else if namespace == root_namespace {
-        set.mesh_strict = true;
-    } else {
-        set.strict_namespaces.insert(namespace);
-    }
-    Ok(())
+    Ok(PeerAuthentication {
+        name,
+        namespace,
+        selector,
+        mode,
+        origin: format!("{}: document {n}", file.display()),
+    })
 }

@@ -8,12 +8,11 @@ use super::tests::{decide, req};
 use super::*;
 
 fn load(text: &str) -> PolicySet {
-    parse_istio_yaml(text, Path::new("istio.yaml"), DEFAULT_ROOT_NAMESPACE)
-        .unwrap_or_else(|e| panic!("{e}"))
+    parse_istio_yaml(text, Path::new("istio.yaml")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn load_err(text: &str) -> crate::file_error::FileError {
-    match parse_istio_yaml(text, Path::new("bad.yaml"), DEFAULT_ROOT_NAMESPACE) {
+    match parse_istio_yaml(text, Path::new("bad.yaml")) {
         Ok(set) => panic!("expected an error, got {set:?}"),
         Err(e) => e,
     }
@@ -385,9 +384,9 @@ spec:
 }
 
 #[test]
-fn peer_authentication_strict() {
-    // Namespace-wide STRICT in foo; mesh-wide STRICT from the root namespace.
-    let ns_strict = "
+fn peer_authentications_load_as_written() {
+    let set = load(
+        "
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata:
@@ -396,104 +395,56 @@ metadata:
 spec:
   mtls:
     mode: STRICT
-";
-    let set = load(ns_strict);
-    assert_eq!(set.strict_namespaces.iter().collect::<Vec<_>>(), ["foo"]);
-    assert!(!set.mesh_strict);
-    let d = httpbin(&set, DefaultAction::Allow, SLEEP, "tcp 8000");
-    assert_eq!(d.reason, Reason::DefaultDeny);
-    assert!(d.strict);
-    let d = decide(
-        &set,
-        DefaultAction::Allow,
-        SLEEP_BAR,
-        "",
-        SLEEP,
-        &req("tcp 1"),
-    );
-    assert_eq!(d.reason, Reason::DefaultAllow);
-
-    let set = load(
-        "
-apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata:
-  name: default
-  namespace: istio-system
-spec:
-  mtls:
-    mode: STRICT
 ---
 apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata:
-  name: workload
-  namespace: bar
-spec:
-  selector:
-    matchLabels:
-      app: sleep
-  mtls:
-    mode: PERMISSIVE
-",
-    );
-    assert!(set.mesh_strict);
-    let d = decide(
-        &set,
-        DefaultAction::Allow,
-        SLEEP_BAR,
-        "app=sleep",
-        SLEEP,
-        &req("tcp 1"),
-    );
-    assert_eq!(
-        d.explain(),
-        "deny: no ALLOW policy selects this identity; default deny (STRICT mTLS)"
-    );
-
-    // Workload-level STRICT.
-    let set = load(
-        "
-apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: httpbin, namespace: foo}
 spec:
   selector: {matchLabels: {app: httpbin}}
-  mtls: {mode: STRICT}
-",
-    );
-    assert_eq!(set.strict_workloads.len(), 1);
-    assert_eq!(set.strict_workloads[0].origin, "istio.yaml: document 1");
-    assert!(httpbin(&set, DefaultAction::Allow, SLEEP, "tcp 1").strict);
-    let d = decide(
-        &set,
-        DefaultAction::Allow,
-        SLEEP,
-        "app=sleep",
-        SLEEP,
-        &req("tcp 1"),
-    );
-    assert!(d.allowed && !d.strict);
-
-    // No spec, no mtls, UNSET: nothing.
-    let set = load(
-        "
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: a, namespace: foo}
+  mtls: {mode: PERMISSIVE}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
-metadata: {name: b, namespace: foo}
+metadata: {name: a, namespace: bar}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: b, namespace: bar}
 spec: {}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
-metadata: {name: c, namespace: foo}
+metadata: {name: c, namespace: bar}
 spec: {mtls: {mode: UNSET}}
 ",
     );
-    assert_eq!(set, PolicySet::default());
+    let loaded: Vec<_> = set
+        .peer_authentications
+        .iter()
+        .map(|p| {
+            (
+                p.namespace.as_str(),
+                p.name.as_str(),
+                p.selector.len(),
+                p.mode,
+            )
+        })
+        .collect();
+    assert_eq!(
+        loaded,
+        [
+            ("foo", "default", 0, MtlsMode::Strict),
+            ("foo", "httpbin", 1, MtlsMode::Permissive),
+            ("bar", "a", 0, MtlsMode::Unset),
+            ("bar", "b", 0, MtlsMode::Unset),
+            ("bar", "c", 0, MtlsMode::Unset),
+        ]
+    );
+    assert_eq!(set.peer_authentications[1].origin, "istio.yaml: document 2");
+    assert!(set.policies.is_empty());
+    // STRICT does not touch the allow list: the default still applies.
+    let d = httpbin(&set, DefaultAction::Allow, SLEEP, "tcp 8000");
+    assert_eq!(d.reason, Reason::DefaultAllow);
 }
 
 #[test]
@@ -761,12 +712,6 @@ fn errors_name_file_key_and_reason() {
             "omit `when`",
         ),
         (
-            "DISABLE mode",
-            pa("  mtls:\n    mode: DISABLE\n"),
-            "document 1: spec.mtls.mode",
-            "meshguard never sends plaintext; mtls mode DISABLE is not supported",
-        ),
-        (
             "unknown mode",
             pa("  mtls:\n    mode: strict\n"),
             "document 1: spec.mtls.mode",
@@ -840,7 +785,7 @@ fn hostile_yaml_is_an_error_not_a_panic() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: &m {name: a, namespace: b}\nspec: *m\n",
     ] {
         assert!(
-            parse_istio_yaml(text, Path::new("x.yaml"), DEFAULT_ROOT_NAMESPACE).is_err(),
+            parse_istio_yaml(text, Path::new("x.yaml")).is_err(),
             "{text:?}"
         );
     }

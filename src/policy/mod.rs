@@ -8,8 +8,7 @@
 //!
 //! 1. if any DENY policy matches: deny;
 //! 2. else, if no ALLOW policy *selects* the local identity (by scope and selector,
-//!    whatever its rules): the default (configured `allow` or `deny`; always deny under
-//!    STRICT mTLS, see below);
+//!    whatever its rules): the configured default (`allow` or `deny`);
 //! 3. else, if any ALLOW policy matches: allow;
 //! 4. else deny.
 //!
@@ -95,14 +94,25 @@
 //!
 //! ## PeerAuthentication
 //!
-//! `spec.mtls.mode: STRICT` turns on strict mode: for the local identities it covers, the
-//! default is deny whatever the configured default. Without a selector it covers its
-//! namespace, or every identity when it is in the root namespace; with
-//! `selector.matchLabels` it covers the identities of its namespace carrying those labels.
-//! `UNSET` and `PERMISSIVE` change nothing; in particular they do not relax a STRICT
-//! policy of a wider scope (Istio lets the narrower policy win; meshguard only ever
-//! tightens). `DISABLE` is rejected (meshguard never sends plaintext), and so is
-//! `portLevelMtls`.
+//! Sets the mTLS mode of local identities; it never changes an allow list. `STRICT` means
+//! no plaintext: the daemon drops packets to the identity's addresses that did not come
+//! out of its TUN device (see `io::plaintext_filter`). `PERMISSIVE`, `DISABLE` (meshguard
+//! still encrypts between nodes) and no mode at all let plaintext in. Which policy
+//! applies is Istio's precedence ([`PolicySet::mtls_mode`]): one with a selector in the
+//! identity's namespace, else the namespace-wide one, else the mesh-wide one (root
+//! namespace, no selector), an `UNSET` mode deferring to the next; a selector in the root
+//! namespace covers only that namespace's identities. Of several at one level the first
+//! loaded wins (Istio: the oldest), with a warning. `portLevelMtls` is rejected.
+//!
+//! The TOML form:
+//!
+//! ```toml
+//! [[peer_authentication]]
+//! name = "default"
+//! namespace = "payments"
+//! selector = { app = "payment-service" }    # optional matchLabels
+//! mode = "STRICT"                           # UNSET | PERMISSIVE | STRICT | DISABLE
+//! ```
 
 mod build;
 mod eval;
@@ -121,8 +131,8 @@ use std::path::{Path, PathBuf};
 pub use eval::{Decision, Evaluator, Reason, Request, Target};
 pub use istio::parse_istio_yaml;
 pub use model::{
-    Action, DefaultAction, Destination, Pattern, Policy, PolicySet, PortMatch, Protocol, Rule,
-    Source, StrictWorkload,
+    Action, DefaultAction, Destination, MtlsMode, Pattern, PeerAuthentication, Policy, PolicySet,
+    PortMatch, Protocol, Rule, Source,
 };
 pub use toml_file::parse_toml;
 pub(crate) use values::validate_namespace;
@@ -161,16 +171,15 @@ impl FileKind {
 
 /// Loads and merges policy files: `.toml` files in meshguard's form, `.yaml`/`.yml` files
 /// of Istio documents. Two policies with the same `namespace/name` are an error, in one
-/// file or across files. `root_namespace` decides which `PeerAuthentication` is mesh-wide;
-/// pass the same one to [`Evaluator::new`].
-pub fn load_files(paths: &[PathBuf], root_namespace: &str) -> Result<PolicySet, FileError> {
+/// file or across files.
+pub fn load_files(paths: &[PathBuf]) -> Result<PolicySet, FileError> {
     let mut set = PolicySet::default();
     for path in paths {
         let kind = FileKind::of(path).map_err(|reason| FileError::whole_file(path, reason))?;
         let text = read_to_string(path)?;
         match kind {
             FileKind::Toml => toml_file::read_toml(&text, path, &mut set)?,
-            FileKind::IstioYaml => istio::read_istio_yaml(&text, path, root_namespace, &mut set)?,
+            FileKind::IstioYaml => istio::read_istio_yaml(&text, path, &mut set)?,
         }
     }
     Ok(set)

@@ -1,6 +1,6 @@
 //! The allow-list model that both file forms (meshguard's TOML and Istio YAML) load into.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -272,12 +272,43 @@ impl Policy {
     }
 }
 
-/// A workload-level `PeerAuthentication` in STRICT mode: local identities of `namespace`
-/// whose labels match `selector` (never empty) get the STRICT default.
+/// The mTLS mode a `PeerAuthentication` sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Inherit the mode of the enclosing scope (namespace, then mesh).
+    Unset,
+    /// Plaintext and tunnelled traffic are both let in (Istio's default).
+    Permissive,
+    /// Only tunnelled traffic reaches the identity's addresses: plaintext is dropped.
+    Strict,
+    /// Istio's "plaintext only". meshguard still encrypts between nodes and lets
+    /// plaintext in, as with `Permissive`.
+    Disable,
+}
+
+impl MtlsMode {
+    /// Istio's spelling: `UNSET`, `PERMISSIVE`, `STRICT` or `DISABLE`.
+    pub fn parse(mode: &str) -> Result<MtlsMode, String> {
+        match mode {
+            "UNSET" => Ok(MtlsMode::Unset),
+            "PERMISSIVE" => Ok(MtlsMode::Permissive),
+            "STRICT" => Ok(MtlsMode::Strict),
+            "DISABLE" => Ok(MtlsMode::Disable),
+            other => Err(format!(
+                "unknown mode {other:?}; expected UNSET, PERMISSIVE, STRICT or DISABLE"
+            )),
+        }
+    }
+}
+
+/// A `PeerAuthentication`: the mTLS mode of the local identities of `namespace` (of every
+/// namespace, in the root namespace) whose labels match `selector` (empty: all of them).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StrictWorkload {
+pub struct PeerAuthentication {
+    pub name: String,
     pub namespace: String,
     pub selector: BTreeMap<String, String>,
+    pub mode: MtlsMode,
     pub origin: String,
 }
 
@@ -285,18 +316,91 @@ pub struct StrictWorkload {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pub policies: Vec<Policy>,
-    /// Namespaces with a namespace-wide STRICT `PeerAuthentication`.
-    pub strict_namespaces: BTreeSet<String>,
-    /// A STRICT `PeerAuthentication` without selector in the root namespace.
-    pub mesh_strict: bool,
-    /// STRICT `PeerAuthentication`s with a selector.
-    pub strict_workloads: Vec<StrictWorkload>,
+    /// In load order; the first of several at one level wins (Istio: the oldest).
+    pub peer_authentications: Vec<PeerAuthentication>,
     /// Adjustments made while loading (ignored or neutralised Istio fields, rules that can
     /// never match), each as one line `"{file}: {key}: {message}"` for the daemon to log.
     pub warnings: Vec<String>,
 }
 
 impl PolicySet {
+    /// Adds a `PeerAuthentication`, refusing a second one with the same `namespace/name`
+    /// and warning about a second namespace-wide (or mesh-wide) one; `key` is where the
+    /// new one is defined in `file`.
+    pub(crate) fn add_peer_authentication(
+        &mut self,
+        new: PeerAuthentication,
+        file: &Path,
+        key: &str,
+    ) -> Result<(), FileError> {
+        let same_name =
+            |o: &&PeerAuthentication| o.namespace == new.namespace && o.name == new.name;
+        if let Some(other) = self.peer_authentications.iter().find(same_name) {
+            return Err(FileError::new(
+                file,
+                key,
+                format!(
+                    "duplicate PeerAuthentication {}/{}; also defined at {}",
+                    new.namespace, new.name, other.origin
+                ),
+            ));
+        }
+        if new.selector.is_empty() {
+            let wide =
+                |o: &&PeerAuthentication| o.namespace == new.namespace && o.selector.is_empty();
+            if let Some(first) = self.peer_authentications.iter().find(wide) {
+                self.warnings.push(format!(
+                    "{}: {key}: a second PeerAuthentication without selector in namespace \
+                     {}; the first one loaded ({}) applies and this one is ignored, as \
+                     Istio applies the oldest",
+                    file.display(),
+                    new.namespace,
+                    first.origin
+                ));
+            }
+        }
+        if new.mode == MtlsMode::Disable {
+            self.warnings.push(format!(
+                "{}: {key}: mtls mode DISABLE: meshguard still encrypts between nodes, and \
+                 lets plaintext in to {}/{}'s identities as PERMISSIVE does",
+                file.display(),
+                new.namespace,
+                new.name
+            ));
+        }
+        self.peer_authentications.push(new);
+        Ok(())
+    }
+
+    /// The mTLS mode in force for a local identity of `namespace` with `labels`, as Istio
+    /// resolves it: a workload-selecting `PeerAuthentication` in its namespace, else the
+    /// namespace-wide one, else the mesh-wide one (root namespace, no selector); `Unset`
+    /// defers to the next, and with none set the mode is `Permissive`.
+    pub fn mtls_mode(
+        &self,
+        root_namespace: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> MtlsMode {
+        let in_namespace = |ns: &str, selecting: bool| {
+            self.peer_authentications.iter().find(move |p| {
+                p.namespace == ns
+                    && p.selector.is_empty() != selecting
+                    && selector_matches(&p.selector, labels)
+            })
+        };
+        [
+            in_namespace(namespace, true),
+            in_namespace(namespace, false),
+            in_namespace(root_namespace, false),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| p.mode)
+        .find(|&mode| mode != MtlsMode::Unset)
+        .unwrap_or(MtlsMode::Permissive)
+    }
+
     /// Adds a policy, refusing a second one with the same `namespace/name`; `key` is
     /// where the new one is defined in `file`.
     pub(crate) fn add(&mut self, policy: Policy, file: &Path, key: &str) -> Result<(), FileError> {
@@ -318,4 +422,13 @@ impl PolicySet {
         self.policies.push(policy);
         Ok(())
     }
+}
+
+/// Whether every label `selector` asks for is on the identity (an empty selector selects
+/// all).
+pub(crate) fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }

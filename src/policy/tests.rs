@@ -55,7 +55,7 @@ pub(super) fn req(s: &str) -> Request {
 /// Parses policy text: Istio YAML if it has an apiVersion, TOML otherwise.
 pub(super) fn parse(text: &str) -> PolicySet {
     if text.contains("apiVersion") {
-        parse_istio_yaml(text, Path::new("t.yaml"), DEFAULT_ROOT_NAMESPACE).unwrap()
+        parse_istio_yaml(text, Path::new("t.yaml")).unwrap()
     } else {
         parse_toml(text, Path::new("t.toml")).unwrap()
     }
@@ -127,7 +127,6 @@ const ALLOWED: &str = "allow: ALLOW policy payments/p rule 0 matched";
 const NO_MATCH: &str = "deny: ALLOW policies select this identity but none of their rules matched";
 const DEFAULT_ALLOW: &str = "allow: no ALLOW policy selects this identity; default allow";
 const DEFAULT_DENY: &str = "deny: no ALLOW policy selects this identity; default deny";
-const STRICT_DENY: &str = "deny: no ALLOW policy selects this identity; default deny (STRICT mTLS)";
 
 /// One table row: policy text, the pair and the request, and the expected explanation
 /// (which also fixes allowed, reason, policy, rule and audits).
@@ -464,33 +463,123 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/web/sa/frontend"]}}]
 "#;
 
-/// A PeerAuthentication in `ns` with the given mode and optional selector line.
+/// A PeerAuthentication in `ns` with the given mode and optional selector line, named
+/// after its mode and level so that several fit in one namespace.
 fn peer_authn(ns: &str, mode: &str, selector: &str) -> String {
+    let level = if selector.is_empty() {
+        "ns"
+    } else {
+        "workload"
+    };
+    let name = format!("{}-{level}", mode.to_lowercase());
     format!(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
-         metadata: {{name: x, namespace: {ns}}}\nspec:\n  {selector}\n  mtls: {{mode: {mode}}}\n"
+         metadata: {{name: {name}, namespace: {ns}}}\nspec:\n  {selector}\n  mtls: {{mode: {mode}}}\n---\n"
+    )
+}
+
+/// The mTLS mode `text` sets for the identity `local` with `local_labels`.
+fn mode_of(text: &str, local: &str, local_labels: &str) -> MtlsMode {
+    parse(text).mtls_mode(
+        DEFAULT_ROOT_NAMESPACE,
+        principal(local).namespace(),
+        &labels(local_labels),
     )
 }
 
 #[rustfmt::skip]
 #[test]
-fn strict_mode() {
-    let select_payment = "selector: {matchLabels: {app: payment-service}}";
-    let mesh_and_permissive = format!("{}---\n{}", peer_authn("istio-system", "STRICT", ""), peer_authn("payments", "PERMISSIVE", ""));
+fn mtls_mode_follows_istio_precedence() {
+    use MtlsMode::*;
+    let sel = "selector: {matchLabels: {app: payment-service}}";
+    let pa = peer_authn;
+    let pay = "app=payment-service";
+    let cases: Vec<(&str, String, &str, &str, MtlsMode)> = vec![
+        ("no PeerAuthentication", String::new(), PAYMENT, pay, Permissive),
+        ("namespace STRICT", pa("payments", "STRICT", ""), PAYMENT, pay, Strict),
+        ("namespace STRICT, other namespace", pa("payments", "STRICT", ""), FRONTEND, "", Permissive),
+        ("mesh STRICT", pa("istio-system", "STRICT", ""), FRONTEND, "", Strict),
+        ("workload STRICT", pa("payments", "STRICT", sel), PAYMENT, pay, Strict),
+        ("workload STRICT, other workload", pa("payments", "STRICT", sel), LEDGER, "app=ledger", Permissive),
+        ("workload selector in root covers root only", pa("istio-system", "STRICT", sel), PAYMENT, pay, Permissive),
+        ("namespace PERMISSIVE overrides mesh STRICT", pa("istio-system", "STRICT", "") + &pa("payments", "PERMISSIVE", ""), PAYMENT, pay, Permissive),
+        ("namespace UNSET inherits mesh STRICT", pa("istio-system", "STRICT", "") + &pa("payments", "UNSET", ""), PAYMENT, pay, Strict),
+        ("namespace STRICT overrides mesh PERMISSIVE", pa("istio-system", "PERMISSIVE", "") + &pa("payments", "STRICT", ""), PAYMENT, pay, Strict),
+        ("workload PERMISSIVE overrides namespace STRICT", pa("payments", "STRICT", "") + &pa("payments", "PERMISSIVE", sel), PAYMENT, pay, Permissive),
+        ("namespace STRICT for the workload not selected", pa("payments", "STRICT", "") + &pa("payments", "PERMISSIVE", sel), LEDGER, "app=ledger", Strict),
+        ("workload STRICT overrides namespace PERMISSIVE", pa("payments", "PERMISSIVE", "") + &pa("payments", "STRICT", sel), PAYMENT, pay, Strict),
+        ("workload UNSET inherits namespace STRICT", pa("payments", "STRICT", "") + &pa("payments", "UNSET", sel), PAYMENT, pay, Strict),
+        ("all UNSET is PERMISSIVE", pa("istio-system", "UNSET", "") + &pa("payments", "UNSET", ""), PAYMENT, pay, Permissive),
+        ("DISABLE", pa("payments", "DISABLE", ""), PAYMENT, pay, Disable),
+        ("first namespace-wide wins", pa("payments", "STRICT", "") + &pa("payments", "PERMISSIVE", ""), PAYMENT, pay, Strict),
+    ];
+    for (case, text, local, local_labels, expected) in cases {
+        assert_eq!(mode_of(&text, local, local_labels), expected, "{case}");
+    }
+    let twice = parse(&(pa("payments", "STRICT", "") + &pa("payments", "PERMISSIVE", "")));
+    assert_eq!(twice.warnings.len(), 1, "{:?}", twice.warnings);
+    assert!(twice.warnings[0].contains("the first one loaded (t.yaml: document 1) applies"), "{:?}", twice.warnings);
+    let disable = parse(&pa("payments", "DISABLE", ""));
+    assert!(disable.warnings[0].contains("as PERMISSIVE does"), "{:?}", disable.warnings);
+}
+
+/// STRICT is about plaintext, not about the allow list: decisions are the same with it.
+#[rustfmt::skip]
+#[test]
+fn strict_mode_leaves_the_allow_list_alone() {
     run(vec![
-        row("STRICT namespace forces deny", STRICT_PAYMENTS, FRONTEND, "tcp 80", STRICT_DENY).default_allow(),
-        row("STRICT namespace, default deny", STRICT_PAYMENTS, FRONTEND, "tcp 80", STRICT_DENY),
-        row("STRICT in another namespace", STRICT_PAYMENTS, FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow().local(CHECKOUT, ""),
-        row("STRICT in root namespace", peer_authn("istio-system", "STRICT", ""), FRONTEND, "tcp 80", STRICT_DENY).default_allow().local(CHECKOUT, ""),
-        row("STRICT workload selector", peer_authn("payments", "STRICT", select_payment), FRONTEND, "tcp 80", STRICT_DENY).default_allow(),
-        row("STRICT workload selector, other workload", peer_authn("payments", "STRICT", select_payment), FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow().local(LEDGER, "app=ledger"),
-        row("STRICT selector in root covers root only", peer_authn("istio-system", "STRICT", select_payment), FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow(),
-        row("PERMISSIVE changes nothing", peer_authn("payments", "PERMISSIVE", ""), FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow(),
-        row("UNSET changes nothing", peer_authn("payments", "UNSET", ""), FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow(),
-        row("PERMISSIVE does not relax mesh STRICT", mesh_and_permissive, FRONTEND, "tcp 80", STRICT_DENY).default_allow(),
+        row("STRICT keeps default allow", STRICT_PAYMENTS, FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow(),
+        row("STRICT keeps default deny", STRICT_PAYMENTS, FRONTEND, "tcp 80", DEFAULT_DENY),
+        row("mesh STRICT keeps default allow", peer_authn("istio-system", "STRICT", ""), FRONTEND, "tcp 80", DEFAULT_ALLOW).default_allow(),
         row("STRICT leaves ALLOW policies alone", format!("{STRICT_PAYMENTS}---{ALLOW_ALL_YAML}"), FRONTEND, "tcp 80", "allow: ALLOW policy payments/allow-all rule 0 matched"),
         row("STRICT leaves DENY policies alone", format!("{STRICT_PAYMENTS}---{DENY_FRONTEND_YAML}"), FRONTEND, "tcp 80", "deny: DENY policy payments/no-frontend rule 0 matched").default_allow(),
     ]);
+}
+
+#[test]
+fn peer_authentication_in_toml() {
+    let text = r#"
+[[peer_authentication]]
+name = "default"
+namespace = "payments"
+mode = "STRICT"
+
+[[peer_authentication]]
+name = "ledger"
+namespace = "payments"
+selector = { app = "ledger" }
+mode = "PERMISSIVE"
+"#;
+    assert_eq!(mode_of(text, PAYMENT, ""), MtlsMode::Strict);
+    assert_eq!(mode_of(text, LEDGER, "app=ledger"), MtlsMode::Permissive);
+    let set = parse(text);
+    assert_eq!(
+        set.peer_authentications[1].origin,
+        "t.toml: peer_authentication[1]"
+    );
+
+    let bad = |text: &str| parse_toml(text, Path::new("bad.toml")).unwrap_err();
+    let e = bad("[[peer_authentication]]\nname = \"d\"\nnamespace = \"payments\"\n");
+    assert_eq!(e.key, "peer_authentication[0].mode");
+    assert!(e.reason.ends_with("missing; it is required"), "{e}");
+    let e =
+        bad("[[peer_authentication]]\nname = \"d\"\nnamespace = \"payments\"\nmode = \"strict\"\n");
+    assert_eq!(e.key, "peer_authentication[0].mode");
+    assert!(
+        e.reason
+            .contains("expected UNSET, PERMISSIVE, STRICT or DISABLE"),
+        "{e}"
+    );
+    let e = bad("[[peer_authentication]]\nname = \"d\"\nnamespace = \"payments\"\nmode = \"STRICT\"\nports = 1\n");
+    assert!(e.reason.contains("unknown field `ports`"), "{e}");
+    let twice =
+        "[[peer_authentication]]\nname = \"d\"\nnamespace = \"payments\"\nmode = \"STRICT\"\n";
+    let e = bad(&format!("{twice}{twice}"));
+    assert_eq!(e.key, "peer_authentication[1]");
+    assert!(
+        e.reason.contains("duplicate PeerAuthentication payments/d"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -510,7 +599,6 @@ fn decision_fields() {
     assert_eq!(d.rule, Some(1));
     assert_eq!(d.audited_by.len(), 1);
     assert_eq!(&*d.audited_by[0], "istio-system/audit-web");
-    assert!(!d.strict);
     let d = decide(
         &set,
         DefaultAction::Deny,
@@ -577,7 +665,6 @@ principals = [\"td/ns/peer/sa/p2\"]
     assert_eq!((ev.local_count(), ev.peer_count()), (3, 3));
     for l in 0..3 {
         assert!(ev.selected_by_allow(LocalId::new(l)));
-        assert!(!ev.is_strict(LocalId::new(l)));
         for (p, peer) in peers.iter().enumerate() {
             let d = ev.evaluate(LocalId::new(l), PeerId::new(p), &req("tcp 80"));
             assert_eq!(d.allowed, l == p, "local {l} peer {p}: {}", d.explain());
@@ -858,12 +945,11 @@ fn load_files_merges_and_checks() {
     .unwrap();
     std::fs::write(&d, "{}").unwrap();
 
-    let set = load_files(&[a.clone(), b.clone()], "istio-system").unwrap();
+    let set = load_files(&[a.clone(), b.clone()]).unwrap();
     assert_eq!(set.policies.len(), 1);
-    assert!(set.strict_namespaces.contains("payments"));
-    assert!(!set.mesh_strict);
+    assert_eq!(set.peer_authentications.len(), 1);
 
-    let e = load_files(&[a.clone(), c.clone()], "istio-system").unwrap_err();
+    let e = load_files(&[a.clone(), c.clone()]).unwrap_err();
     assert_eq!(e.file, c);
     assert_eq!(e.key, "document 1");
     assert!(
@@ -873,19 +959,15 @@ fn load_files_merges_and_checks() {
         "{e}"
     );
 
-    let e = load_files(std::slice::from_ref(&d), "istio-system").unwrap_err();
+    let e = load_files(std::slice::from_ref(&d)).unwrap_err();
     assert_eq!((e.file.clone(), e.key.as_str()), (d.clone(), ""));
     assert!(e.reason.contains("unknown policy file type"), "{e}");
     assert_eq!(e.to_string(), format!("{}: {}", d.display(), e.reason));
 
     let missing = dir.join("missing.toml");
-    let e = load_files(std::slice::from_ref(&missing), "istio-system").unwrap_err();
+    let e = load_files(std::slice::from_ref(&missing)).unwrap_err();
     assert_eq!(e.file, missing);
     assert!(e.reason.starts_with("cannot read file"), "{e}");
-
-    // The root namespace given to the loader decides what is mesh-wide.
-    let set = load_files(std::slice::from_ref(&b), "payments").unwrap();
-    assert!(set.mesh_strict && set.strict_namespaces.is_empty());
 
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -962,15 +1044,12 @@ fn example_toml_loads_and_matches_intent() {
 
 #[test]
 fn example_yaml_loads_and_matches_intent() {
-    let set = parse_istio_yaml(
-        EXAMPLE_YAML,
-        Path::new("config/istio-example.yaml"),
-        DEFAULT_ROOT_NAMESPACE,
-    )
-    .unwrap();
+    let set = parse_istio_yaml(EXAMPLE_YAML, Path::new("config/istio-example.yaml")).unwrap();
     assert!(set.warnings.is_empty(), "{:?}", set.warnings);
     assert_eq!(set.policies.len(), 4);
-    assert!(set.strict_namespaces.contains("payments"));
+    let payment_labels = labels("app=payment-service");
+    let mode = set.mtls_mode(DEFAULT_ROOT_NAMESPACE, "payments", &payment_labels);
+    assert_eq!(mode, MtlsMode::Strict);
     check_example(&set, true);
 }
 
@@ -984,8 +1063,8 @@ fn example_files_load_through_load_files() {
         config.join("istio-example.yaml"),
     ];
     // Both define the same policies: loading them together must fail on the duplicate.
-    let e = load_files(&paths, DEFAULT_ROOT_NAMESPACE).unwrap_err();
+    let e = load_files(&paths).unwrap_err();
     assert!(e.reason.starts_with("duplicate policy"), "{e}");
-    assert!(load_files(&paths[..1], DEFAULT_ROOT_NAMESPACE).is_ok());
-    assert!(load_files(&paths[1..], DEFAULT_ROOT_NAMESPACE).is_ok());
+    assert!(load_files(&paths[..1]).is_ok());
+    assert!(load_files(&paths[1..]).is_ok());
 }

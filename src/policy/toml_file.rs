@@ -10,7 +10,7 @@ use super::build::{
     build_policy, DestinationDraft, Entries, Form, KeyError, PolicyDraft, RuleDraft, SourceDraft,
     SourceLists, Written, WrittenList,
 };
-use super::model::{Action, PolicySet};
+use super::model::{Action, MtlsMode, PeerAuthentication, PolicySet};
 use super::values::{parse_port_toml, validate_name, validate_namespace, validate_selector};
 use crate::file_error::{at_line, FileError, TomlFile};
 
@@ -36,6 +36,17 @@ type StrList = Option<Spanned<Vec<Spanned<String>>>>;
 struct PolicyFile {
     #[serde(default)]
     policy: Vec<Spanned<TomlPolicy>>,
+    #[serde(default)]
+    peer_authentication: Vec<Spanned<TomlPeerAuthentication>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlPeerAuthentication {
+    name: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    selector: Option<Spanned<BTreeMap<String, String>>>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -120,7 +131,55 @@ pub(crate) fn read_toml(text: &str, origin: &Path, set: &mut PolicySet) -> Resul
         }
         set.add(policy, origin, &key)?;
     }
+    for (i, raw) in raw.peer_authentication.iter().enumerate() {
+        let key = format!("peer_authentication[{i}]");
+        let peer_authentication = read_peer_authentication(&lines, raw, &key, origin)
+            .map_err(|e| FileError::new(origin, e.key, e.reason))?;
+        set.add_peer_authentication(peer_authentication, origin, &key)?;
+    }
     Ok(())
+}
+
+/// A `[[peer_authentication]]`: name, namespace and mode are required (a table that
+/// sets no mode is more likely a mistake than Istio's `UNSET`).
+fn read_peer_authentication(
+    lines: &Lines,
+    spanned: &Spanned<TomlPeerAuthentication>,
+    key: &str,
+    origin: &Path,
+) -> Result<PeerAuthentication, KeyError> {
+    let raw = spanned.get_ref();
+    let line = lines.of(spanned);
+    let required = |v: &Option<Spanned<String>>, field: &str| match v {
+        Some(s) => Ok((s.get_ref().clone(), lines.of(s))),
+        None => Err(KeyError::new(
+            format!("{key}.{field}"),
+            at_line(line, "missing; it is required"),
+        )),
+    };
+    let invalid = |field: &'static str, at: Option<usize>| {
+        move |reason: String| KeyError::new(format!("{key}.{field}"), at_line(at, reason))
+    };
+    let (name, name_line) = required(&raw.name, "name")?;
+    validate_name(&name).map_err(invalid("name", name_line))?;
+    let (namespace, namespace_line) = required(&raw.namespace, "namespace")?;
+    validate_namespace(&namespace).map_err(invalid("namespace", namespace_line))?;
+    let (mode, mode_line) = required(&raw.mode, "mode")?;
+    let mode = MtlsMode::parse(&mode).map_err(invalid("mode", mode_line))?;
+    let selector = match &raw.selector {
+        None => BTreeMap::new(),
+        Some(s) => {
+            validate_selector(s.get_ref()).map_err(invalid("selector", lines.of(s)))?;
+            s.get_ref().clone()
+        }
+    };
+    Ok(PeerAuthentication {
+        name,
+        namespace,
+        selector,
+        mode,
+        origin: format!("{}: {key}", origin.display()),
+    })
 }
 
 fn draft_policy<'a>(

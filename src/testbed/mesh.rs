@@ -288,8 +288,7 @@ mod tests {
         let config = crate::config::load(&path).unwrap();
         assert_eq!(config.identities.len(), 2);
         assert_eq!(config.interface.workers, Some(2));
-        let policy =
-            crate::policy::load_files(&config.policy.files, &config.policy.root_namespace).unwrap();
+        let policy = crate::policy::load_files(&config.policy.files).unwrap();
         assert_eq!(policy.policies.len(), 1);
         assert_eq!(
             config.peers[0].identities[0].public_key.to_base64(),

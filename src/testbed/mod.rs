@@ -250,12 +250,12 @@ where
 /// A directory under the system temp dir, removed (with its contents) on drop unless
 /// `MESHGUARD_TESTBED_KEEP` is set.
 #[derive(Debug)]
-pub(crate) struct TempDir {
+pub struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
-    pub(crate) fn new(tag: &str) -> io::Result<TempDir> {
+    pub fn new(tag: &str) -> io::Result<TempDir> {
         let base = std::env::temp_dir();
         loop {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -269,7 +269,7 @@ impl TempDir {
         }
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 }
