@@ -15,6 +15,9 @@
 //! - Traffic checks: [`ping`], [`tcp_transfer`], [`udp_roundtrip`], [`UdpEcho`].
 //! - [`UdpRelay`]: a userspace relay between two tunnel endpoints that loses, duplicates,
 //!   reorders and delays datagrams, and measures them (there is no `netem`).
+//! - [`RoguePeer`]: a WireGuard endpoint the test runs from the protocol core, that
+//!   sends crafted inner packets through real tunnels; [`InboundCounter`]: the packets a
+//!   device handed to its namespace, counted by nftables.
 //!
 //! Rules every topology follows:
 //! - Names (namespaces, interfaces, WireGuard sockets) come from [`unique_name`]: a tag,
@@ -35,11 +38,13 @@
 #![forbid(unsafe_code)]
 
 pub mod fixtures;
+mod inbound;
 mod link;
 mod mesh;
 mod netns;
 mod process;
 mod relay;
+mod rogue;
 mod traffic;
 mod wg;
 
@@ -54,6 +59,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub use inbound::InboundCounter;
 pub use link::{Lan, Link};
 pub use mesh::{
     counter, write_config, IdentitySpec, MeshguardNode, NodeSpec, PeerEntry, ALLOW_ALL_POLICY,
@@ -61,6 +67,7 @@ pub use mesh::{
 pub use netns::{Netns, NETNS_DIR};
 pub use process::{ChildGuard, DEFAULT_GRACE};
 pub use relay::{DirectionStats, Impairment, UdpRelay};
+pub use rogue::RoguePeer;
 pub use traffic::{
     ping, ping_all, ping_stats, tcp_connect, tcp_transfer, udp_roundtrip, PingStats,
     TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,
