@@ -157,8 +157,8 @@ fn mesh() -> (Lan, Netns, Netns, MeshguardNode, Bench) {
     let mut peer = RoguePeer::bind(&rogue_ns, rogue.listen).unwrap();
     let mallory = peer.add_tunnel(&rogue.identities[0].private_key, &victim_key, victim.listen);
     let frontend = peer.add_tunnel(&rogue.identities[1].private_key, &victim_key, victim.listen);
-    peer.handshake(mallory).unwrap();
-    peer.handshake(frontend).unwrap();
+    peer.handshake(mallory, Duration::from_secs(5)).unwrap();
+    peer.handshake(frontend, Duration::from_secs(5)).unwrap();
     let bench = Bench {
         rogue: peer,
         mallory,

@@ -17,7 +17,8 @@
 //!   reorders and delays datagrams, and measures them (there is no `netem`).
 //! - [`RoguePeer`]: a WireGuard endpoint the test runs from the protocol core, that
 //!   sends crafted inner packets through real tunnels; [`InboundCounter`]: the packets a
-//!   device handed to its namespace, counted by nftables.
+//!   device handed to its namespace, counted by nftables; [`HandshakeFlood`]:
+//!   initiations with valid macs from many keys and addresses, at a set rate.
 //!
 //! Rules every topology follows:
 //! - Names (namespaces, interfaces, WireGuard sockets) come from [`unique_name`]: a tag,
@@ -38,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fixtures;
+mod flood;
 mod inbound;
 mod link;
 mod mesh;
@@ -59,6 +61,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub use flood::{FloodStats, HandshakeFlood};
 pub use inbound::InboundCounter;
 pub use link::{Lan, Link};
 pub use mesh::{

@@ -61,12 +61,13 @@ impl RoguePeer {
         self.tunnels.len() - 1
     }
 
-    /// Runs a handshake on `tunnel`, within 5 s.
-    pub fn handshake(&mut self, tunnel: usize) -> io::Result<()> {
+    /// Runs a handshake on `tunnel` (retrying, and using cookies, as any initiator
+    /// does); an error if it does not complete within `timeout`.
+    pub fn handshake(&mut self, tunnel: usize, timeout: Duration) -> io::Result<()> {
         let id = self.tunnels[tunnel];
         self.device.initiate(Instant::now(), id);
         self.flush()?;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
         while !self.device.has_session(id) {
             if Instant::now() > deadline {
                 return Err(io::Error::other(format!(
