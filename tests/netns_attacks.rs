@@ -348,13 +348,7 @@ fn crafted_packets_through_a_tunnel_do_not_get_past_the_allow_list() {
         }
         bench.rogue.receive_for(Duration::from_millis(10)).unwrap();
     }
-    let reply = ipv4(
-        FRONTEND,
-        VICTIM,
-        UDP,
-        (0, 0, false),
-        &udp(6000, 5000, b"reply"),
-    );
+    let reply = udp4(FRONTEND, 6000, 5000);
     assert_eq!(
         delivered_of(
             &mut bench,
@@ -373,13 +367,7 @@ fn crafted_packets_through_a_tunnel_do_not_get_past_the_allow_list() {
     rogue_receives(&mut bench, m, |p| {
         p.len() > 24 && p[9] == UDP && u16::from_be_bytes([p[20], p[21]]) == 8082
     });
-    let fresh_reply = ipv4(
-        MALLORY,
-        VICTIM,
-        UDP,
-        (0, 0, false),
-        &udp(42000, 8082, b"reply"),
-    );
+    let fresh_reply = udp4(MALLORY, 42000, 8082);
     assert_eq!(
         delivered_of(&mut bench, &inbound, (m, revoked_flow()), (m, fresh_reply)),
         1,
