@@ -5,10 +5,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use meshguard::testbed::{
-    counter, require_root, tcp_transfer, IdentitySpec, Impairment, Link, MeshguardNode, Netns,
-    NodeSpec, PeerEntry, UdpRelay, ALLOW_ALL_POLICY,
+    counter, require_root, tcp_transfer_patient, IdentitySpec, Impairment, Link, MeshguardNode,
+    Netns, NodeSpec, PeerEntry, UdpRelay, ALLOW_ALL_POLICY,
 };
 
 const A_UNDERLAY: &str = "fd00:18:7::1";
@@ -90,18 +91,21 @@ fn relayed(a_to_b: Impairment, b_to_a: Impairment) -> Relayed {
     }
 }
 
-/// `bytes` over TCP from A to B, then from B to A; both must arrive intact.
+/// `bytes` over TCP from A to B, then from B to A; both must arrive intact. Over a lossy
+/// link TCP may go quiet for tens of seconds (its retransmission timer backs off), so
+/// a transfer waits up to two minutes for progress.
 fn transfer_both_ways(r: &Relayed, bytes: usize, what: &str) {
     for (server_ns, server, client_ns, client) in [
         (&r.ns_b, B_OVERLAY, &r.ns_a, A_OVERLAY),
         (&r.ns_a, A_OVERLAY, &r.ns_b, B_OVERLAY),
     ] {
-        let report = tcp_transfer(
+        let report = tcp_transfer_patient(
             server_ns,
             SocketAddr::new(ip(server), 0),
             client_ns,
             Some(ip(client)),
             bytes,
+            Duration::from_secs(120),
         )
         .unwrap_or_else(|e| {
             panic!(

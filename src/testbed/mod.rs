@@ -72,8 +72,8 @@ pub use process::{ChildGuard, DEFAULT_GRACE};
 pub use relay::{DirectionStats, Impairment, UdpRelay};
 pub use rogue::RoguePeer;
 pub use traffic::{
-    ping, ping_all, ping_stats, tcp_connect, tcp_transfer, udp_roundtrip, PingStats,
-    TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,
+    ping, ping_all, ping_stats, tcp_connect, tcp_transfer, tcp_transfer_patient, udp_roundtrip,
+    PingStats, TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,
 };
 pub use wg::{find_program, genkey, pubkey, WgKind, WgPeer, WgPeerStats, WG_SOCKET_DIR};
 

@@ -159,6 +159,26 @@ pub fn tcp_transfer(
     client_bind: Option<IpAddr>,
     bytes: usize,
 ) -> io::Result<TransferReport> {
+    tcp_transfer_patient(
+        server,
+        server_addr,
+        client,
+        client_bind,
+        bytes,
+        TRANSFER_IDLE_TIMEOUT,
+    )
+}
+
+/// [`tcp_transfer`] that waits up to `idle` for progress: over a lossy link TCP's
+/// retransmission timer backs off to tens of seconds now and then.
+pub fn tcp_transfer_patient(
+    server: &Netns,
+    server_addr: SocketAddr,
+    client: &Netns,
+    client_bind: Option<IpAddr>,
+    bytes: usize,
+    idle: Duration,
+) -> io::Result<TransferReport> {
     let listener = server.tcp_listen(server_addr)?;
     let target = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -171,7 +191,7 @@ pub fn tcp_transfer(
         .name("tcp-transfer-server".into())
         .spawn(
             move || -> io::Result<(u64, [u8; 32], Instant, SocketAddr)> {
-                let deadline = Instant::now() + TRANSFER_IDLE_TIMEOUT + Duration::from_secs(5);
+                let deadline = Instant::now() + idle + Duration::from_secs(5);
                 let (mut stream, client_addr) = loop {
                     match listener.accept() {
                         Ok(accepted) => break accepted,
@@ -188,7 +208,7 @@ pub fn tcp_transfer(
                     }
                 };
                 stream.set_nonblocking(false)?;
-                stream.set_read_timeout(Some(TRANSFER_IDLE_TIMEOUT))?;
+                stream.set_read_timeout(Some(idle))?;
                 let mut hasher = Sha256::new();
                 let mut total = 0u64;
                 let mut buf = vec![0u8; CHUNK];
@@ -215,7 +235,7 @@ pub fn tcp_transfer(
             },
         )?;
 
-    let client_result = send_pseudo_random(client, target, client_bind, bytes);
+    let client_result = send_pseudo_random(client, target, client_bind, bytes, idle);
     if client_result.is_err() {
         abort.store(true, Ordering::Relaxed);
     }
@@ -251,15 +271,18 @@ fn send_pseudo_random(
     target: SocketAddr,
     bind: Option<IpAddr>,
     bytes: usize,
+    idle: Duration,
 ) -> io::Result<(u64, [u8; 32])> {
-    let mut stream = client.run(|| connect_from(target, bind))?.map_err(|e| {
-        context(
-            e,
-            format_args!("netns {}: connect to {target}", client.name()),
-        )
-    })?;
-    stream.set_write_timeout(Some(TRANSFER_IDLE_TIMEOUT))?;
-    stream.set_read_timeout(Some(TRANSFER_IDLE_TIMEOUT))?;
+    let mut stream = client
+        .run(|| connect_within(target, bind, idle))?
+        .map_err(|e| {
+            context(
+                e,
+                format_args!("netns {}: connect to {target}", client.name()),
+            )
+        })?;
+    stream.set_write_timeout(Some(idle))?;
+    stream.set_read_timeout(Some(idle))?;
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ bytes as u64);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -288,9 +311,6 @@ fn send_pseudo_random(
     Ok((sent as u64, hasher.finalize().into()))
 }
 
-/// A blocking std `TcpStream` connected to `target`, optionally bound to `bind` first
-/// (std cannot bind before connecting; tokio's `TcpSocket` can). Call inside the
-/// client's namespace.
 /// Opens a TCP connection from `ns` (from `bind`, or the kernel's choice) to `target`,
 /// failing after `timeout` without an answer. The stream stays usable from any thread.
 pub fn tcp_connect(
@@ -302,10 +322,9 @@ pub fn tcp_connect(
     ns.run(move || connect_within(target, bind, timeout))?
 }
 
-fn connect_from(target: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
-    connect_within(target, bind, TRANSFER_IDLE_TIMEOUT)
-}
-
+/// A blocking std `TcpStream` connected to `target` within `timeout`, optionally bound
+/// to `bind` first (std cannot bind before connecting; tokio's `TcpSocket` can). Call
+/// inside the client's namespace.
 fn connect_within(
     target: SocketAddr,
     bind: Option<IpAddr>,
