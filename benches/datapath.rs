@@ -107,6 +107,7 @@ fn policy_decision(bencher: Bencher, allowed: bool) {
     let payment_service = LocalId::new(0);
     let request = Request {
         source_ip: Some("10.10.2.1".parse().expect("address")),
+        destination_ip: Some("10.10.1.1".parse().expect("address")),
         protocol: Protocol::Tcp,
         port: Some(if allowed { 8080 } else { 9999 }),
     };

@@ -31,13 +31,14 @@ pub(super) fn explain(
         .parse()
         .map_err(|e| CheckError::From(from.to_owned(), e))?;
     let locals = &config.identities;
-    let local = match to.parse::<Principal>() {
-        Ok(principal) => locals.iter().position(|l| l.principal == principal),
-        Err(_) => to.parse::<IpAddr>().ok().and_then(|address| {
-            locals
-                .iter()
-                .position(|l| l.addresses.iter().any(|net| net.contains(&address)))
-        }),
+    // `--to ADDRESS` also gives the destination address (`when: destination.ip`).
+    let destination_ip = to.parse::<IpAddr>().ok();
+    let local = match (to.parse::<Principal>(), destination_ip) {
+        (Ok(principal), _) => locals.iter().position(|l| l.principal == principal),
+        (Err(_), Some(address)) => locals
+            .iter()
+            .position(|l| l.addresses.iter().any(|net| net.contains(&address))),
+        (Err(_), None) => None,
     }
     .ok_or_else(|| CheckError::To(to.to_owned()))?;
     // Compiled as the daemon compiles it: for these local identities and peers.
@@ -67,6 +68,7 @@ pub(super) fn explain(
     );
     let request = Request {
         source_ip,
+        destination_ip,
         protocol,
         port,
     };
@@ -91,10 +93,13 @@ pub(super) fn explain(
         locals[local].principal
     );
     let port = port.map_or_else(String::new, |p| format!(" port {p}"));
-    let source_ip = source_ip.map_or_else(|| "(none given)".to_owned(), |ip| ip.to_string());
+    let address =
+        |ip: Option<IpAddr>| ip.map_or_else(|| "(none given)".to_owned(), |ip| ip.to_string());
     let _ = write!(
         out,
-        "request:  {protocol}{port}, source address {source_ip}"
+        "request:  {protocol}{port}, source address {}, destination address {}",
+        address(source_ip),
+        address(destination_ip)
     );
     Ok(out)
 }

@@ -273,6 +273,7 @@ impl Firewall {
         let (protocol, port) = protocol_of(header, transport);
         let request = Request {
             source_ip: Some(header.source),
+            destination_ip: Some(header.destination),
             protocol,
             port,
         };

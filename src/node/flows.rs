@@ -425,6 +425,7 @@ mod tests {
             peer,
             request: Request {
                 source_ip: source_ip.map(|ip| ip.parse().unwrap()),
+                destination_ip: None,
                 protocol,
                 port: Some(port),
             },

@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use super::model::{Action, Destination, Policy, PortMatch, Rule, Source};
-use super::values::{parse_ip_block, parse_namespace_pattern, parse_principal_pattern};
+use super::model::{
+    Action, Condition, Destination, Pattern, Policy, PortMatch, Rule, Source, Values,
+};
+use super::values::{parse_ip_block, parse_namespace_pattern};
 use crate::file_error::at_line;
 
 /// A key and the reason its value is wrong, before the file is attached.
@@ -34,6 +36,8 @@ pub(crate) struct Form {
     /// What one `to` entry is called.
     pub destination_entry: &'static str,
     pub parse_port: fn(&str) -> Result<PortMatch, String>,
+    /// Principal values (the TOML form takes both spellings; Istio's only its own).
+    pub parse_principal: fn(&str) -> Result<Pattern, String>,
     /// How to write a rule that matches all traffic in this form.
     pub match_all_rule: &'static str,
 }
@@ -52,12 +56,15 @@ pub(crate) struct WrittenList<'a> {
 
 impl<'a> WrittenList<'a> {
     /// A list from a form that reports no lines.
-    pub(super) fn without_lines(values: &'a [String]) -> Self {
+    pub(super) fn without_lines<S: AsRef<str>>(values: &'a [S]) -> Self {
         WrittenList {
             line: None,
             values: values
                 .iter()
-                .map(|text| Written { text, line: None })
+                .map(|text| Written {
+                    text: text.as_ref(),
+                    line: None,
+                })
                 .collect(),
         }
     }
@@ -89,7 +96,7 @@ impl SourceLists<'_> {
 /// which must still not be empty.
 pub(crate) struct L7Field<'a> {
     pub name: &'static str,
-    pub values: &'a [String],
+    pub values: Vec<&'a str>,
 }
 
 /// One `from` entry as written.
@@ -122,8 +129,18 @@ pub(crate) struct RuleDraft<'a> {
     pub key: String,
     pub from: Option<Entries<SourceDraft<'a>>>,
     pub to: Option<Entries<DestinationDraft<'a>>>,
-    /// `when` conditions: none of them can be checked at L3/L4.
-    pub when: Option<Entries<()>>,
+    /// `when` conditions (Istio's form only).
+    pub when: Option<Entries<ConditionDraft<'a>>>,
+}
+
+/// One `when` condition as written.
+pub(crate) struct ConditionDraft<'a> {
+    /// The condition's key in the file, such as `spec.rules[0].when[1]`.
+    pub key: String,
+    /// The attribute it tests, such as `source.ip`.
+    pub attribute: Option<&'a str>,
+    pub values: Option<WrittenList<'a>>,
+    pub not_values: Option<WrittenList<'a>>,
 }
 
 /// A policy whose name, namespace, selector and action are already validated.
@@ -247,10 +264,169 @@ fn build_rule(draft: RuleDraft, form: &Form) -> Result<(Rule, Vec<String>), KeyE
     }
     if let Some(when) = draft.when {
         let omit = "omit `when` to put no condition on the rule";
-        let conditions = entries(when, format!("{key}.when"), omit)?;
-        l7.extend((0..conditions.len()).map(|w| format!("when[{w}]")));
+        for (w, condition) in entries(when, format!("{key}.when"), omit)?
+            .into_iter()
+            .enumerate()
+        {
+            match build_condition(condition, form)? {
+                Checked::L4(condition) => rule.when.push(condition),
+                Checked::L7(attribute) => l7.push(format!("when[{w}] ({attribute})")),
+            }
+        }
     }
     Ok((rule, l7))
+}
+
+/// What a `when` condition is to meshguard.
+enum Checked<'a> {
+    L4(Condition),
+    /// An attribute of HTTP requests (or of TLS): named, not checked.
+    L7(&'a str),
+}
+
+/// The attributes Istio also checks for plain TCP.
+const L4_ATTRIBUTES: [&str; 5] = [
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+];
+
+/// Istio's other attributes: exact keys, then `prefix[name]` keys.
+const L7_ATTRIBUTES: [&str; 6] = [
+    "remote.ip",
+    "source.serviceAccount",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+    "connection.sni",
+];
+const L7_ATTRIBUTE_PREFIXES: [&str; 3] = [
+    "request.headers",
+    "request.experimental.inline.headers",
+    "request.auth.claims",
+];
+
+/// Checks a `when` condition as Istio's validation does (a known attribute, `values` or
+/// `notValues`, no empty value, addresses and ports that parse) and builds it if
+/// meshguard can check it.
+fn build_condition<'a>(draft: ConditionDraft<'a>, form: &Form) -> Result<Checked<'a>, KeyError> {
+    let ConditionDraft {
+        key,
+        attribute,
+        values,
+        not_values,
+    } = draft;
+    let attribute = match attribute {
+        Some(a) if !a.is_empty() => a,
+        _ => {
+            return Err(KeyError::new(
+                format!("{key}.key"),
+                "missing; `key` must name an attribute",
+            ))
+        }
+    };
+    if values.is_none() && not_values.is_none() {
+        return Err(KeyError::new(
+            key,
+            format!("at least one of `values` or `notValues` must be set for key {attribute}"),
+        ));
+    }
+    let values_key = format!("{key}.values");
+    let not_values_key = format!("{key}.notValues");
+    let keys = (values_key.as_str(), not_values_key.as_str());
+    let condition = match attribute {
+        "source.ip" => Condition::SourceIp(values_of(values, not_values, keys, parse_ip_block)?),
+        "destination.ip" => {
+            Condition::DestinationIp(values_of(values, not_values, keys, parse_ip_block)?)
+        }
+        "source.principal" => {
+            Condition::SourcePrincipal(values_of(values, not_values, keys, form.parse_principal)?)
+        }
+        "source.namespace" => Condition::SourceNamespace(values_of(
+            values,
+            not_values,
+            keys,
+            parse_namespace_pattern,
+        )?),
+        "destination.port" => {
+            Condition::DestinationPort(values_of(values, not_values, keys, form.parse_port)?)
+        }
+        "remote.ip" => {
+            values_of(values, not_values, keys, parse_ip_block)?;
+            return Ok(Checked::L7(attribute));
+        }
+        "destination.namespace" => {
+            return Err(KeyError::new(
+                format!("{key}.key"),
+                "attribute destination.namespace is replaced by the metadata.namespace",
+            ))
+        }
+        "destination.name" | "destination.user" => {
+            return Err(KeyError::new(
+                format!("{key}.key"),
+                format!("deprecated attribute {attribute}: only supported in v1alpha1"),
+            ))
+        }
+        a if a.starts_with("destination.labels") => {
+            return Err(KeyError::new(
+                format!("{key}.key"),
+                format!("attribute {a} is replaced by the workload selector"),
+            ))
+        }
+        a if L7_ATTRIBUTES.contains(&a) || a.starts_with("experimental.envoy.filters.") => {
+            values_of(values, not_values, keys, non_empty)?;
+            return Ok(Checked::L7(attribute));
+        }
+        a => {
+            let name = L7_ATTRIBUTE_PREFIXES
+                .iter()
+                .find_map(|p| a.strip_prefix(*p))
+                .map(|rest| rest.strip_prefix('[').and_then(|r| r.strip_suffix(']')));
+            return match name {
+                Some(Some(name)) if !name.is_empty() => {
+                    values_of(values, not_values, keys, non_empty)?;
+                    Ok(Checked::L7(attribute))
+                }
+                Some(_) => Err(KeyError::new(
+                    format!("{key}.key"),
+                    format!("bad key ({a}): should have format a[b]"),
+                )),
+                None => Err(KeyError::new(
+                    format!("{key}.key"),
+                    format!(
+                        "unknown attribute {a:?}; the attributes meshguard checks are {}, \
+                         and Istio's HTTP attributes are accepted and not checked",
+                        L4_ATTRIBUTES.join(", ")
+                    ),
+                )),
+            };
+        }
+    };
+    Ok(Checked::L4(condition))
+}
+
+/// Both value lists of a condition, parsed with `parse`; `keys` name them.
+fn values_of<T>(
+    values: Option<WrittenList>,
+    not_values: Option<WrittenList>,
+    keys: (&str, &str),
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Values<T>, KeyError> {
+    Ok(Values {
+        values: parse_list(values, keys.0, parse)?,
+        not_values: parse_list(not_values, keys.1, parse)?,
+    })
+}
+
+/// Any value but the empty string (for attributes that are not interpreted).
+fn non_empty(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        Err("empty value".to_owned())
+    } else {
+        Ok(())
+    }
 }
 
 /// The entries of a `from`, `to` or `when` list at `key`. A list that is present but
@@ -296,7 +472,7 @@ fn check_l7(
                 "empty list; omit the field to put no condition on it",
             ));
         }
-        if let Some(i) = field.values.iter().position(String::is_empty) {
+        if let Some(i) = field.values.iter().position(|v| v.is_empty()) {
             return Err(KeyError::new(format!("{key}[{i}]"), "empty value"));
         }
         used.push(format!("{in_rule}.{}", field.name));
@@ -308,8 +484,8 @@ fn check_l7(
 fn build_source(lists: SourceLists, key: &str, form: &Form) -> Result<Source, KeyError> {
     let field = |i: usize| format!("{key}.{}", form.source_fields[i]);
     Ok(Source {
-        principals: parse_list(lists.principals, &field(0), parse_principal_pattern)?,
-        not_principals: parse_list(lists.not_principals, &field(1), parse_principal_pattern)?,
+        principals: parse_list(lists.principals, &field(0), form.parse_principal)?,
+        not_principals: parse_list(lists.not_principals, &field(1), form.parse_principal)?,
         namespaces: parse_list(lists.namespaces, &field(2), parse_namespace_pattern)?,
         not_namespaces: parse_list(lists.not_namespaces, &field(3), parse_namespace_pattern)?,
         ip_blocks: parse_list(lists.ip_blocks, &field(4), parse_ip_block)?,

@@ -12,7 +12,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::model::{
-    selector_matches, Action, DefaultAction, Destination, Pattern, PolicySet, PortMatch, Protocol,
+    selector_matches, Action, Condition, DefaultAction, Destination, Pattern, PolicySet, PortMatch,
+    Protocol,
 };
 use crate::identity::{LocalId, PairTable, PeerId, PrefixTable, Principal};
 
@@ -30,6 +31,9 @@ pub struct Request {
     /// one: then an ALLOW rule with an `ip_blocks`/`not_ip_blocks` condition does not match
     /// and a DENY or AUDIT rule with one does (fail closed).
     pub source_ip: Option<IpAddr>,
+    /// The packet's destination address, for `when: destination.ip`; `None` matches
+    /// like an unknown source address.
+    pub destination_ip: Option<IpAddr>,
     pub protocol: Protocol,
     /// Destination port (TCP, UDP); `None` for ICMP and other protocols.
     pub port: Option<u16>,
@@ -122,6 +126,12 @@ struct IpCond {
 }
 
 impl IpCond {
+    /// `None` when neither list has an entry (no condition).
+    fn new(blocks: &[ipnet::IpNet], not_blocks: &[ipnet::IpNet]) -> Option<IpCond> {
+        let (blocks, not_blocks) = (IpSet::new(blocks), IpSet::new(not_blocks));
+        (blocks.is_some() || not_blocks.is_some()).then_some(IpCond { blocks, not_blocks })
+    }
+
     #[inline]
     fn matches(&self, ip: Option<IpAddr>, unknown_matches: bool) -> bool {
         match ip {
@@ -190,6 +200,52 @@ impl CompiledDestination {
     }
 }
 
+/// A `when` condition on the peer's identity, resolved per pair.
+#[derive(Debug)]
+struct IdentityCondition {
+    on_namespace: bool,
+    values: Vec<Pattern>,
+    not_values: Vec<Pattern>,
+}
+
+impl IdentityCondition {
+    fn matches(&self, principal: &str, namespace: &str) -> bool {
+        let value = if self.on_namespace {
+            namespace
+        } else {
+            principal
+        };
+        (self.values.is_empty() || self.values.iter().any(|p| p.matches(value)))
+            && !self.not_values.iter().any(|p| p.matches(value))
+    }
+}
+
+/// The `when` conditions checked per packet, all of which must hold.
+#[derive(Debug, Default)]
+struct PacketConditions {
+    source_ip: Vec<IpCond>,
+    destination_ip: Vec<IpCond>,
+    ports: Vec<CompiledDestination>,
+}
+
+impl PacketConditions {
+    #[inline]
+    fn matches(&self, source: Option<IpAddr>, req: &Request, unknown_matches: bool) -> bool {
+        let destination = req.destination_ip.map(|ip| ip.to_canonical());
+        self.source_ip
+            .iter()
+            .all(|c| c.matches(source, unknown_matches))
+            && self
+                .destination_ip
+                .iter()
+                .all(|c| c.matches(destination, unknown_matches))
+            && self
+                .ports
+                .iter()
+                .all(|d| d.matches(req.protocol, req.port, unknown_matches))
+    }
+}
+
 #[derive(Debug)]
 struct CompiledRule {
     index: u32,
@@ -197,6 +253,10 @@ struct CompiledRule {
     from: Vec<CompiledSource>,
     /// Empty: any destination.
     to: Arc<[CompiledDestination]>,
+    /// `when` on the peer's principal and namespace.
+    identity_when: Vec<IdentityCondition>,
+    /// `when` on addresses and ports; `None`: no such condition.
+    packet_when: Option<Arc<PacketConditions>>,
 }
 
 #[derive(Debug)]
@@ -222,6 +282,7 @@ struct PairRule {
     rule: u32,
     from: PairFrom,
     to: Arc<[CompiledDestination]>,
+    when: Option<Arc<PacketConditions>>,
 }
 
 impl PairRule {
@@ -237,6 +298,10 @@ impl PairRule {
                     .to
                     .iter()
                     .any(|d| d.matches(req.protocol, req.port, unknown_matches)))
+            && self
+                .when
+                .as_ref()
+                .is_none_or(|w| w.matches(ip, req, unknown_matches))
     }
 }
 
@@ -415,13 +480,7 @@ fn compile_policy(p: &super::model::Policy) -> CompiledPolicy {
                 .from
                 .iter()
                 .map(|s| {
-                    let blocks = IpSet::new(&s.ip_blocks);
-                    let not_blocks = IpSet::new(&s.not_ip_blocks);
-                    let ip = if blocks.is_none() && not_blocks.is_none() {
-                        None
-                    } else {
-                        Some(Arc::new(IpCond { blocks, not_blocks }))
-                    };
+                    let ip = IpCond::new(&s.ip_blocks, &s.not_ip_blocks).map(Arc::new);
                     CompiledSource {
                         principals: s.principals.clone(),
                         not_principals: s.not_principals.clone(),
@@ -432,6 +491,8 @@ fn compile_policy(p: &super::model::Policy) -> CompiledPolicy {
                 })
                 .collect(),
             to: r.to.iter().map(CompiledDestination::new).collect(),
+            identity_when: compile_identity_when(&r.when),
+            packet_when: compile_packet_when(&r.when),
         })
         .collect();
     CompiledPolicy {
@@ -439,6 +500,50 @@ fn compile_policy(p: &super::model::Policy) -> CompiledPolicy {
         action: p.action,
         rules,
     }
+}
+
+fn compile_identity_when(when: &[Condition]) -> Vec<IdentityCondition> {
+    when.iter()
+        .filter_map(|c| {
+            let (on_namespace, v) = match c {
+                Condition::SourcePrincipal(v) => (false, v),
+                Condition::SourceNamespace(v) => (true, v),
+                _ => return None,
+            };
+            Some(IdentityCondition {
+                on_namespace,
+                values: v.values.clone(),
+                not_values: v.not_values.clone(),
+            })
+        })
+        .collect()
+}
+
+fn compile_packet_when(when: &[Condition]) -> Option<Arc<PacketConditions>> {
+    let mut conditions = PacketConditions::default();
+    for c in when {
+        match c {
+            Condition::SourceIp(v) => conditions
+                .source_ip
+                .extend(IpCond::new(&v.values, &v.not_values)),
+            Condition::DestinationIp(v) => conditions
+                .destination_ip
+                .extend(IpCond::new(&v.values, &v.not_values)),
+            Condition::DestinationPort(v) => {
+                conditions
+                    .ports
+                    .push(CompiledDestination::new(&Destination {
+                        ports: v.values.clone(),
+                        not_ports: v.not_values.clone(),
+                    }))
+            }
+            Condition::SourcePrincipal(_) | Condition::SourceNamespace(_) => {}
+        }
+    }
+    let none = conditions.source_ip.is_empty()
+        && conditions.destination_ip.is_empty()
+        && conditions.ports.is_empty();
+    (!none).then(|| Arc::new(conditions))
 }
 
 /// The rules of `local`'s policies that can match `peer`, by action, in policy order.
@@ -449,6 +554,13 @@ fn compile_pair(policies: &[CompiledPolicy], local: &Local, peer: &Principal) ->
     for &pi in &local.applicable {
         let policy = &policies[pi as usize];
         for rule in &policy.rules {
+            if !rule
+                .identity_when
+                .iter()
+                .all(|c| c.matches(&principal, namespace))
+            {
+                continue;
+            }
             let from = if rule.from.is_empty() {
                 PairFrom::Any
             } else {
@@ -480,6 +592,7 @@ fn compile_pair(policies: &[CompiledPolicy], local: &Local, peer: &Principal) ->
                 rule: rule.index,
                 from,
                 to: Arc::clone(&rule.to),
+                when: rule.packet_when.clone(),
             };
             match policy.action {
                 Action::Deny => deny.push(pr),

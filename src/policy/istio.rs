@@ -2,17 +2,21 @@
 //! module docs of [`crate::policy`] for what happens to the rest).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 
-use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::build::{
-    build_policy, DestinationDraft, Entries, Form, KeyError, L7Field, PolicyDraft, RuleDraft,
-    SourceDraft, SourceLists, Warning, WrittenList,
+    build_policy, ConditionDraft, DestinationDraft, Entries, Form, KeyError, L7Field, PolicyDraft,
+    RuleDraft, SourceDraft, SourceLists, Warning, WrittenList,
 };
 use super::model::{Action, MtlsMode, PeerAuthentication, Policy, PolicySet};
-use super::values::{parse_port_istio, validate_name, validate_namespace, validate_selector};
+use super::values::{
+    parse_istio_principal_pattern, parse_port_istio, validate_name, validate_namespace,
+    validate_selector,
+};
 use crate::file_error::FileError;
 
 const FORM: Form = Form {
@@ -27,6 +31,7 @@ const FORM: Form = Form {
     port_fields: ["ports", "notPorts"],
     destination_entry: "operation",
     parse_port: parse_port_istio,
+    parse_principal: parse_istio_principal_pattern,
     match_all_rule: "`rules: [{}]`",
 };
 
@@ -53,8 +58,8 @@ enum Kind {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Metadata {
-    name: Option<String>,
-    namespace: Option<String>,
+    name: Option<Text>,
+    namespace: Option<Text>,
     labels: Option<IgnoredAny>,
     annotations: Option<IgnoredAny>,
     uid: Option<IgnoredAny>,
@@ -84,7 +89,7 @@ struct Object<S> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Selector {
-    match_labels: Option<BTreeMap<String, String>>,
+    match_labels: Option<BTreeMap<String, Text>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -118,7 +123,36 @@ struct IstioTo {
     operation: Option<IstioOperation>,
 }
 
-type StrList = Option<Vec<String>>;
+/// A YAML string. Istio's schema types these fields as strings, so a number or a boolean
+/// written without quotes is refused, as the API server refuses it.
+struct Text(String);
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Quoted;
+        impl Visitor<'_> for Quoted {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a string (Istio's schema types this field as a string: quote numbers, \
+                     as in \"8080\")",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Quoted)
+    }
+}
+
+type StrList = Option<Vec<Text>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -156,11 +190,8 @@ struct IstioOperation {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct IstioCondition {
-    #[allow(dead_code)]
-    key: Option<String>,
-    #[allow(dead_code)]
+    key: Option<Text>,
     values: StrList,
-    #[allow(dead_code)]
     not_values: StrList,
 }
 
@@ -339,11 +370,11 @@ fn metadata(m: Option<Metadata>) -> Result<(String, String), KeyError> {
             "missing; metadata.name and metadata.namespace are required",
         ));
     };
-    let Some(name) = m.name else {
+    let Some(Text(name)) = m.name else {
         return Err(KeyError::new("metadata.name", "metadata.name is required"));
     };
     validate_name(&name).map_err(|r| KeyError::new("metadata.name", r))?;
-    let Some(namespace) = m.namespace else {
+    let Some(Text(namespace)) = m.namespace else {
         return Err(KeyError::new(
             "metadata.namespace",
             "metadata.namespace is required (meshguard has no current namespace to default \
@@ -366,7 +397,12 @@ fn authorization_policy(
 }
 
 fn selector(s: Option<&Selector>, key: &str) -> Result<BTreeMap<String, String>, KeyError> {
-    let labels = s.and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    let labels: BTreeMap<String, String> = s
+        .and_then(|s| s.match_labels.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
     validate_selector(&labels).map_err(|r| KeyError::new(format!("{key}.matchLabels"), r))?;
     Ok(labels)
 }
@@ -382,7 +418,7 @@ fn l7_fields<'a>(fields: &[(&'static str, &'a StrList)]) -> Vec<L7Field<'a>> {
         .filter_map(|&(name, values)| {
             Some(L7Field {
                 name,
-                values: values.as_deref()?,
+                values: values.as_deref()?.iter().map(AsRef::as_ref).collect(),
             })
         })
         .collect()
@@ -413,6 +449,13 @@ fn draft_policy<'a>(
         None => Action::Allow,
         Some(a) => Action::parse(a).map_err(|r| KeyError::new("spec.action", r))?,
     };
+    if action == Action::Deny && spec.rules.as_ref().is_none_or(Vec::is_empty) {
+        return Err(KeyError::new(
+            "spec.rules",
+            "a DENY policy without rules never matches, and Istio's validation rejects it; \
+             add `rules: [{}]` to deny all traffic",
+        ));
+    }
     if spec.provider.is_some() {
         return Err(KeyError::new(
             "spec.provider",
@@ -453,10 +496,18 @@ fn draft_rule(rule: &IstioRule, key: String) -> Result<RuleDraft<'_>, KeyError> 
             entries.iter().enumerate().map(draft).collect()
         })
         .transpose()?;
-    let when = rule
-        .when
-        .as_ref()
-        .map(|conditions| vec![(); conditions.len()]);
+    let when = rule.when.as_ref().map(|conditions| {
+        conditions
+            .iter()
+            .enumerate()
+            .map(|(w, condition)| ConditionDraft {
+                key: format!("{key}.when[{w}]"),
+                attribute: condition.key.as_ref().map(AsRef::as_ref),
+                values: list(&condition.values),
+                not_values: list(&condition.not_values),
+            })
+            .collect()
+    });
     Ok(RuleDraft {
         key,
         from: from.map(without_lines),

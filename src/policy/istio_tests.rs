@@ -117,7 +117,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: [\"cluster.local/ns/foo/sa/sleep\", \"spiffe://cluster.local/ns/foo/sa/curl\"]
+        principals: [\"cluster.local/ns/foo/sa/sleep\", \"cluster.local/ns/foo/sa/curl\"]
     to:
     - operation:
         ports: [\"8000\"]
@@ -263,8 +263,8 @@ spec:
     - source:
         requestPrincipals: [\"*\"]
   - when:
-    - key: source.ip
-      values: [\"10.0.0.0/8\"]
+    - key: request.headers[version]
+      values: [\"v1\"]
   - from:
     - source:
         principals: [\"cluster.local/ns/foo/sa/admin\"]
@@ -467,7 +467,7 @@ metadata:
   creationTimestamp: \"2024-01-01T00:00:00Z\"
   managedFields: [{manager: kubectl}]
 spec:
-  action: DENY
+  action: AUDIT
 status: {}
 ---
 ---
@@ -480,11 +480,11 @@ metadata: {name: second, namespace: foo}
     assert_eq!(set.policies.len(), 2);
     assert_eq!(set.policies[0].origin, "istio.yaml: document 2");
     assert_eq!(set.policies[1].origin, "istio.yaml: document 4");
-    // A DENY without rules never matches: warned about.
+    // An AUDIT without rules never matches: warned about.
     assert_eq!(
         set.warnings,
         [
-            "istio.yaml: document 2: spec.rules: DENY policy foo/exported has no rules and \
+            "istio.yaml: document 2: spec.rules: AUDIT policy foo/exported has no rules and \
              never matches; add `rules: [{}]` to match all traffic"
         ]
     );
@@ -637,13 +637,13 @@ fn errors_name_file_key_and_reason() {
             "malformed port",
             ap("  rules:\n  - to:\n    - operation:\n        ports: [\"8080/tcp\"]\n"),
             "document 1: spec.rules[0].to[0].operation.ports[0]",
-            "Istio ports are numbers from 1 to 65535",
+            "Istio ports are single numbers from 0 to 65535",
         ),
         (
             "port out of range",
             ap("  rules:\n  - to:\n    - operation:\n        notPorts: [\"70000\"]\n"),
             "document 1: spec.rules[0].to[0].operation.notPorts[0]",
-            "port numbers are 1 to 65535",
+            "Istio ports are single numbers from 0 to 65535",
         ),
         (
             "bad namespace value",
@@ -747,6 +747,114 @@ fn errors_name_file_key_and_reason() {
             "document 1: spec.rules[0].from[0].source.principals",
             "invalid type: map, expected a sequence",
         ),
+        (
+            "unquoted port",
+            ap("  rules:\n  - to:\n    - operation:\n        ports: [8080]\n"),
+            "document 1: spec.rules[0].to[0].operation.ports[0]",
+            "invalid type: integer `8080`, expected a string (Istio's schema types this field as a string: quote numbers, as in \"8080\")",
+        ),
+        (
+            "unquoted label value",
+            ap("  selector: {matchLabels: {version: 2}}\n"),
+            "document 1: spec.selector.matchLabels.version",
+            "invalid type: integer `2`, expected a string",
+        ),
+        (
+            "port range",
+            ap("  rules:\n  - to:\n    - operation:\n        ports: [\"80-90\"]\n"),
+            "document 1: spec.rules[0].to[0].operation.ports[0]",
+            "Istio ports are single numbers from 0 to 65535",
+        ),
+        (
+            "port just out of range",
+            ap("  rules:\n  - to:\n    - operation:\n        notPorts: [\"65536\"]\n"),
+            "document 1: spec.rules[0].to[0].operation.notPorts[0]",
+            "Istio ports are single numbers from 0 to 65535",
+        ),
+        (
+            "SPIFFE principal",
+            ap("  rules:\n  - from:\n    - source:\n        principals: [\"spiffe://cluster.local/ns/x/sa/y\"]\n"),
+            "document 1: spec.rules[0].from[0].source.principals[0]",
+            "never matches in Istio, which puts spiffe:// in front of every principal value itself; write \"cluster.local/ns/x/sa/y\"",
+        ),
+        (
+            "SPIFFE notPrincipal",
+            ap("  rules:\n  - from:\n    - source:\n        notPrincipals: [\"SPIFFE://cluster.local/*\"]\n"),
+            "document 1: spec.rules[0].from[0].source.notPrincipals[0]",
+            "write \"cluster.local/*\"",
+        ),
+        (
+            "SPIFFE source.principal",
+            ap("  rules:\n  - when:\n    - key: source.principal\n      notValues: [\"spiffe://cluster.local/ns/x/sa/y\"]\n"),
+            "document 1: spec.rules[0].when[0].notValues[0]",
+            "never matches in Istio",
+        ),
+        (
+            "when without key",
+            ap("  rules:\n  - when:\n    - values: [\"a\"]\n"),
+            "document 1: spec.rules[0].when[0].key",
+            "missing; `key` must name an attribute",
+        ),
+        (
+            "when without values",
+            ap("  rules:\n  - when:\n    - key: source.ip\n"),
+            "document 1: spec.rules[0].when[0]",
+            "at least one of `values` or `notValues` must be set for key source.ip",
+        ),
+        (
+            "when with an unknown attribute",
+            ap("  rules:\n  - when:\n    - key: source.port\n      values: [\"1\"]\n"),
+            "document 1: spec.rules[0].when[0].key",
+            "unknown attribute \"source.port\"",
+        ),
+        (
+            "when on destination.namespace",
+            ap("  rules:\n  - when:\n    - key: destination.namespace\n      values: [\"a\"]\n"),
+            "document 1: spec.rules[0].when[0].key",
+            "replaced by the metadata.namespace",
+        ),
+        (
+            "when on destination.labels",
+            ap("  rules:\n  - when:\n    - key: destination.labels[app]\n      values: [\"a\"]\n"),
+            "document 1: spec.rules[0].when[0].key",
+            "replaced by the workload selector",
+        ),
+        (
+            "when on a header without a name",
+            ap("  rules:\n  - when:\n    - key: request.headers\n      values: [\"a\"]\n"),
+            "document 1: spec.rules[0].when[0].key",
+            "should have format a[b]",
+        ),
+        (
+            "when source.ip not an address",
+            ap("  rules:\n  - when:\n    - key: source.ip\n      values: [\"10.0.0.300\"]\n"),
+            "document 1: spec.rules[0].when[0].values[0]",
+            "invalid IP address",
+        ),
+        (
+            "when remote.ip not an address",
+            ap("  rules:\n  - when:\n    - key: remote.ip\n      notValues: [\"x\"]\n"),
+            "document 1: spec.rules[0].when[0].notValues[0]",
+            "invalid IP address",
+        ),
+        (
+            "when destination.port not a port",
+            ap("  rules:\n  - when:\n    - key: destination.port\n      values: [\"http\"]\n"),
+            "document 1: spec.rules[0].when[0].values[0]",
+            "Istio ports are single numbers",
+        ),
+        (
+            "when with an empty value",
+            ap("  rules:\n  - when:\n    - key: connection.sni\n      values: [\"\"]\n"),
+            "document 1: spec.rules[0].when[0].values[0]",
+            "empty value",
+        ),
+        (
+            "DENY without rules",
+            ap("  action: DENY\n"),
+            "document 1: spec.rules",
+            "a DENY policy without rules never matches, and Istio's validation rejects it",
+        ),
     ];
     for (case, text, key, reason) in &cases {
         let e = load_err(text);
@@ -792,16 +900,16 @@ fn hostile_yaml_is_an_error_not_a_panic() {
 }
 
 #[test]
-fn deny_with_empty_rules_warns() {
-    let set = load(&format!("{AP}{META}spec:\n  action: DENY\n  rules: []\n"));
-    assert_eq!(set.policies[0].rules, vec![]);
-    assert_eq!(
-        set.warnings,
-        [
-            "istio.yaml: document 1: spec.rules: DENY policy foo/p has no rules and never \
-          matches; add `rules: [{}]` to match all traffic"
-        ]
-    );
+fn deny_without_rules_is_refused_as_istio_refuses_it() {
+    for rules in ["", "  rules: []\n"] {
+        let text = format!("{AP}{META}spec:\n  action: DENY\n{rules}");
+        let e = parse_istio_yaml(&text, Path::new("istio.yaml")).unwrap_err();
+        assert_eq!(e.key, "document 1: spec.rules", "{e}");
+        assert!(
+            e.reason.contains("add `rules: [{}]` to deny all traffic"),
+            "{e}"
+        );
+    }
     // An empty ALLOW is the allow-nothing idiom: no warning.
     assert!(load(&format!("{AP}{META}spec:\n  rules: []\n"))
         .warnings
@@ -814,4 +922,73 @@ fn evaluator_and_decision_are_shareable() {
     send_sync::<Evaluator>();
     send_sync::<Decision>();
     send_sync::<PolicySet>();
+}
+
+/// An AuthorizationPolicy for httpbin's namespace with `spec` under `apiVersion`.
+fn policy_in_foo(api_version: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/{api_version}\nkind: AuthorizationPolicy\n\
+         metadata: {{name: p, namespace: foo}}\nspec:\n{spec}"
+    )
+}
+
+/// The five attributes Istio checks for TCP too, in ALLOW, DENY and AUDIT rules, with
+/// `values` and `notValues`, alone, together and with `from`/`to` (Istio's conditions
+/// page; ztunnel's authorization compiles the same five as L4 matches).
+#[rustfmt::skip]
+#[test]
+fn l4_when_conditions_match_like_the_fields_they_mirror() {
+    let when = |conditions: &str| format!("  rules:\n  - when:\n{conditions}");
+    let deny = |conditions: &str| format!("  action: DENY\n  rules:\n  - when:\n{conditions}");
+    let cases: Vec<(&str, String, DefaultAction, &str, &str, bool)> = vec![
+        ("source.namespace", when("    - key: source.namespace\n      values: [\"foo\"]\n"), DefaultAction::Deny, SLEEP, "tcp 80", true),
+        ("source.namespace, other", when("    - key: source.namespace\n      values: [\"foo\"]\n"), DefaultAction::Allow, SLEEP_BAR, "tcp 80", false),
+        ("source.namespace prefix", when("    - key: source.namespace\n      values: [\"ba*\"]\n"), DefaultAction::Deny, SLEEP_BAR, "tcp 80", true),
+        ("source.namespace notValues", when("    - key: source.namespace\n      notValues: [\"bar\"]\n"), DefaultAction::Deny, SLEEP, "tcp 80", true),
+        ("source.namespace notValues, excluded", when("    - key: source.namespace\n      notValues: [\"bar\"]\n"), DefaultAction::Allow, SLEEP_BAR, "tcp 80", false),
+        ("source.principal", when(&format!("    - key: source.principal\n      values: [\"{SLEEP}\"]\n")), DefaultAction::Deny, SLEEP, "udp 53", true),
+        ("source.principal, other", when(&format!("    - key: source.principal\n      values: [\"{SLEEP}\"]\n")), DefaultAction::Allow, SLEEP_BAR, "udp 53", false),
+        ("source.principal suffix", when("    - key: source.principal\n      values: [\"*/sa/sleep\"]\n"), DefaultAction::Deny, SLEEP_BAR, "tcp 1", true),
+        ("source.ip", when("    - key: source.ip\n      values: [\"10.0.0.0/8\"]\n      notValues: [\"10.1.0.0/16\"]\n"), DefaultAction::Deny, SLEEP, "tcp 80 10.2.3.4", true),
+        ("source.ip notValues", when("    - key: source.ip\n      values: [\"10.0.0.0/8\"]\n      notValues: [\"10.1.0.0/16\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80 10.1.2.3", false),
+        ("source.ip outside", when("    - key: source.ip\n      values: [\"10.0.0.0/8\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80 192.0.2.1", false),
+        ("source.ip unknown: ALLOW does not match", when("    - key: source.ip\n      values: [\"10.0.0.0/8\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80", false),
+        ("source.ip address, IPv6", when("    - key: source.ip\n      values: [\"fd00::1\"]\n"), DefaultAction::Deny, SLEEP, "tcp 80 fd00::1", true),
+        ("destination.ip", when("    - key: destination.ip\n      values: [\"10.40.1.1\"]\n"), DefaultAction::Deny, SLEEP, "tcp 80 10.0.0.9 to 10.40.1.1", true),
+        ("destination.ip, other address", when("    - key: destination.ip\n      values: [\"10.40.1.1\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80 10.0.0.9 to 10.40.1.2", false),
+        ("destination.ip notValues", when("    - key: destination.ip\n      notValues: [\"10.40.1.0/24\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80 10.0.0.9 to 10.40.1.2", false),
+        ("destination.port", when("    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Deny, SLEEP, "tcp 8080", true),
+        ("destination.port, udp too", when("    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Deny, SLEEP, "udp 8080", true),
+        ("destination.port, other port", when("    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Allow, SLEEP, "tcp 9090", false),
+        ("destination.port, no port in ICMP", when("    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Allow, SLEEP, "icmp", false),
+        ("destination.port notValues", when("    - key: destination.port\n      notValues: [\"22\"]\n"), DefaultAction::Deny, SLEEP, "tcp 80", true),
+        ("destination.port notValues, excluded", when("    - key: destination.port\n      notValues: [\"22\"]\n"), DefaultAction::Allow, SLEEP, "tcp 22", false),
+        ("conditions are AND'ed", when("    - key: source.namespace\n      values: [\"foo\"]\n    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Deny, SLEEP, "tcp 8080", true),
+        ("conditions are AND'ed, one fails", when("    - key: source.namespace\n      values: [\"foo\"]\n    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Allow, SLEEP, "tcp 9", false),
+        ("conditions are AND'ed, the other fails", when("    - key: source.namespace\n      values: [\"foo\"]\n    - key: destination.port\n      values: [\"8080\"]\n"), DefaultAction::Allow, SLEEP_BAR, "tcp 8080", false),
+        ("with from", format!("  rules:\n  - from:\n    - source:\n        principals: [\"{SLEEP}\"]\n    when:\n    - key: destination.port\n      values: [\"8000\"]\n"), DefaultAction::Deny, SLEEP, "tcp 8000", true),
+        ("with from, port fails", format!("  rules:\n  - from:\n    - source:\n        principals: [\"{SLEEP}\"]\n    when:\n    - key: destination.port\n      values: [\"8000\"]\n"), DefaultAction::Allow, SLEEP, "tcp 8001", false),
+        ("DENY on destination.port denies that port", deny("    - key: destination.port\n      values: [\"22\"]\n"), DefaultAction::Allow, SLEEP, "tcp 22", false),
+        ("DENY on destination.port leaves other ports", deny("    - key: destination.port\n      values: [\"22\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80", true),
+        ("DENY on notValues", deny("    - key: destination.port\n      notValues: [\"443\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80", false),
+        ("DENY on notValues, excluded port", deny("    - key: destination.port\n      notValues: [\"443\"]\n"), DefaultAction::Allow, SLEEP, "tcp 443", true),
+        ("DENY on source.ip, unknown address: fails closed", deny("    - key: source.ip\n      values: [\"10.0.0.0/8\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80", false),
+        ("DENY on source.principal", deny(&format!("    - key: source.principal\n      values: [\"{SLEEP_BAR}\"]\n")), DefaultAction::Allow, SLEEP_BAR, "tcp 80", false),
+        ("DENY on source.principal, other peer", deny(&format!("    - key: source.principal\n      values: [\"{SLEEP_BAR}\"]\n")), DefaultAction::Allow, SLEEP, "tcp 80", true),
+        ("DENY: an HTTP condition is dropped, the L4 one kept", deny("    - key: request.headers[x-user]\n      values: [\"a\"]\n    - key: destination.port\n      values: [\"22\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80", true),
+        ("DENY: an HTTP condition is dropped, port 22 denied", deny("    - key: request.headers[x-user]\n      values: [\"a\"]\n    - key: destination.port\n      values: [\"22\"]\n"), DefaultAction::Allow, SLEEP, "tcp 22", false),
+        ("ALLOW with an HTTP condition matches nothing", when("    - key: request.headers[x-user]\n      values: [\"a\"]\n    - key: destination.port\n      values: [\"80\"]\n"), DefaultAction::Allow, SLEEP, "tcp 80", false),
+    ];
+    for api_version in ["v1", "v1beta1"] {
+        for (case, spec, default, peer, request, allowed) in &cases {
+            let set = load(&policy_in_foo(api_version, spec));
+            let d = httpbin(&set, *default, peer, request);
+            assert_eq!(d.allowed, *allowed, "{api_version}: {case}: {}", d.explain());
+        }
+    }
+    // AUDIT rules with a condition audit only what it matches.
+    let set = load(&policy_in_foo("v1", "  action: AUDIT\n  rules:\n  - when:\n    - key: destination.port\n      values: [\"8080\"]\n"));
+    assert_eq!(httpbin(&set, DefaultAction::Allow, SLEEP, "tcp 8080").audited_by.len(), 1);
+    assert!(httpbin(&set, DefaultAction::Allow, SLEEP, "tcp 80").audited_by.is_empty());
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
 }

@@ -73,22 +73,36 @@
 //! errors (object metadata written by the API server, and `status`, are accepted and
 //! ignored). `metadata.name` and `metadata.namespace` are required (there is no current
 //! namespace to fall back on). `targetRef`/`targetRefs`, action `CUSTOM`, `provider`,
-//! `serviceAccounts`/`notServiceAccounts` (use principals) are rejected.
+//! `serviceAccounts`/`notServiceAccounts` (use principals) are rejected. What Istio's
+//! validation rejects is rejected too: YAML numbers or booleans where Istio's schema
+//! wants strings, a DENY policy without rules, ports that are not single numbers from 0
+//! to 65535, malformed `when` conditions (see `build::build_condition`), and principal
+//! values with the `spiffe://` scheme, which never match in Istio (Istio puts the scheme
+//! in front of every value itself).
+//!
+//! ## `when` conditions
+//!
+//! The attributes Istio checks for TCP as well as HTTP are enforced ([`Condition`]):
+//! `source.ip` (like `ipBlocks`), `source.namespace` (like `namespaces`),
+//! `source.principal` (like `principals`), `destination.ip` (the packet's destination
+//! address) and `destination.port` (like `ports`), each with `values` and `notValues`.
+//! Conditions are AND'ed with each other and with `from` and `to`.
 //!
 //! ## L7-only fields
 //!
 //! meshguard sees packets, not HTTP requests, so it cannot check `to.operation.hosts`,
 //! `notHosts`, `methods`, `notMethods`, `paths`, `notPaths`,
 //! `from.source.requestPrincipals`, `notRequestPrincipals`, `remoteIpBlocks`,
-//! `notRemoteIpBlocks`, or `when` conditions (all `when` keys, including the L4 ones). They
-//! never widen access:
+//! `notRemoteIpBlocks`, or `when` conditions on other attributes (request headers and
+//! claims, `remote.ip`, `connection.sni`, `source.serviceAccount`, …). They never widen
+//! access:
 //!
 //! - in an **ALLOW** rule, any of them makes the whole rule match nothing (the rest of the
 //!   policy still applies, and the policy still selects its identities);
 //! - in a **DENY** or **AUDIT** rule, they are dropped and the rule is applied with its
 //!   remaining L4 fields, so it denies (or audits) more, never less. This is also what
-//!   Istio does for plain TCP traffic. A source or operation left with no L4 field
-//!   matches any source or destination.
+//!   Istio's sidecar does for plain TCP traffic. A source or operation left with no L4
+//!   field matches any source or destination.
 //!
 //! Each such adjustment is recorded in [`PolicySet::warnings`] for the daemon to log.
 //!
@@ -131,8 +145,8 @@ use std::path::{Path, PathBuf};
 pub use eval::{Decision, Evaluator, Reason, Request, Target};
 pub use istio::parse_istio_yaml;
 pub use model::{
-    Action, DefaultAction, Destination, MtlsMode, Pattern, PeerAuthentication, Policy, PolicySet,
-    PortMatch, Protocol, Rule, Source,
+    Action, Condition, DefaultAction, Destination, MtlsMode, Pattern, PeerAuthentication, Policy,
+    PolicySet, PortMatch, Protocol, Rule, Source, Values,
 };
 pub use toml_file::parse_toml;
 pub(crate) use values::validate_namespace;

@@ -240,11 +240,36 @@ pub struct Destination {
     pub not_ports: Vec<PortMatch>,
 }
 
-/// One rule: any of `from` (empty = any source) AND any of `to` (empty = any destination).
+/// Values of one `when` condition: the attribute must match one of `values` (when there
+/// are any) and none of `not_values`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Values<T> {
+    pub values: Vec<T>,
+    pub not_values: Vec<T>,
+}
+
+/// A `when` condition on one of the attributes Istio checks for TCP as well as HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// `source.ip`: the packet's source address.
+    SourceIp(Values<IpNet>),
+    /// `source.principal`: the peer principal, Istio form.
+    SourcePrincipal(Values<Pattern>),
+    /// `source.namespace`: the peer principal's namespace.
+    SourceNamespace(Values<Pattern>),
+    /// `destination.ip`: the packet's destination address (the local identity's).
+    DestinationIp(Values<IpNet>),
+    /// `destination.port`: like `ports`.
+    DestinationPort(Values<PortMatch>),
+}
+
+/// One rule: any of `from` (empty = any source) AND any of `to` (empty = any destination)
+/// AND every condition of `when`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Destination>,
+    pub when: Vec<Condition>,
     /// Set for an ALLOW rule that used fields meshguard cannot check at L3/L4 (Istio's
     /// HTTP-only fields and `when`): the rule matches nothing. See the module docs.
     pub matches_nothing: bool,

@@ -22,12 +22,14 @@ pub(super) fn labels(s: &str) -> BTreeMap<String, String> {
 }
 
 /// `"tcp 8080 10.0.0.1"`, `"icmp 10.0.0.1"`, `"udp 53"`, `"other 47 10.0.0.1"`: protocol,
-/// then an optional port (protocol number for `other`), then an optional source address.
+/// then an optional port (protocol number for `other`), then an optional source address,
+/// then optionally `to` and the destination address.
 pub(super) fn req(s: &str) -> Request {
     let mut it = s.split_whitespace();
     let proto = it.next().unwrap();
     let mut port = None;
     let mut source_ip = None;
+    let mut destination_ip = None;
     let mut protocol = match proto {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
@@ -36,8 +38,10 @@ pub(super) fn req(s: &str) -> Request {
         "unknown" => Protocol::Unknown,
         _ => panic!("bad protocol {proto}"),
     };
-    for t in it {
-        if t.contains('.') || t.contains(':') {
+    while let Some(t) = it.next() {
+        if t == "to" {
+            destination_ip = Some(it.next().unwrap().parse::<IpAddr>().unwrap());
+        } else if t.contains('.') || t.contains(':') {
             source_ip = Some(t.parse::<IpAddr>().unwrap());
         } else if let Protocol::Other(_) = protocol {
             protocol = Protocol::Other(t.parse().unwrap());
@@ -47,6 +51,7 @@ pub(super) fn req(s: &str) -> Request {
     }
     Request {
         source_ip,
+        destination_ip,
         protocol,
         port,
     }

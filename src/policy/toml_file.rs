@@ -11,7 +11,9 @@ use super::build::{
     SourceLists, Written, WrittenList,
 };
 use super::model::{Action, MtlsMode, PeerAuthentication, PolicySet};
-use super::values::{parse_port_toml, validate_name, validate_namespace, validate_selector};
+use super::values::{
+    parse_port_toml, parse_principal_pattern, validate_name, validate_namespace, validate_selector,
+};
 use crate::file_error::{at_line, FileError, TomlFile};
 
 const FORM: Form = Form {
@@ -26,6 +28,7 @@ const FORM: Form = Form {
     port_fields: ["ports", "not_ports"],
     destination_entry: "destination",
     parse_port: parse_port_toml,
+    parse_principal: parse_principal_pattern,
     match_all_rule: "an empty [[policy.rules]]",
 };
 

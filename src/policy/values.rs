@@ -75,6 +75,23 @@ pub(crate) fn parse_principal_pattern(s: &str) -> Result<Pattern, String> {
     }
 }
 
+/// A principal value in an Istio document, which Istio compares after putting
+/// `spiffe://` in front itself: a value that already has the scheme never matches there,
+/// so it is refused rather than read the way the TOML form reads it.
+pub(crate) fn parse_istio_principal_pattern(s: &str) -> Result<Pattern, String> {
+    if s.len() > SPIFFE_SCHEME.len()
+        && s.get(..SPIFFE_SCHEME.len())
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(SPIFFE_SCHEME))
+    {
+        return Err(format!(
+            "{s:?} never matches in Istio, which puts spiffe:// in front of every principal \
+             value itself; write {:?}",
+            &s[SPIFFE_SCHEME.len()..]
+        ));
+    }
+    parse_principal_pattern(s)
+}
+
 /// A prefix or suffix pattern keeps to `allowed` characters; `*` is always fine.
 fn check_wildcard(
     pattern: Pattern,
@@ -239,12 +256,16 @@ pub(crate) fn parse_port_istio(s: &str) -> Result<PortMatch, String> {
     if s.is_empty() {
         return Err("empty value".to_owned());
     }
-    if !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "invalid port {s:?}: Istio ports are numbers from 1 to 65535"
-        ));
-    }
-    let p = parse_port_number(s, s)?;
+    // Istio's validation: a decimal number from 0 to 65535, no range, no sign.
+    let p = s
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| s.parse::<u32>().ok())
+        .flatten()
+        .and_then(|n| u16::try_from(n).ok())
+        .ok_or_else(|| {
+            format!("invalid port {s:?}: Istio ports are single numbers from 0 to 65535")
+        })?;
     Ok(PortMatch::Ports {
         tcp: true,
         udp: true,

@@ -57,7 +57,8 @@ pub struct NodeSpec {
     pub name: String,
     pub listen: SocketAddr,
     pub identities: Vec<IdentitySpec>,
-    /// The policy file (meshguard TOML form); the node's default is deny.
+    /// The policy file: meshguard's TOML form, or Istio YAML when it has an `apiVersion`.
+    /// The node's default is deny.
     pub policy: String,
     /// `interface.offload`: TUN segmentation offloads when the kernel has them.
     pub offload: bool,
@@ -105,8 +106,8 @@ fn write_secret(path: &Path, contents: &str) -> io::Result<()> {
 }
 
 /// Writes the node file (interface `mg0`, every identity address on it, default deny),
-/// its keys, its policy file `policy.toml` and its peer files into `dir`; returns the
-/// node file's path.
+/// its keys, its policy file (`policy.toml`, or `policy.yaml` for Istio YAML) and its
+/// peer files into `dir`; returns the node file's path.
 pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("keys"))?;
     std::fs::create_dir_all(dir.join("peers"))?;
@@ -125,12 +126,17 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
         writeln!(text, "workers = {workers}").unwrap();
     }
     writeln!(text, "addresses = {}\n", toml_list(&all_addresses)).unwrap();
+    let policy_file = if node.policy.contains("apiVersion:") {
+        "policy.yaml"
+    } else {
+        "policy.toml"
+    };
     writeln!(
         text,
-        "[policy]\nfiles = [\"policy.toml\"]\ndefault = \"deny\"\n"
+        "[policy]\nfiles = [\"{policy_file}\"]\ndefault = \"deny\"\n"
     )
     .unwrap();
-    std::fs::write(dir.join("policy.toml"), &node.policy)?;
+    std::fs::write(dir.join(policy_file), &node.policy)?;
     for (index, identity) in node.identities.iter().enumerate() {
         let key_file = format!("keys/identity-{index}.key");
         write_secret(
