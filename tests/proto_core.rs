@@ -855,3 +855,67 @@ fn initiations_from_one_address_are_rate_limited_under_load() {
     // Another address is not affected: A's handshake (with its own cookie) completes.
     assert!(seal(&mut p.a, retry, p.ab, b"legit").is_none());
 }
+
+/// A removed tunnel is gone at once: data on its sessions is for an unknown index, its
+/// peer's initiations for an unknown peer, and nothing is answered. Added again, it
+/// shakes hands afresh.
+#[test]
+fn a_removed_tunnel_forgets_its_sessions_and_answers_nothing() {
+    let mut p = Pair::connected();
+    let data = seal(&mut p.a, p.now, p.ab, b"before").unwrap();
+    p.b.remove_tunnel(p.ba);
+    assert!(!p.b.has_tunnel(p.ba) && !p.b.has_session(p.ba));
+    assert_eq!(
+        opened(&mut p.b, p.now, p.a_addr, data),
+        Received::Dropped(Drop::UnknownIndex)
+    );
+    // A's next initiation (after the retry interval) finds no tunnel for its key.
+    p.advance(REKEY_TIMEOUT + Duration::from_secs(1));
+    p.a.initiate(p.now, p.ab);
+    let mut init = p.a.poll_transmit().expect("an initiation").data;
+    assert_eq!(
+        p.b.receive(p.now, p.a_addr, &mut init),
+        Received::Dropped(Drop::UnknownPeer)
+    );
+    assert!(p.b.poll_transmit().is_none(), "nothing answered");
+    // Sealing on the removed tunnel is refused, not a panic.
+    let mut buf = sealable(b"late");
+    assert!(matches!(
+        p.b.seal(p.now, p.ba, &mut buf, 4),
+        Sealed::Dropped(Drop::NoEndpoint)
+    ));
+
+    let again =
+        p.b.add_tunnel(p.now, p.b_local, p.a_public, Some(p.a_addr), None);
+    p.ba = again;
+    p.advance(REKEY_TIMEOUT + Duration::from_secs(1));
+    p.handshake();
+}
+
+/// A removed local identity's key answers nothing: mac1 for it is no longer ours.
+#[test]
+fn a_removed_local_identity_answers_nothing() {
+    let mut p = Pair::new();
+    p.b.remove_local(p.b_local);
+    assert!(!p.b.has_tunnel(p.ba));
+    p.a.initiate(p.now, p.ab);
+    let mut init = p.a.poll_transmit().expect("an initiation").data;
+    assert_eq!(
+        p.b.receive(p.now, p.a_addr, &mut init),
+        Received::Dropped(Drop::BadMac1)
+    );
+    assert!(p.b.poll_transmit().is_none());
+}
+
+/// A configured endpoint change moves where the tunnel sends at once.
+#[test]
+fn a_new_endpoint_takes_effect_at_once() {
+    let mut p = Pair::connected();
+    let moved: SocketAddr = "198.18.99.9:51820".parse().unwrap();
+    p.a.set_endpoint(p.ab, Some(moved));
+    let mut buf = sealable(b"x");
+    match p.a.seal(p.now, p.ab, &mut buf, 1) {
+        Sealed::Send { destination, .. } => assert_eq!(destination, moved),
+        other => panic!("{other:?}"),
+    }
+}

@@ -12,6 +12,7 @@ mod rate_limiter;
 mod replay;
 mod report;
 mod session;
+mod slots;
 mod timers;
 mod tunnel;
 
@@ -34,16 +35,18 @@ pub fn os_random() -> Random {
     Box::new(rand_core::OsRng)
 }
 
-/// Index of a local identity's static key in the device, in the order they were added.
+/// A local identity's static key in the device: a slot number, which a key added after
+/// this one was removed may get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LocalKeyId(usize);
 
-/// Index of a tunnel in the device, in the order they were added.
+/// A tunnel in the device: a slot number, which a tunnel added after this one was removed
+/// may get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TunnelId(usize);
 
 impl TunnelId {
-    /// The tunnel's position among the device's tunnels, in the order they were added.
+    /// The tunnel's slot number (slots are numbered from 0 and reused after removal).
     pub fn index(self) -> usize {
         self.0
     }

@@ -107,6 +107,34 @@ impl Tunnel {
         }
     }
 
+    /// Lets go of everything for the tunnel's removal: returns the receiver indices of its
+    /// sessions and of the handshake in flight; the sessions' keys go with `self`.
+    pub(super) fn retire(self) -> Released {
+        [self.current, self.previous, self.next]
+            .into_iter()
+            .flatten()
+            .map(|s| s.local_index)
+            .chain(self.initiating.map(|i| i.local_index))
+            .collect()
+    }
+
+    /// The endpoint configuration names (roaming may move it again).
+    pub(super) fn set_endpoint(&mut self, endpoint: Option<SocketAddr>) {
+        self.endpoint = endpoint;
+    }
+
+    /// A new persistent keepalive interval, counted from now; `None` stops it.
+    pub(super) fn set_persistent_keepalive(&mut self, interval: Option<Duration>, now: Instant) {
+        if interval == self.persistent_keepalive {
+            return;
+        }
+        self.persistent_keepalive = interval;
+        match interval {
+            Some(_) => self.timers.set(Timer::PersistentKeepalive, now),
+            None => self.timers.stop(Timer::PersistentKeepalive),
+        }
+    }
+
     pub(super) fn local(&self) -> LocalKeyId {
         self.local
     }

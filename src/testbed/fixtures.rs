@@ -19,7 +19,8 @@ use crate::identity::{Principal, PrivateKey};
 use crate::node::{Dropped, Egress, Ingress, Node};
 use crate::policy::{DefaultAction, PolicySet};
 use crate::proto::{
-    Device, DeviceConfig, Random, Received, Transmit, TunnelId, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+    Device, DeviceConfig, LocalKeyId, Random, Received, Transmit, TunnelId, SEAL_TAILROOM,
+    TRANSPORT_HEADER_LEN,
 };
 
 /// UDP endpoints of the two sides. Sans-IO: nothing is ever sent to them.
@@ -91,6 +92,8 @@ pub struct DevicePair {
     pub b: Device,
     pub ab: TunnelId,
     pub ba: TunnelId,
+    pub a_local: LocalKeyId,
+    pub b_local: LocalKeyId,
     pub a_addr: SocketAddr,
     pub b_addr: SocketAddr,
     pub a_public: [u8; 32],
@@ -128,6 +131,8 @@ impl DevicePair {
             b,
             ab,
             ba,
+            a_local: la,
+            b_local: lb,
             a_addr,
             b_addr,
             a_public,

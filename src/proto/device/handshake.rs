@@ -24,7 +24,11 @@ impl Device {
     /// Starts a handshake now unless one is waiting for its response or was sent within
     /// REKEY_TIMEOUT.
     pub fn initiate(&mut self, now: Instant, tunnel: TunnelId) {
-        if !self.tunnels[tunnel.0].may_initiate(now) {
+        if !self
+            .tunnels
+            .get(tunnel.0)
+            .is_some_and(|t| t.may_initiate(now))
+        {
             return;
         }
         self.tunnels[tunnel.0].begin_attempts(now);
@@ -358,13 +362,14 @@ pub enum Mac1Verdict {
 /// for without the device: a search costs a BLAKE2s per local identity.
 #[derive(Clone, Default)]
 pub struct Mac1Screen {
-    keys: Arc<[MacKeys]>,
+    /// By local identity slot; `None` where the slot is vacant.
+    keys: Arc<[Option<MacKeys>]>,
     /// Counts the changes of the device's keys, so a stale screen is noticed.
     generation: u64,
 }
 
 impl Mac1Screen {
-    pub(super) fn new(keys: Vec<MacKeys>, generation: u64) -> Self {
+    pub(super) fn new(keys: Vec<Option<MacKeys>>, generation: u64) -> Self {
         Mac1Screen {
             keys: keys.into(),
             generation,
@@ -378,7 +383,7 @@ impl Mac1Screen {
     fn local_for(&self, msg: &[u8]) -> Option<LocalKeyId> {
         self.keys
             .iter()
-            .position(|keys| keys.verify_mac1(msg))
+            .position(|keys| keys.as_ref().is_some_and(|k| k.verify_mac1(msg)))
             .map(LocalKeyId)
     }
 

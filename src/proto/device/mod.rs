@@ -23,6 +23,7 @@ use super::messages::{classify, read_u32, Kind, SEAL_TAILROOM, TRANSPORT_HEADER_
 use super::rate_limiter::RateLimiter;
 use super::report::{Event, ProtocolDrop, Stats};
 use super::session::{OpenError, OpenJob, SealJob};
+use super::slots::Slots;
 use super::timers::Timer;
 use super::tunnel::{Released, Tunnel};
 use super::{LocalKeyId, Random, TunnelId};
@@ -134,10 +135,10 @@ pub struct Device {
     /// Maps monotonic instants to wall-clock time for handshake timestamps.
     wall_clock_anchor: (Instant, Duration),
     random: Random,
-    locals: Vec<LocalKey>,
+    locals: Slots<LocalKey>,
     /// The locals' mac1 keys, shared with whoever screens initiations.
     screen: Mac1Screen,
-    tunnels: Vec<Tunnel>,
+    tunnels: Slots<Tunnel>,
     by_peer_key: HashMap<(LocalKeyId, [u8; 32]), TunnelId, RandomState>,
     /// Receiver index → tunnel, for sessions and handshakes in progress.
     indices: HashMap<u32, TunnelId, RandomState>,
@@ -171,9 +172,9 @@ impl Device {
     pub fn new(config: DeviceConfig, mut random: Random, now: Instant, now_unix: Duration) -> Self {
         Device {
             wall_clock_anchor: (now, now_unix),
-            locals: Vec::new(),
+            locals: Slots::default(),
             screen: Mac1Screen::default(),
-            tunnels: Vec::new(),
+            tunnels: Slots::default(),
             by_peer_key: HashMap::with_hasher(hash_state(&mut random)),
             indices: HashMap::with_hasher(hash_state(&mut random)),
             rate: RateLimiter::new(hash_state(&mut random)),
@@ -190,16 +191,41 @@ impl Device {
 
     pub fn add_local(&mut self, private: PrivateKey) -> LocalKeyId {
         let public = private.public_key();
-        self.locals.push(LocalKey {
+        let slot = self.locals.insert(LocalKey {
             private,
             keys: MacKeys::for_public_key(public.as_bytes()),
             cookies: CookieIssuer::new(),
         });
+        self.renew_screen();
+        LocalKeyId(slot)
+    }
+
+    /// Removes a local identity and every tunnel it has; its key is wiped once no
+    /// handshake in flight holds it any more.
+    pub fn remove_local(&mut self, local: LocalKeyId) {
+        let tunnels: Vec<TunnelId> = self
+            .by_peer_key
+            .iter()
+            .filter(|((l, _), _)| *l == local)
+            .map(|(_, t)| *t)
+            .collect();
+        for tunnel in tunnels {
+            self.remove_tunnel(tunnel);
+        }
+        if self.locals.remove(local.0).is_some() {
+            self.renew_screen();
+        }
+    }
+
+    /// A new screen for the current local identities; the old one goes stale.
+    fn renew_screen(&mut self) {
         self.screen = Mac1Screen::new(
-            self.locals.iter().map(|l| l.keys.clone()).collect(),
+            self.locals
+                .slots()
+                .map(|l| l.map(|l| l.keys.clone()))
+                .collect(),
             self.screen.generation() + 1,
         );
-        LocalKeyId(self.locals.len() - 1)
     }
 
     /// The local identities' mac1 keys, to screen initiations without the device.
@@ -216,17 +242,52 @@ impl Device {
         endpoint: Option<SocketAddr>,
         persistent_keepalive: Option<Duration>,
     ) -> TunnelId {
-        let id = TunnelId(self.tunnels.len());
-        self.tunnels.push(Tunnel::new(
+        let id = TunnelId(self.tunnels.insert(Tunnel::new(
             local,
             peer_public,
             endpoint,
             persistent_keepalive,
             now,
-        ));
+        )));
         self.by_peer_key.insert((local, peer_public), id);
         self.fold_deadline(id);
         id
+    }
+
+    /// Removes a tunnel at once: its sessions and their keys, the handshake in flight,
+    /// the packets waiting and its timers go; a message for one of its receiver indices
+    /// is then unknown. Its number may be given to a tunnel added later.
+    pub fn remove_tunnel(&mut self, tunnel: TunnelId) {
+        let Some(t) = self.tunnels.remove(tunnel.0) else {
+            return;
+        };
+        self.by_peer_key.remove(&(t.local(), *t.peer_public()));
+        self.release(t.retire());
+    }
+
+    /// Whether `tunnel` is one of the device's (not removed).
+    pub fn has_tunnel(&self, tunnel: TunnelId) -> bool {
+        self.tunnels.get(tunnel.0).is_some()
+    }
+
+    /// Sets the peer's endpoint, as configuration says (roaming moves it again later).
+    pub fn set_endpoint(&mut self, tunnel: TunnelId, endpoint: Option<SocketAddr>) {
+        if let Some(t) = self.tunnels.get_mut(tunnel.0) {
+            t.set_endpoint(endpoint);
+        }
+    }
+
+    /// Sets the persistent keepalive interval; a new interval starts counting now.
+    pub fn set_persistent_keepalive(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        interval: Option<Duration>,
+    ) {
+        if let Some(t) = self.tunnels.get_mut(tunnel.0) {
+            t.set_persistent_keepalive(interval, now);
+            self.fold_deadline(tunnel);
+        }
     }
 
     pub fn stats(&self) -> &Stats {
@@ -234,11 +295,11 @@ impl Device {
     }
 
     pub fn endpoint(&self, tunnel: TunnelId) -> Option<SocketAddr> {
-        self.tunnels[tunnel.0].endpoint()
+        self.tunnels.get(tunnel.0).and_then(Tunnel::endpoint)
     }
 
     pub fn has_session(&self, tunnel: TunnelId) -> bool {
-        self.tunnels[tunnel.0].has_session()
+        self.tunnels.get(tunnel.0).is_some_and(Tunnel::has_session)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -330,7 +391,11 @@ impl Device {
         buf: &mut [u8],
         len: usize,
     ) -> SealStep {
-        let t = &mut self.tunnels[tunnel.0];
+        // A removed tunnel has no endpoint any more.
+        let Some(t) = self.tunnels.get_mut(tunnel.0) else {
+            self.stats.count(ProtocolDrop::NoEndpoint);
+            return SealStep::Dropped(ProtocolDrop::NoEndpoint);
+        };
         let Some(destination) = t.endpoint() else {
             self.stats.count(ProtocolDrop::NoEndpoint);
             return SealStep::Dropped(ProtocolDrop::NoEndpoint);
@@ -470,8 +535,12 @@ impl Device {
         let plaintext = opened.map_err(open_drop)?;
         let (tunnel, receiver) = (open.tunnel, open.receiver);
         self.touched = Some(tunnel);
-        let t = &mut self.tunnels[tunnel.0];
-        // The session may have been replaced since the job was made.
+        // The tunnel may have been removed, or its session replaced, since the job was
+        // made.
+        let t = self
+            .tunnels
+            .get_mut(tunnel.0)
+            .ok_or(ProtocolDrop::UnknownIndex)?;
         let session = t
             .session_by_index(receiver)
             .filter(|s| s.issued(&open.job))
@@ -509,7 +578,9 @@ impl Device {
     /// Runs every timer that is due: retransmissions, keepalives, rekeys, expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
         for index in 0..self.tunnels.len() {
-            self.tunnel_timers(now, TunnelId(index));
+            if self.tunnels.get(index).is_some() {
+                self.tunnel_timers(now, TunnelId(index));
+            }
         }
         self.next_deadline = self.tunnels.iter().filter_map(Tunnel::next_deadline).min();
     }
