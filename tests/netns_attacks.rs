@@ -326,7 +326,7 @@ fn crafted_packets_through_a_tunnel_do_not_get_past_the_allow_list() {
     std::fs::write(&policy_file, POLICY_NARROW).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            daemon.log().contains("policy reloaded")
+            daemon.log().contains("configuration reloaded")
         }),
         "{}",
         daemon.log()

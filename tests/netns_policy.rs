@@ -304,7 +304,7 @@ fn reload_revokes_open_flows_and_a_broken_file_changes_nothing() {
     assert!(delivered(&mut client, &mut server, b"before any reload"));
 
     // A broken policy file at reload: rejected, the old policy stays, traffic as before.
-    reload(daemon_a, "[[policy]]\nname = ", "policy reload failed");
+    reload(daemon_a, "[[policy]]\nname = ", "reload refused");
     assert!(delivered(
         &mut client,
         &mut server,
@@ -313,7 +313,7 @@ fn reload_revokes_open_flows_and_a_broken_file_changes_nothing() {
     assert!(ping(b, Some(ip(FRONTEND)), ip(PAYMENT_SERVICE), 2));
 
     // A reload that revokes frontend's access stops the open connection at once.
-    reload(daemon_a, POLICY_A_REVOKED, "policy reloaded");
+    reload(daemon_a, POLICY_A_REVOKED, "configuration reloaded");
     // The TCP connection and the ping's echo flow.
     let revoked = daemon_a
         .log()
@@ -324,12 +324,12 @@ fn reload_revokes_open_flows_and_a_broken_file_changes_nothing() {
     assert!(!delivered(&mut client, &mut server, b"after revocation"));
     assert!(!ping(b, Some(ip(FRONTEND)), ip(PAYMENT_SERVICE), 2));
     // The file watcher picks up a change without a signal, too: restore the policy.
-    let before = daemon_a.log().matches("policy file changed").count();
+    let before = daemon_a.log().matches("configuration changed").count();
     std::fs::write(policy_file(daemon_a), POLICY_A).unwrap();
     assert!(wait_until(
         Duration::from_secs(5),
         Duration::from_millis(20),
-        || { daemon_a.log().matches("policy file changed").count() > before }
+        || { daemon_a.log().matches("configuration changed").count() > before }
     ));
     assert!(ping(b, Some(ip(FRONTEND)), ip(PAYMENT_SERVICE), 2));
     let log = daemon_a.stop().unwrap();

@@ -183,7 +183,7 @@ fn strict_identities_take_tunnelled_traffic_only() {
     std::fs::write(&policy_file, strict_only.unwrap()).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-            daemon_a.log().matches("policy reloaded").count() == 1
+            daemon_a.log().matches("configuration reloaded").count() == 1
         }),
         "{}",
         daemon_a.log()

@@ -4,7 +4,6 @@
 //! at a time, and share the node behind a lock taken once per batch. The control task
 //! owns everything else: the node's timer, signals, policy reload and shutdown.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,16 +18,18 @@ use crate::io::plaintext_filter::PlaintextFilter;
 use crate::io::tun::Tun;
 use crate::io::udp::Udp;
 use crate::node::Node;
-use crate::policy::{self, PolicySet};
+use crate::policy::PolicySet;
 use crate::proto;
 
+mod reload;
 mod send_errors;
 mod worker;
 
+use reload::Reloader;
 use worker::Shared;
 
-/// How often policy files are checked for changes.
-const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the configuration files are looked at for changes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Runs the daemon for `config` and its loaded allow list until SIGINT or SIGTERM.
 pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
@@ -57,20 +58,6 @@ fn worker_count(config: &NodeConfig) -> usize {
     })
 }
 
-/// What identifies a version of the policy files: (modified time, length) of each.
-type PolicyStamp = Vec<Option<(SystemTime, u64)>>;
-
-fn policy_stamp(files: &[PathBuf]) -> PolicyStamp {
-    files
-        .iter()
-        .map(|f| {
-            std::fs::metadata(f)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
-}
-
 fn log_policy(node: &Node, policy: &PolicySet) {
     for warning in &policy.warnings {
         tracing::warn!(%warning, "policy adjusted");
@@ -87,40 +74,20 @@ fn log_policy(node: &Node, policy: &PolicySet) {
     }
 }
 
-/// Reloads the policy files. A broken file, or a plaintext filter that cannot be set
-/// for the new STRICT identities, leaves the running policy (and filter) in place.
-fn reload_policy(shared: &Shared, config: &NodeConfig, filter: &mut PlaintextFilter, why: &str) {
-    let failed = |error: &dyn std::fmt::Display| {
-        tracing::error!(
-            trigger = why,
-            %error,
-            "policy reload failed; the previous policy stays in force"
-        )
-    };
-    let policy = match policy::load_files(&config.policy.files) {
-        Ok(policy) => policy,
-        Err(e) => return failed(&e),
-    };
-    let strict = shared.lock().node.strict_addresses(&policy);
-    if let Err(e) = filter.apply(&strict) {
-        return failed(&e);
-    }
-    let mut state = shared.lock();
-    let node = &mut state.node;
-    let revoked = node.set_policy(&policy);
-    tracing::info!(
-        trigger = why,
-        policies = policy.policies.len(),
-        revoked_flows = revoked,
-        strict_addresses = strict.len(),
-        "policy reloaded"
+/// The node's counters, the send errors, the reloads and the plaintext filter's drops,
+/// on one line.
+fn counters_line(
+    node: &Node,
+    shared: &Shared,
+    reloader: &Reloader,
+    filter: &PlaintextFilter,
+) -> String {
+    let mut line = format!(
+        "{} {} {}",
+        node.counters(),
+        shared.send_errors.counters(),
+        reloader.counters()
     );
-    log_policy(node, &policy);
-}
-
-/// The node's counters, the send errors and the plaintext filter's drops, on one line.
-fn counters_line(node: &Node, shared: &Shared, filter: &PlaintextFilter) -> String {
-    let mut line = format!("{} {}", node.counters(), shared.send_errors.counters());
     if let Some(dropped) = filter.dropped() {
         line.push_str(&format!(" plaintext_dropped={dropped}"));
     }
@@ -170,7 +137,7 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
     log_policy(&node, &policy);
     let (identities, peer_identities) = (node.locals().len(), node.peers().len());
     // Before the addresses exist on the device: a STRICT address never takes plaintext.
-    let strict = node.strict_addresses(&policy);
+    let strict = reload::strict_addresses(&config, &policy);
     let mut filter = PlaintextFilter::new(&config.interface.name);
     filter.apply(&strict)?;
     if !strict.is_empty() {
@@ -181,8 +148,7 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
         );
     }
     let shared = Shared::new(node);
-    let mut policy_version = policy_stamp(&config.policy.files);
-    let mut policy_poll = tokio::time::interval(POLICY_POLL_INTERVAL);
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut report = signal(SignalKind::user_defined1())?;
@@ -214,6 +180,7 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
         ));
     }
 
+    let mut reloader = Reloader::new(config);
     let mut transmits = Vec::new();
     let outcome = loop {
         let wake = {
@@ -245,20 +212,11 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
                 for line in state.node.decision_counters() {
                     tracing::info!(decisions = %line, "allow-list decisions");
                 }
-                let counters = counters_line(&state.node, &shared, &filter);
+                let counters = counters_line(&state.node, &shared, &reloader, &filter);
                 tracing::info!(%counters, "counters");
             }
-            _ = hangup.recv() => {
-                policy_version = policy_stamp(&config.policy.files);
-                reload_policy(&shared, &config, &mut filter, "SIGHUP");
-            }
-            _ = policy_poll.tick() => {
-                let stamp = policy_stamp(&config.policy.files);
-                if stamp != policy_version {
-                    policy_version = stamp;
-                    reload_policy(&shared, &config, &mut filter, "policy file changed");
-                }
-            }
+            _ = hangup.recv() => reloader.reload(&shared, &mut filter, "SIGHUP"),
+            _ = watch.tick() => reloader.poll(&shared, &mut filter),
         }
         worker::send_transmits(&control_socket, &shared.send_errors, &mut transmits).await;
     };
@@ -268,7 +226,7 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
     for line in state.node.decision_counters() {
         tracing::info!(decisions = %line, "allow-list decisions");
     }
-    let counters = counters_line(&state.node, &shared, &filter);
+    let counters = counters_line(&state.node, &shared, &reloader, &filter);
     tracing::info!(%counters, "meshguard stopping");
     drop(state);
     if let Err(e) = filter.remove() {

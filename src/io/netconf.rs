@@ -41,3 +41,11 @@ pub(crate) fn add_address(interface: &str, address: &IpNet) -> Result<(), Netcon
 pub(crate) fn add_route(interface: &str, net: &IpNet) -> Result<(), NetconfError> {
     ip(&["route", "replace", &net.to_string(), "dev", interface])
 }
+
+pub(crate) fn remove_address(interface: &str, address: &IpNet) -> Result<(), NetconfError> {
+    ip(&["address", "del", &address.to_string(), "dev", interface])
+}
+
+pub(crate) fn remove_route(interface: &str, net: &IpNet) -> Result<(), NetconfError> {
+    ip(&["route", "del", &net.to_string(), "dev", interface])
+}

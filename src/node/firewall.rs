@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::counters::{NodeDrop, PairDecisions};
 use super::flows::{self, Direction, FlowState, FlowTable, Opened, Owner};
 use super::fragments::{self, Fragments, LaterFragment};
-use super::routing::Routing;
+use super::routing::{Renumbering, Routing};
 use crate::config::PolicyConfig;
 use crate::identity::{LocalId, PairTable, PeerId, Principal};
 use crate::packet::{self, IpHeader, Transport};
@@ -129,6 +129,34 @@ impl Firewall {
                 .evaluate(opened.local, opened.peer, &opened.request)
                 .allowed
         })
+    }
+
+    /// Follows a reconfiguration of the identities (see [`Routing::apply`]): compiles the
+    /// allow list for the identities and `settings` now in force, drops the flows and
+    /// decision counts of identities that are gone, and re-checks the flows peers opened
+    /// (a local identity's labels, and so its policies, may have changed). Returns how
+    /// many flows were revoked.
+    pub(super) fn reconfigure(
+        &mut self,
+        routing: &Routing,
+        renumbering: &Renumbering,
+        policy: &PolicySet,
+        settings: &PolicyConfig,
+    ) -> usize {
+        self.settings = settings.clone();
+        let old_decisions = std::mem::replace(
+            &mut self.decisions,
+            PairTable::new(routing.locals().len(), routing.peers().len(), |_, _| {
+                PairDecisions::default()
+            }),
+        );
+        for (local, peer, counts) in old_decisions.iter() {
+            if let Some((local, peer)) = renumbering.pair((local, peer)) {
+                *self.decisions.get_mut(local, peer) = counts.clone();
+            }
+        }
+        self.flows.renumber(|owner| renumbering.pair(owner));
+        self.set_policy(routing, policy)
     }
 
     pub(super) fn root_namespace(&self) -> &str {

@@ -383,6 +383,49 @@ impl FlowTable {
         }
     }
 
+    /// Gives every flow the pair `renumber` maps its owner to, and drops the flows (and
+    /// remembered departures) of pairs it maps to `None`. Eviction order is kept.
+    pub(super) fn renumber(&mut self, renumber: impl Fn(Owner) -> Option<Owner>) {
+        self.recent = None;
+        let mut flows: Vec<(FlowKey, Flow)> = self.flows.drain().collect();
+        flows.sort_unstable_by_key(|(_, flow)| flow.stamp);
+        self.peers.clear();
+        self.peers_by_weight.clear();
+        let moved = |opened: Opened, owner: Owner| Opened {
+            local: owner.0,
+            peer: owner.1,
+            ..opened
+        };
+        for (key, mut flow) in flows {
+            let Some(owner) = renumber(flow.owner) else {
+                continue;
+            };
+            flow.owner = owner;
+            flow.state = match flow.state {
+                FlowState::Allowed(opened) => FlowState::Allowed(moved(opened, owner)),
+                FlowState::Revoked(opened) => FlowState::Revoked(moved(opened, owner)),
+                FlowState::OpenedLocally => FlowState::OpenedLocally,
+            };
+            let stamp = flow.stamp;
+            self.flows.insert(key, flow);
+            self.count(owner, 1, Some((key, stamp)));
+        }
+        self.departed.retain(|_, departed| {
+            let was = (departed.opened.local, departed.opened.peer);
+            match renumber(was) {
+                Some(owner) => {
+                    departed.opened = moved(departed.opened, owner);
+                    true
+                }
+                None => false,
+            }
+        });
+        let departed = &self.departed;
+        for queue in &mut self.departures {
+            queue.retain(|(k, s)| departed.get(k).is_some_and(|d| d.stamp == *s));
+        }
+    }
+
     /// Re-checks every peer-opened flow with `allowed`: denied ones become `Revoked`,
     /// revoked ones that are allowed again become `Allowed`. Remembered peer-opened UDP
     /// flows that left the table are marked the same way. Returns how many flows in the

@@ -17,8 +17,6 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
-
 use crate::config::NodeConfig;
 use crate::identity::{LocalId, PairTable, PeerId};
 use crate::packet::{self, Transport};
@@ -33,7 +31,15 @@ use counters::FlowCounts;
 pub use counters::{NodeDrop, NodeStats, PairDecisions};
 use firewall::{Admitted, Firewall, InboundPacket};
 use routing::Routing;
-pub use routing::{LocalIdentity, PeerIdentity};
+pub use routing::{IdentityChanges, LocalIdentity, PeerIdentity};
+
+/// What [`Node::reconfigure`] changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconfigured {
+    pub identities: IdentityChanges,
+    /// Flows peers opened that the allow list now denies.
+    pub revoked_flows: usize,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Egress {
@@ -119,6 +125,28 @@ impl Node {
         }
     }
 
+    /// Makes the node's identities and allow list those of `config` and `policy` while it
+    /// runs, like `wg syncconf`: identities whose public key and principal stay keep their
+    /// tunnels, sessions and flows; changed endpoints and keepalives take effect on the
+    /// kept tunnels; identities that are gone lose their tunnels, keys and flows at once;
+    /// new ones get theirs. Settings that need a restart (listen address, device, MTU,
+    /// workers) are the caller's to refuse; they are not looked at here.
+    pub fn reconfigure(
+        &mut self,
+        now: Instant,
+        config: &NodeConfig,
+        policy: &PolicySet,
+    ) -> Reconfigured {
+        let renumbering = self.routing.apply(config, &mut self.device, now);
+        let revoked_flows =
+            self.firewall
+                .reconfigure(&self.routing, &renumbering, policy, &config.policy);
+        Reconfigured {
+            identities: renumbering.changes,
+            revoked_flows,
+        }
+    }
+
     /// Replaces the allow list. Flows the peer opened are re-checked at once: those the
     /// new policy denies stop. Returns how many were revoked.
     pub fn set_policy(&mut self, policy: &PolicySet) -> usize {
@@ -138,15 +166,9 @@ impl Node {
             .collect()
     }
 
-    /// The addresses of the local identities that `policy` puts under STRICT mTLS: only
-    /// tunnelled packets may reach them.
-    pub fn strict_addresses(&self, policy: &PolicySet) -> Vec<IpNet> {
-        self.locals()
-            .iter()
-            .zip(self.mtls_modes(policy))
-            .filter(|(_, mode)| *mode == MtlsMode::Strict)
-            .flat_map(|(local, _)| local.addresses.iter().copied())
-            .collect()
+    /// What the protocol core counted (handshakes, drops).
+    pub fn protocol_stats(&self) -> &proto::Stats {
+        self.device.stats()
     }
 
     pub fn stats(&self) -> &NodeStats {

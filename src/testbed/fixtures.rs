@@ -465,6 +465,9 @@ pub struct NodePair {
     pub b: Node,
     pub a_addr: SocketAddr,
     pub b_addr: SocketAddr,
+    /// The configurations the nodes were built from, to change and reapply.
+    pub a_config: NodeConfig,
+    pub b_config: NodeConfig,
 }
 
 impl Default for NodePair {
@@ -538,12 +541,18 @@ impl NodePair {
         let node = |config: &NodeConfig, seed: u64| {
             Node::new(config, &PolicySet::default(), seeded(seed), now, UNIX_START)
         };
+        let (a_config, b_config) = (
+            node_config(&a, &b, a_default),
+            node_config(&b, &a, b_default),
+        );
         NodePair {
             now,
-            a: node(&node_config(&a, &b, a_default), A_SEED),
-            b: node(&node_config(&b, &a, b_default), B_SEED),
+            a: node(&a_config, A_SEED),
+            b: node(&b_config, B_SEED),
             a_addr: a.endpoint,
             b_addr: b.endpoint,
+            a_config,
+            b_config,
         }
     }
 

@@ -13,6 +13,7 @@ use super::{wait_until, ChildGuard, Netns, TempDir};
 use crate::identity::PrivateKey;
 
 /// One workload identity of a node under test.
+#[derive(Clone)]
 pub struct IdentitySpec {
     pub principal: String,
     pub addresses: Vec<String>,
@@ -53,6 +54,7 @@ action = "ALLOW"
 "#;
 
 /// A meshguard node: its underlay address, its identities and its allow list.
+#[derive(Clone)]
 pub struct NodeSpec {
     pub name: String,
     pub listen: SocketAddr,
@@ -67,6 +69,7 @@ pub struct NodeSpec {
 }
 
 /// How a node sees one remote node: a peer file.
+#[derive(Clone)]
 pub struct PeerEntry {
     pub name: String,
     pub endpoint: Option<SocketAddr>,
@@ -96,13 +99,20 @@ fn toml_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-fn write_secret(path: &Path, contents: &str) -> io::Result<()> {
+/// Writes `contents` to `path` in one step (a temporary file renamed over it), so a
+/// daemon watching the file never reads it half-written; `mode` is the new file's.
+fn write_whole(path: &Path, contents: &str, mode: u32) -> io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    io::Write::write_all(&mut file, contents.as_bytes())
+        .mode(mode)
+        .open(&partial)?;
+    io::Write::write_all(&mut file, contents.as_bytes())?;
+    std::fs::rename(&partial, path)
 }
 
 /// Writes the node file (interface `mg0`, every identity address on it, default deny),
@@ -111,6 +121,15 @@ fn write_secret(path: &Path, contents: &str) -> io::Result<()> {
 pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("keys"))?;
     std::fs::create_dir_all(dir.join("peers"))?;
+    let path = write_node_file(dir, node)?;
+    for peer in peers {
+        write_peer_file(dir, peer)?;
+    }
+    Ok(path)
+}
+
+/// The node file, its keys and its policy file in `dir` (whose `keys` directory exists).
+fn write_node_file(dir: &Path, node: &NodeSpec) -> io::Result<PathBuf> {
     let all_addresses: Vec<String> = node
         .identities
         .iter()
@@ -136,12 +155,13 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
         "[policy]\nfiles = [\"{policy_file}\"]\ndefault = \"deny\"\n"
     )
     .unwrap();
-    std::fs::write(dir.join(policy_file), &node.policy)?;
+    write_whole(&dir.join(policy_file), &node.policy, 0o644)?;
     for (index, identity) in node.identities.iter().enumerate() {
         let key_file = format!("keys/identity-{index}.key");
-        write_secret(
+        write_whole(
             &dir.join(&key_file),
             &format!("{}\n", identity.private_key.to_base64()),
+            0o600,
         )?;
         writeln!(text, "[[identity]]\nprincipal = {:?}", identity.principal).unwrap();
         writeln!(text, "private_key_file = {key_file:?}").unwrap();
@@ -154,23 +174,26 @@ pub fn write_config(dir: &Path, node: &NodeSpec, peers: &[PeerEntry]) -> io::Res
         writeln!(text, "labels = {{ {} }}\n", labels.join(", ")).unwrap();
     }
     let path = dir.join("node.toml");
-    std::fs::write(&path, text)?;
-    for peer in peers {
-        let mut text = format!("name = {:?}\n", peer.name);
-        if let Some(endpoint) = peer.endpoint {
-            writeln!(text, "endpoint = \"{endpoint}\"").unwrap();
-        }
-        if let Some(seconds) = peer.persistent_keepalive {
-            writeln!(text, "persistent_keepalive = {seconds}").unwrap();
-        }
-        for (principal, public_key, allowed_ips) in &peer.identities {
-            writeln!(text, "\n[[identity]]\nprincipal = {principal:?}").unwrap();
-            writeln!(text, "public_key = {public_key:?}").unwrap();
-            writeln!(text, "allowed_ips = {}", toml_list(allowed_ips)).unwrap();
-        }
-        std::fs::write(dir.join("peers").join(format!("{}.toml", peer.name)), text)?;
-    }
+    write_whole(&path, &text, 0o644)?;
     Ok(path)
+}
+
+/// One peer file in `dir/peers`, named after the peer.
+fn write_peer_file(dir: &Path, peer: &PeerEntry) -> io::Result<()> {
+    let mut text = format!("name = {:?}\n", peer.name);
+    if let Some(endpoint) = peer.endpoint {
+        writeln!(text, "endpoint = \"{endpoint}\"").unwrap();
+    }
+    if let Some(seconds) = peer.persistent_keepalive {
+        writeln!(text, "persistent_keepalive = {seconds}").unwrap();
+    }
+    for (principal, public_key, allowed_ips) in &peer.identities {
+        writeln!(text, "\n[[identity]]\nprincipal = {principal:?}").unwrap();
+        writeln!(text, "public_key = {public_key:?}").unwrap();
+        writeln!(text, "allowed_ips = {}", toml_list(allowed_ips)).unwrap();
+    }
+    let path = dir.join("peers").join(format!("{}.toml", peer.name));
+    write_whole(&path, &text, 0o644)
 }
 
 /// A running `meshguard up` in a namespace, with its configuration directory.
@@ -221,6 +244,33 @@ impl MeshguardNode {
 
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// Rewrites the running daemon's node file, keys, policy file and peer files for
+    /// `node` and `peers` (peer files of other peers are removed), each file in one step.
+    /// The daemon notices and reloads.
+    pub fn rewrite(&self, node: &NodeSpec, peers: &[PeerEntry]) -> io::Result<()> {
+        let dir = self
+            .config
+            .parent()
+            .expect("the node file is in a directory");
+        write_node_file(dir, node)?;
+        let wanted: Vec<String> = peers.iter().map(|p| format!("{}.toml", p.name)).collect();
+        for entry in std::fs::read_dir(dir.join("peers"))? {
+            let entry = entry?;
+            if !wanted.contains(&entry.file_name().to_string_lossy().into_owned()) {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        for peer in peers {
+            write_peer_file(dir, peer)?;
+        }
+        Ok(())
+    }
+
+    /// How many reloads the daemon has logged as applied so far.
+    pub fn reloads(&self) -> usize {
+        self.log().matches("configuration reloaded").count()
     }
 
     pub fn process(&self) -> &ChildGuard {

@@ -1,0 +1,176 @@
+//! Reconfiguring a running node (`Node::reconfigure`), on two nodes without sockets: what
+//! stays keeps its sessions and flows, what goes is gone at once, what comes works at once.
+
+use std::net::SocketAddr;
+
+use meshguard::node::{Dropped, Egress, IdentityChanges, Ingress, NodeDrop};
+use meshguard::policy::{DefaultAction, PolicySet};
+use meshguard::proto::ProtocolDrop;
+use meshguard::testbed::fixtures::{ipv4, ipv4_udp, udp, NodePair, A_INNER, B_INNER};
+
+const B_INNER2: [u8; 4] = [10, 2, 0, 2];
+
+fn handshakes(pair: &NodePair) -> (u64, u64) {
+    (
+        pair.a.protocol_stats().handshakes_completed,
+        pair.b.protocol_stats().handshakes_completed,
+    )
+}
+
+/// Sends a UDP packet from A's identity to `to` and returns what B made of it, without
+/// any handshake: A must already have a session.
+fn a_sends_now(pair: &mut NodePair, to: [u8; 4]) -> Ingress {
+    let mut buf = ipv4_udp(A_INNER, to, 64);
+    match pair.a.egress(pair.now, &mut buf, 64) {
+        Egress::Send { len, .. } => pair.b.ingress(pair.now, pair.a_addr, &mut buf[..len]),
+        other => panic!("A had no session to send on: {other:?}"),
+    }
+}
+
+fn reconfigure_b(pair: &mut NodePair) -> IdentityChanges {
+    let config = pair.b_config.clone();
+    pair.b
+        .reconfigure(pair.now, &config, &PolicySet::default())
+        .identities
+}
+
+#[test]
+fn an_unchanged_configuration_keeps_every_session() {
+    let mut pair = NodePair::connected();
+    let before = handshakes(&pair);
+    assert_eq!(reconfigure_b(&mut pair), IdentityChanges::default());
+    assert!(matches!(
+        a_sends_now(&mut pair, B_INNER),
+        Ingress::Deliver { .. }
+    ));
+    assert!(
+        pair.b.poll_transmit().is_none(),
+        "no handshake, nothing to answer"
+    );
+    assert_eq!(handshakes(&pair), before);
+}
+
+#[test]
+fn a_removed_peer_is_gone_at_once_and_comes_back_with_a_new_handshake() {
+    let mut pair = NodePair::connected();
+    let peer = pair.b_config.peers.remove(0);
+    let changes = reconfigure_b(&mut pair);
+    assert_eq!(
+        changes,
+        IdentityChanges {
+            peers_removed: 1,
+            ..IdentityChanges::default()
+        }
+    );
+    assert_eq!(
+        a_sends_now(&mut pair, B_INNER),
+        Ingress::Dropped(Dropped::Protocol(ProtocolDrop::UnknownIndex))
+    );
+    assert!(pair.b.poll_transmit().is_none(), "nothing answered");
+    // B has no way to A any more.
+    let mut buf = ipv4_udp(B_INNER, A_INNER, 64);
+    assert_eq!(
+        pair.b.egress(pair.now, &mut buf, 64),
+        Egress::Dropped(Dropped::Node(NodeDrop::NoPeer))
+    );
+
+    pair.b_config.peers.push(peer);
+    let changes = reconfigure_b(&mut pair);
+    assert_eq!(changes.peers_added, 1);
+    // A's session is unknown to B: B answers A's next initiation and data flows again.
+    let before = handshakes(&pair).1;
+    pair.now += std::time::Duration::from_secs(6);
+    let mut buf = ipv4_udp(B_INNER, A_INNER, 64);
+    assert_eq!(pair.b.egress(pair.now, &mut buf, 64), Egress::Queued);
+    let delivered = pair.pump();
+    assert!(
+        matches!(delivered[..], [Ingress::Deliver { .. }]),
+        "{delivered:?}"
+    );
+    assert_eq!(handshakes(&pair).1, before + 1);
+}
+
+#[test]
+fn a_changed_endpoint_is_used_at_once_and_the_session_kept() {
+    let mut pair = NodePair::connected();
+    let moved: SocketAddr = "198.18.77.7:51820".parse().unwrap();
+    pair.b_config.peers[0].endpoint = Some(moved);
+    pair.b_config.peers[0].persistent_keepalive = Some(25);
+    assert_eq!(
+        reconfigure_b(&mut pair),
+        IdentityChanges {
+            peers_changed: 1,
+            ..IdentityChanges::default()
+        }
+    );
+    let mut buf = ipv4_udp(B_INNER, A_INNER, 64);
+    match pair.b.egress(pair.now, &mut buf, 64) {
+        Egress::Send { destination, .. } => assert_eq!(destination, moved),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_removed_local_identity_takes_its_tunnels_and_leaves_the_others() {
+    let mut pair = NodePair::with_b_identities(
+        DefaultAction::Allow,
+        DefaultAction::Allow,
+        &[B_INNER, B_INNER2],
+    )
+    .connect();
+    // A talks to server-2 too.
+    let mut buf = ipv4_udp(A_INNER, B_INNER2, 64);
+    assert_eq!(pair.a.egress(pair.now, &mut buf, 64), Egress::Queued);
+    assert!(matches!(pair.pump()[..], [Ingress::Deliver { .. }]));
+    let before = handshakes(&pair);
+
+    pair.b_config.identities.remove(0);
+    assert_eq!(
+        reconfigure_b(&mut pair),
+        IdentityChanges {
+            locals_removed: 1,
+            ..IdentityChanges::default()
+        }
+    );
+    assert_eq!(
+        a_sends_now(&mut pair, B_INNER),
+        Ingress::Dropped(Dropped::Protocol(ProtocolDrop::UnknownIndex))
+    );
+    assert!(
+        matches!(a_sends_now(&mut pair, B_INNER2), Ingress::Deliver { .. }),
+        "server-2 keeps its session"
+    );
+    assert_eq!(handshakes(&pair), before);
+}
+
+/// A flow a local workload opened keeps letting replies in after a reconfiguration
+/// renumbers its identity (here: the identity before it is removed).
+#[test]
+fn flows_follow_their_identity_through_a_renumbering() {
+    let mut pair = NodePair::with_b_identities(
+        DefaultAction::Allow,
+        DefaultAction::Deny,
+        &[B_INNER, B_INNER2],
+    );
+    // server-2 opens a UDP flow to A; A's reply is let in by the flow alone.
+    let (mut out, len) = ipv4(B_INNER2, A_INNER, 17, (0, 0, false), &udp(5000, 6000, b"x"));
+    assert_eq!(pair.b.egress(pair.now, &mut out, len), Egress::Queued);
+    assert!(matches!(pair.pump()[..], [Ingress::Deliver { .. }]));
+    let reply = || ipv4(A_INNER, B_INNER2, 17, (0, 0, false), &udp(6000, 5000, b"y"));
+    let (buf, len) = reply();
+    assert!(matches!(pair.a_to_b(buf, len), Ingress::Deliver { .. }));
+
+    pair.b_config.identities.remove(0);
+    reconfigure_b(&mut pair);
+    let (buf, len) = reply();
+    assert!(
+        matches!(pair.a_to_b(buf, len), Ingress::Deliver { .. }),
+        "the flow moved with server-2"
+    );
+    // Anything else from A to server-2 is still denied.
+    let (buf, len) = ipv4(A_INNER, B_INNER2, 17, (0, 0, false), &udp(6000, 5001, b"z"));
+    assert_eq!(
+        pair.a_to_b(buf, len),
+        Ingress::Dropped(Dropped::Node(NodeDrop::PolicyDenied))
+    );
+}
