@@ -43,6 +43,7 @@ fn config_with_peers(count: usize) -> NodeConfig {
                     .parse()
                     .expect("principal"),
                 public_key: key.public_key(),
+                next_public_key: None,
                 allowed_ips: vec![address],
             }],
         });

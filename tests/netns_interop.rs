@@ -87,6 +87,7 @@ fn interop(kind: WgKind, initiator: Initiator, underlay: Underlay) {
             wg_public.clone(),
             vec![format!("{WG_OVERLAY}/32")],
         )],
+        next_keys: Vec::new(),
     };
 
     let wg = WgPeer::start(

@@ -447,3 +447,86 @@ fn run_steps(
         "A and B never shook hands again"
     );
 }
+
+/// A full rotation of B's key with a TCP stream and a ping from A to B running
+/// throughout, following the README's procedure: B answers on a next key, A prefers it,
+/// B switches, A retires the old key. Nothing is lost, and the old key is refused after.
+#[test]
+fn a_key_rotation_under_traffic_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    let lan = Lan::new("rotl").unwrap();
+    let (ns_a, ns_b) = (Netns::new("rota").unwrap(), Netns::new("rotb").unwrap());
+    lan.attach(&ns_a, "198.18.12.1/24").unwrap();
+    lan.attach(&ns_b, "198.18.12.2/24").unwrap();
+    let spec_a = node(
+        "node-a",
+        "198.18.12.1:51820",
+        vec![identity("cluster.local/ns/payments/sa/a-one", A)],
+    );
+    let mut spec_b = node(
+        "node-b",
+        "198.18.12.2:51820",
+        vec![identity("cluster.local/ns/web/sa/b-one", B)],
+    );
+    let binary = Path::new(env!("CARGO_BIN_EXE_meshguard"));
+    let daemon_a =
+        MeshguardNode::start(binary, &ns_a, &spec_a, &[PeerEntry::for_node(&spec_b)]).unwrap();
+    let daemon_b =
+        MeshguardNode::start(binary, &ns_b, &spec_b, &[PeerEntry::for_node(&spec_a)]).unwrap();
+    let old_b = spec_b.identities[0].clone();
+    let stream = Stream::start(&ns_a, A, &ns_b, B);
+    let pings = std::thread::scope(|scope| {
+        let pinger = scope.spawn(|| ping_stats(&ns_a, Some(ip(A)), ip(B), 60));
+        std::thread::sleep(Duration::from_secs(1));
+        // 1. B also answers on its next key.
+        spec_b.identities[0].next_private_key = Some(meshguard::identity::PrivateKey::generate());
+        apply(&daemon_b, &spec_b, &[PeerEntry::for_node(&spec_a)]);
+        std::thread::sleep(Duration::from_secs(1));
+        // 2. A learns the next key and moves its traffic to it.
+        apply(&daemon_a, &spec_a, &[PeerEntry::for_node(&spec_b)]);
+        std::thread::sleep(Duration::from_secs(2));
+        // 3. B switches to the next key; the old one goes.
+        let next = spec_b.identities[0].next_private_key.take().unwrap();
+        spec_b.identities[0].private_key = next;
+        apply(&daemon_b, &spec_b, &[PeerEntry::for_node(&spec_a)]);
+        std::thread::sleep(Duration::from_secs(1));
+        // 4. A retires the old key.
+        apply(&daemon_a, &spec_a, &[PeerEntry::for_node(&spec_b)]);
+        pinger.join().unwrap().unwrap()
+    });
+    let (sent, received) = stream.finish();
+    eprintln!(
+        "through a key rotation: {received} bytes of TCP intact; ping {}/{}",
+        pings.received, pings.transmitted
+    );
+    assert_eq!(sent, received, "the stream arrived whole");
+    assert_eq!(pings.received, pings.transmitted, "no ping lost");
+    assert_eq!(
+        handshakes(
+            &daemon_a,
+            "cluster.local/ns/payments/sa/a-one",
+            "cluster.local/ns/web/sa/b-one"
+        ),
+        2,
+        "one handshake at start, one to move to the new key"
+    );
+
+    // A node that still knows only the old key gets nothing from B.
+    let spec_stale = NodeSpec {
+        name: "node-a".into(),
+        ..spec_a.clone()
+    };
+    let stale_peer = PeerEntry::for_node(&NodeSpec {
+        identities: vec![old_b],
+        ..spec_b.clone()
+    });
+    apply(&daemon_a, &spec_stale, &[stale_peer]);
+    assert!(
+        !ping(&ns_a, Some(ip(A)), ip(B), 3),
+        "the old key is refused"
+    );
+    let log_b = daemon_b.stop().unwrap();
+    assert!(counter(&log_b, "bad_mac1").unwrap() > 0, "{log_b}");
+}

@@ -174,3 +174,80 @@ fn flows_follow_their_identity_through_a_renumbering() {
         Ingress::Dropped(Dropped::Node(NodeDrop::PolicyDenied))
     );
 }
+
+/// A full key rotation of B's identity with traffic from A throughout: B answers on a
+/// next key, A prefers it and moves its traffic there with one handshake, B switches,
+/// A retires the old key. Every packet arrives, and afterwards the old key is refused.
+#[test]
+fn a_key_rotation_loses_nothing_and_retires_the_old_key() {
+    use meshguard::identity::PrivateKey;
+    use meshguard::testbed::fixtures::seeded_key;
+
+    let mut pair = NodePair::connected();
+    let old_public = pair.b_config.identities[0].public_key;
+    let next: PrivateKey = seeded_key(0x2b);
+    let next_public = next.public_key();
+    let delivered = |pair: &mut NodePair| {
+        let buf = ipv4_udp(A_INNER, B_INNER, 64);
+        matches!(pair.a_to_b(buf, 64), Ingress::Deliver { .. })
+    };
+    let reconfigure_a = |pair: &mut NodePair| {
+        let config = pair.a_config.clone();
+        pair.a
+            .reconfigure(pair.now, &config, &PolicySet::default())
+            .identities
+    };
+    let (a0, b0) = handshakes(&pair);
+
+    // 1. B also answers on its next key.
+    pair.b_config.identities[0].next_key = Some(("next.key".into(), next.clone(), next_public));
+    assert_eq!(reconfigure_b(&mut pair).locals_changed, 1);
+    assert!(delivered(&mut pair));
+    assert_eq!(handshakes(&pair), (a0, b0), "nothing new yet");
+
+    // 2. A learns the next key and prefers it: the next packet still goes on the old
+    // session while A shakes hands on the new keys, and later ones use the new session.
+    pair.a_config.peers[0].identities[0].next_public_key = Some(next_public);
+    assert_eq!(reconfigure_a(&mut pair).peers_changed, 1);
+    assert!(
+        delivered(&mut pair),
+        "on the old session, with a handshake started"
+    );
+    assert!(pair.pump().is_empty(), "the handshake completes");
+    assert_eq!(handshakes(&pair), (a0 + 1, b0 + 1));
+    assert!(delivered(&mut pair));
+
+    // 3. B switches to its next key: the old key and its tunnel go; A's traffic is on the
+    // new one already.
+    let identity = &mut pair.b_config.identities[0];
+    identity.private_key = next.clone();
+    identity.public_key = next_public;
+    identity.next_key = None;
+    reconfigure_b(&mut pair);
+    assert!(delivered(&mut pair), "after B's switch");
+
+    // 4. A retires the old key.
+    let peer = &mut pair.a_config.peers[0].identities[0];
+    peer.public_key = next_public;
+    peer.next_public_key = None;
+    reconfigure_a(&mut pair);
+    assert!(delivered(&mut pair), "after A retired the old key");
+    assert_eq!(handshakes(&pair), (a0 + 1, b0 + 1), "one handshake in all");
+
+    // The old key is refused: an initiation to it finds no key of B's.
+    let now = pair.now;
+    let mut stranger = meshguard::proto::Device::new(
+        meshguard::proto::DeviceConfig::default(),
+        meshguard::testbed::fixtures::seeded(7),
+        now,
+        meshguard::testbed::fixtures::UNIX_START,
+    );
+    let local = stranger.add_local(seeded_key(0xa));
+    let tunnel = stranger.add_tunnel(now, local, *old_public.as_bytes(), Some(pair.b_addr), None);
+    stranger.initiate(now, tunnel);
+    let mut init = stranger.poll_transmit().unwrap().data;
+    assert_eq!(
+        pair.b.ingress(now, pair.a_addr, &mut init),
+        Ingress::Dropped(Dropped::Protocol(ProtocolDrop::BadMac1))
+    );
+}

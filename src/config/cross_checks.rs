@@ -55,6 +55,8 @@ pub(super) struct Positions {
 pub(super) struct IdentityPositions {
     /// Line of `private_key_file` (local) or `public_key` (peer).
     pub key_line: usize,
+    /// Line of `next_private_key_file` (local) or `next_public_key` (peer), if there is one.
+    pub next_key_line: Option<usize>,
     /// Line of each entry of `addresses` (local) or `allowed_ips` (peer).
     pub prefix_lines: Vec<usize>,
 }
@@ -85,8 +87,8 @@ pub(super) fn check_cross(
     struct Ident<'a> {
         file: &'a Path,
         principal: &'a Principal,
-        public_key: PublicKey,
-        key_name: &'static str,
+        /// Each public key with the key that names it and its line.
+        keys: Vec<(PublicKey, &'static str, usize)>,
         prefix_name: &'static str,
         nets: &'a [IpNet],
         pos: &'a IdentityPositions,
@@ -98,8 +100,17 @@ pub(super) fn check_cross(
             Ident {
                 file: &cfg.path,
                 principal: &id.principal,
-                public_key: id.public_key,
-                key_name: "private_key_file",
+                keys: [(
+                    id.public_key,
+                    "private_key_file",
+                    local_pos.identities[i].key_line,
+                )]
+                .into_iter()
+                .chain(id.next_key.as_ref().map(|(_, _, public)| {
+                    let line = local_pos.identities[i].next_key_line.unwrap_or(0);
+                    (*public, "next_private_key_file", line)
+                }))
+                .collect(),
                 prefix_name: "addresses",
                 nets: &id.addresses,
                 pos: &local_pos.identities[i],
@@ -113,8 +124,13 @@ pub(super) fn check_cross(
                 Ident {
                     file: &peer.path,
                     principal: &id.principal,
-                    public_key: id.public_key,
-                    key_name: "public_key",
+                    keys: [(id.public_key, "public_key", pos.identities[i].key_line)]
+                        .into_iter()
+                        .chain(id.next_public_key.map(|next| {
+                            let line = pos.identities[i].next_key_line.unwrap_or(0);
+                            (next, "next_public_key", line)
+                        }))
+                        .collect(),
                     prefix_name: "allowed_ips",
                     nets: &id.allowed_ips,
                     pos: &pos.identities[i],
@@ -123,28 +139,46 @@ pub(super) fn check_cross(
         }
     }
 
-    // Public keys.
+    // Public keys, current and next.
     let mut keys: HashMap<PublicKey, Origin> = HashMap::new();
     for (i, id) in &idents {
-        let origin = Origin {
-            file: id.file,
-            key: format!("identity[{i}].{}", id.key_name),
-            line: id.pos.key_line,
-            principal: id.principal,
-        };
-        match keys.entry(id.public_key) {
-            Entry::Occupied(first) => {
-                let reason = format!(
-                    "public key {} of {} is also used by {}; every identity needs its own key",
-                    id.public_key,
-                    id.principal,
-                    first.get().describe(id.file)
-                );
-                return Err(origin.err(reason));
+        for &(public_key, key_name, line) in &id.keys {
+            let origin = Origin {
+                file: id.file,
+                key: format!("identity[{i}].{key_name}"),
+                line,
+                principal: id.principal,
+            };
+            match keys.entry(public_key) {
+                Entry::Occupied(first) => {
+                    let reason = format!(
+                        "public key {public_key} of {} is also used by {}; every identity \
+                         needs its own key",
+                        id.principal,
+                        first.get().describe(id.file)
+                    );
+                    return Err(origin.err(reason));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(origin);
+                }
             }
-            Entry::Vacant(v) => {
-                v.insert(origin);
-            }
+        }
+    }
+
+    // One identity per principal on this node, and in each peer file: a principal
+    // names one identity there, whatever keys it rotates through.
+    let mut principals: HashMap<(&Path, &Principal), usize> = HashMap::new();
+    for (i, id) in &idents {
+        if let Some(first) = principals.insert((id.file, id.principal), *i) {
+            return Err(FileError::new(
+                id.file,
+                format!("identity[{i}].principal"),
+                format!(
+                    "{} is already identity[{first}] of this file; one identity per principal",
+                    id.principal
+                ),
+            ));
         }
     }
 

@@ -267,6 +267,24 @@ pub(super) fn check_local_identity(
     let private_key = load_private_key_file(&private_key_file)
         .map_err(|e| src.error_at(&key, raw.private_key_file.span(), e.to_string()))?;
     let public_key = private_key.public_key();
+    let next_key = match &raw.next_private_key_file {
+        None => None,
+        Some(file) => {
+            let key = format!("identity[{i}].next_private_key_file");
+            let path = resolve_path(src, base, &key, file)?;
+            let private = load_private_key_file(&path)
+                .map_err(|e| src.error_at(&key, file.span(), e.to_string()))?;
+            let public = private.public_key();
+            if public == public_key {
+                return Err(src.error_at(
+                    &key,
+                    file.span(),
+                    "the next key is the current key; give the identity a new key to rotate to",
+                ));
+            }
+            Some((path, private, public))
+        }
+    };
     let addr_key = format!("identity[{i}].addresses");
     if raw.addresses.is_empty() {
         return Err(src.error(
@@ -283,11 +301,16 @@ pub(super) fn check_local_identity(
         private_key_file,
         private_key,
         public_key,
+        next_key,
         addresses,
         labels: raw.labels.clone(),
     };
     let pos = IdentityPositions {
         key_line: src.line(&raw.private_key_file.span()),
+        next_key_line: raw
+            .next_private_key_file
+            .as_ref()
+            .map(|f| src.line(&f.span())),
         prefix_lines,
     };
     Ok((id, pos))
@@ -306,6 +329,22 @@ pub(super) fn check_peer_identity(
             format!("invalid public key: {e}"),
         )
     })?;
+    let next_public_key = match &raw.next_public_key {
+        None => None,
+        Some(next) => {
+            let key = format!("identity[{i}].next_public_key");
+            let parsed = PublicKey::from_base64(next.get_ref())
+                .map_err(|e| src.error_at(&key, next.span(), format!("invalid public key: {e}")))?;
+            if parsed == public_key {
+                return Err(src.error_at(
+                    &key,
+                    next.span(),
+                    "the next key is the current key; list the key the identity rotates to",
+                ));
+            }
+            Some(parsed)
+        }
+    };
     let ips_key = format!("identity[{i}].allowed_ips");
     if raw.allowed_ips.is_empty() {
         return Err(src.error(
@@ -320,10 +359,12 @@ pub(super) fn check_peer_identity(
     let id = PeerIdentityConfig {
         principal,
         public_key,
+        next_public_key,
         allowed_ips,
     };
     let pos = IdentityPositions {
         key_line: src.line(&raw.public_key.span()),
+        next_key_line: raw.next_public_key.as_ref().map(|k| src.line(&k.span())),
         prefix_lines,
     };
     Ok((id, pos))

@@ -114,6 +114,9 @@ pub struct LocalIdentityConfig {
     pub private_key: PrivateKey,
     /// Derived from `private_key`.
     pub public_key: PublicKey,
+    /// A second key the identity also answers handshakes on, while it rotates to it:
+    /// the key file (resolved), the key, its public key.
+    pub next_key: Option<(PathBuf, PrivateKey, PublicKey)>,
     /// Addresses on this node carried by this identity. Never empty; no host bits set.
     pub addresses: Vec<IpNet>,
     pub labels: BTreeMap<String, String>,
@@ -138,6 +141,9 @@ pub struct PeerConfig {
 pub struct PeerIdentityConfig {
     pub principal: Principal,
     pub public_key: PublicKey,
+    /// The key the identity rotates to: initiations go to it first, and the current key
+    /// keeps working until it is removed.
+    pub next_public_key: Option<PublicKey>,
     /// Never empty; no host bits set.
     pub allowed_ips: Vec<IpNet>,
 }

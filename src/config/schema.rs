@@ -51,6 +51,7 @@ pub(crate) struct RawInterface {
 pub(crate) struct RawLocalIdentity {
     pub principal: Spanned<String>,
     pub private_key_file: Spanned<String>,
+    pub next_private_key_file: Option<Spanned<String>>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
     #[serde(default)]
@@ -74,6 +75,7 @@ pub(crate) struct RawPeer {
 pub(crate) struct RawPeerIdentity {
     pub principal: Spanned<String>,
     pub public_key: Spanned<String>,
+    pub next_public_key: Option<Spanned<String>>,
     #[serde(default)]
     pub allowed_ips: Vec<Spanned<String>>,
 }

@@ -214,10 +214,14 @@ impl Node {
         let Some(header) = packet::parse(packet) else {
             return dropped(self, NodeDrop::NotIp);
         };
-        let (local, peer, tunnel) = match self.routing.egress(&header) {
+        let (local, peer, tunnel, preferred) = match self.routing.egress(&header, &self.device) {
             Ok(route) => route,
             Err(drop) => return dropped(self, drop),
         };
+        if let Some(preferred) = preferred {
+            // A key rotation: the preferred keys have no session yet.
+            self.device.initiate(now, preferred);
+        }
         self.firewall
             .track_outbound(now, &header, header.transport(packet), (local, peer));
         match self.device.begin_seal(now, tunnel, buf, len) {

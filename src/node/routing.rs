@@ -60,9 +60,13 @@ struct TunnelSettings {
 
 pub(super) struct Routing {
     locals: Vec<LocalIdentity>,
-    /// Each local identity's key in the device.
-    local_keys: Vec<LocalKeyId>,
+    /// Each local identity's keys in the device, the one it initiates with first (a
+    /// second one while it rotates).
+    local_keys: Vec<Vec<(PublicKey, LocalKeyId)>>,
     peers: Vec<PeerIdentity>,
+    /// Each peer identity's public keys, the one to initiate to first (its next key
+    /// while it rotates, then its current one).
+    peer_keys: Vec<Vec<PublicKey>>,
     /// Each peer identity's tunnel settings as configured (roaming may have moved the
     /// endpoint since).
     settings: Vec<TunnelSettings>,
@@ -74,9 +78,12 @@ pub(super) struct Routing {
     egress_destination: LastLookup<PeerId>,
     ingress_source: LastLookup<PeerId>,
     ingress_destination: LastLookup<LocalId>,
-    tunnels: PairTable<TunnelId>,
+    /// Each pair's tunnels, one per (local key, peer key), the preferred one first.
+    tunnels: PairTable<Box<[TunnelId]>>,
     /// The pair each tunnel joins, by tunnel slot.
     pairs: Vec<Option<(LocalId, PeerId)>>,
+    /// Every tunnel by its keys.
+    by_keys: HashMap<(LocalKeyId, PublicKey), TunnelId>,
 }
 
 /// What a reconfiguration changed, identity by identity.
@@ -114,6 +121,7 @@ impl Default for Routing {
             locals: Vec::new(),
             local_keys: Vec::new(),
             peers: Vec::new(),
+            peer_keys: Vec::new(),
             settings: Vec::new(),
             local_by_address: PrefixTable::new(),
             peer_by_address: PrefixTable::new(),
@@ -123,6 +131,7 @@ impl Default for Routing {
             ingress_destination: LastLookup::new(),
             tunnels: PairTable::new(0, 0, |_, _| unreachable!("no pairs")),
             pairs: Vec::new(),
+            by_keys: HashMap::new(),
         }
     }
 }
@@ -135,11 +144,12 @@ impl Routing {
         routing
     }
 
-    /// Makes the identities those of `config`, like `wg syncconf`: an identity whose
-    /// public key and principal stay keeps its device key, and a pair of kept identities
-    /// keeps its tunnel (sessions, timers, roamed endpoint); a changed endpoint or
-    /// keepalive is set on the tunnels; the tunnels and keys of identities that are gone
-    /// are removed from `device` before any new one is added.
+    /// Makes the identities those of `config`, like `wg syncconf`. A local identity is
+    /// the same when its principal is; a peer identity when its node and principal are.
+    /// A kept identity keeps its device keys that it still lists, and a tunnel whose local
+    /// key and peer key both stay keeps its sessions, timers and roamed endpoint; a changed
+    /// endpoint or keepalive is set on a kept peer's tunnels. Tunnels and keys that go are
+    /// removed from `device` before any new one is added.
     pub(super) fn apply(
         &mut self,
         config: &NodeConfig,
@@ -149,26 +159,20 @@ impl Routing {
         let old = std::mem::take(self);
         let mut changes = IdentityChanges::default();
 
-        // Which old identity each new one is: the same public key (unique in a valid
-        // configuration) and the same principal.
-        let old_local_by_key: HashMap<&PublicKey, usize> = old
+        // Which old identity each new one is.
+        let old_locals: HashMap<&Principal, usize> = old
             .locals
             .iter()
             .enumerate()
-            .map(|(i, l)| (&l.public_key, i))
+            .map(|(i, l)| (&l.principal, i))
             .collect();
         let mut local_map = vec![None; old.locals.len()];
-        let new_locals: Vec<Option<usize>> = config
+        let kept_locals: Vec<Option<usize>> = config
             .identities
             .iter()
             .enumerate()
             .map(|(index, identity)| {
-                let kept = old_local_by_key
-                    .get(&identity.public_key)
-                    .copied()
-                    .filter(|&i| {
-                        local_map[i].is_none() && old.locals[i].principal == identity.principal
-                    });
+                let kept = old_locals.get(&identity.principal).copied();
                 if let Some(i) = kept {
                     local_map[i] = Some(LocalId::new(index));
                 }
@@ -180,23 +184,20 @@ impl Routing {
             .iter()
             .flat_map(|node| node.identities.iter().map(move |identity| (node, identity)))
             .collect();
-        let old_peer_by_key: HashMap<&PublicKey, usize> = old
+        let old_peers: HashMap<(&str, &Principal), usize> = old
             .peers
             .iter()
             .enumerate()
-            .map(|(i, p)| (&p.public_key, i))
+            .map(|(i, p)| ((p.node.as_str(), &p.principal), i))
             .collect();
         let mut peer_map = vec![None; old.peers.len()];
         let kept_peers: Vec<Option<usize>> = new_peers
             .iter()
             .enumerate()
-            .map(|(index, (_, identity))| {
-                let kept = old_peer_by_key
-                    .get(&identity.public_key)
-                    .copied()
-                    .filter(|&i| {
-                        peer_map[i].is_none() && old.peers[i].principal == identity.principal
-                    });
+            .map(|(index, (node, identity))| {
+                let kept = old_peers
+                    .get(&(node.name.as_str(), &identity.principal))
+                    .copied();
                 if let Some(i) = kept {
                     peer_map[i] = Some(PeerId::new(index));
                 }
@@ -204,38 +205,106 @@ impl Routing {
             })
             .collect();
 
+        // The keys each identity lists now, in order of preference.
+        let local_public_keys: Vec<Vec<PublicKey>> = config
+            .identities
+            .iter()
+            .map(|i| {
+                std::iter::once(i.public_key)
+                    .chain(i.next_key.as_ref().map(|(_, _, public)| *public))
+                    .collect()
+            })
+            .collect();
+        let peer_keys: Vec<Vec<PublicKey>> = new_peers
+            .iter()
+            .map(|(_, i)| {
+                i.next_public_key
+                    .into_iter()
+                    .chain([i.public_key])
+                    .collect()
+            })
+            .collect();
+
+        // Device keys of kept local identities that stay, by public key.
+        let mut kept_keys: HashMap<PublicKey, LocalKeyId> = HashMap::new();
+        for (index, kept) in kept_locals.iter().enumerate() {
+            if let Some(i) = kept {
+                for (public, key) in &old.local_keys[*i] {
+                    if local_public_keys[index].contains(public) {
+                        kept_keys.insert(*public, *key);
+                    }
+                }
+            }
+        }
+        // Tunnels that stay: their pair is kept and both their keys stay.
+        let mut kept_tunnels: HashMap<(LocalKeyId, PublicKey), TunnelId> = HashMap::new();
+        for (&(key, peer_public), &tunnel) in &old.by_keys {
+            let Some((old_local, old_peer)) = old.pairs[tunnel.index()] else {
+                continue;
+            };
+            let new_peer = peer_map[old_peer.index()];
+            let local_stays =
+                local_map[old_local.index()].is_some() && kept_keys.values().any(|k| *k == key);
+            let peer_key_stays =
+                new_peer.is_some_and(|p| peer_keys[p.index()].contains(&peer_public));
+            if local_stays && peer_key_stays {
+                kept_tunnels.insert((key, peer_public), tunnel);
+            }
+        }
+
         // Everything that goes, goes first: its slots may then be reused.
-        for (local, peer, &tunnel) in old.tunnels.iter() {
-            if local_map[local.index()].is_none() || peer_map[peer.index()].is_none() {
+        for (&keys, &tunnel) in &old.by_keys {
+            if !kept_tunnels.contains_key(&keys) {
                 device.remove_tunnel(tunnel);
             }
         }
-        for (i, kept) in local_map.iter().enumerate() {
-            if kept.is_none() {
-                device.remove_local(old.local_keys[i]);
+        for (i, keys) in old.local_keys.iter().enumerate() {
+            for (public, key) in keys {
+                if kept_keys.get(public) != Some(key) {
+                    device.remove_local(*key);
+                }
+            }
+            if local_map[i].is_none() {
                 changes.locals_removed += 1;
             }
         }
         changes.peers_removed = peer_map.iter().filter(|p| p.is_none()).count();
 
         for (index, identity) in config.identities.iter().enumerate() {
-            let key = match new_locals[index] {
+            let keys: Vec<(PublicKey, LocalKeyId)> = local_public_keys[index]
+                .iter()
+                .map(|public| {
+                    let key = kept_keys.get(public).copied().unwrap_or_else(|| {
+                        let private = if *public == identity.public_key {
+                            identity.private_key.clone()
+                        } else {
+                            identity.next_key.as_ref().expect("listed").1.clone()
+                        };
+                        device.add_local(private)
+                    });
+                    (*public, key)
+                })
+                .collect();
+            match kept_locals[index] {
                 Some(i) => {
                     let was = &old.locals[i];
-                    if was.addresses != identity.addresses || was.labels != identity.labels {
+                    let same_keys = old.local_keys[i]
+                        .iter()
+                        .map(|(p, _)| *p)
+                        .eq(keys.iter().map(|(p, _)| *p));
+                    if was.addresses != identity.addresses
+                        || was.labels != identity.labels
+                        || !same_keys
+                    {
                         changes.locals_changed += 1;
                     }
-                    old.local_keys[i]
                 }
-                None => {
-                    changes.locals_added += 1;
-                    device.add_local(identity.private_key.clone())
-                }
-            };
+                None => changes.locals_added += 1,
+            }
             for address in &identity.addresses {
                 self.local_by_address.insert(*address, LocalId::new(index));
             }
-            self.local_keys.push(key);
+            self.local_keys.push(keys);
             self.locals.push(LocalIdentity {
                 principal: identity.principal.clone(),
                 public_key: identity.public_key,
@@ -264,7 +333,7 @@ impl Routing {
                     let was = &old.peers[i];
                     if old.settings[i] != settings
                         || was.allowed_ips != peer.allowed_ips
-                        || was.node != peer.node
+                        || old.peer_keys[i] != peer_keys[index]
                     {
                         changes.peers_changed += 1;
                     }
@@ -274,47 +343,49 @@ impl Routing {
             self.peers.push(peer);
             self.settings.push(settings);
         }
+        self.peer_keys = peer_keys;
 
         let mut pairs = Vec::new();
-        let local_keys = &self.local_keys;
-        let settings = &self.settings;
-        let peers = &self.peers;
+        let mut by_keys = HashMap::new();
+        let (local_keys, peer_keys, settings) = (&self.local_keys, &self.peer_keys, &self.settings);
         self.tunnels = PairTable::new(self.locals.len(), self.peers.len(), |local, peer| {
             let configured = settings[peer.index()];
-            let kept = new_locals[local.index()].zip(kept_peers[peer.index()]);
-            let tunnel = match kept {
-                Some((old_local, old_peer)) => {
-                    let tunnel = *old
-                        .tunnels
-                        .get(LocalId::new(old_local), PeerId::new(old_peer));
-                    let was = old.settings[old_peer];
-                    if was.endpoint != configured.endpoint {
-                        device.set_endpoint(tunnel, configured.endpoint);
-                    }
-                    if was.persistent_keepalive != configured.persistent_keepalive {
-                        device.set_persistent_keepalive(
+            let changed = kept_peers[peer.index()].map(|i| old.settings[i] != configured);
+            let mut tunnels = Vec::new();
+            for &(_, key) in &local_keys[local.index()] {
+                for &peer_public in &peer_keys[peer.index()] {
+                    let tunnel = match kept_tunnels.get(&(key, peer_public)) {
+                        Some(&tunnel) => {
+                            if changed == Some(true) {
+                                device.set_endpoint(tunnel, configured.endpoint);
+                                device.set_persistent_keepalive(
+                                    now,
+                                    tunnel,
+                                    configured.persistent_keepalive,
+                                );
+                            }
+                            tunnel
+                        }
+                        None => device.add_tunnel(
                             now,
-                            tunnel,
+                            key,
+                            *peer_public.as_bytes(),
+                            configured.endpoint,
                             configured.persistent_keepalive,
-                        );
+                        ),
+                    };
+                    if pairs.len() <= tunnel.index() {
+                        pairs.resize(tunnel.index() + 1, None);
                     }
-                    tunnel
+                    pairs[tunnel.index()] = Some((local, peer));
+                    by_keys.insert((key, peer_public), tunnel);
+                    tunnels.push(tunnel);
                 }
-                None => device.add_tunnel(
-                    now,
-                    local_keys[local.index()],
-                    *peers[peer.index()].public_key.as_bytes(),
-                    configured.endpoint,
-                    configured.persistent_keepalive,
-                ),
-            };
-            if pairs.len() <= tunnel.index() {
-                pairs.resize(tunnel.index() + 1, None);
             }
-            pairs[tunnel.index()] = Some((local, peer));
-            tunnel
+            tunnels.into_boxed_slice()
         });
         self.pairs = pairs;
+        self.by_keys = by_keys;
         Renumbering {
             locals: local_map,
             peers: peer_map,
@@ -352,11 +423,15 @@ impl Routing {
     }
 
     /// Egress: the source picks the local identity (whose key seals), the destination
-    /// the peer identity; their tunnel carries the packet.
+    /// the peer identity; one of their tunnels carries the packet: the preferred one if it
+    /// has a session, else another that has one (during a key rotation), else the
+    /// preferred one, which then shakes hands. The second tunnel returned, if any, is the
+    /// preferred one to start a handshake on, so traffic moves to it.
     pub(super) fn egress(
         &mut self,
         header: &IpHeader,
-    ) -> Result<(LocalId, PeerId, TunnelId), NodeDrop> {
+        device: &Device,
+    ) -> Result<(LocalId, PeerId, TunnelId, Option<TunnelId>), NodeDrop> {
         let local = self
             .egress_source
             .owner(&self.local_by_address, header.source)
@@ -365,7 +440,17 @@ impl Routing {
             .egress_destination
             .owner(&self.peer_by_address, header.destination)
             .ok_or(NodeDrop::NoPeer)?;
-        Ok((local, peer, *self.tunnels.get(local, peer)))
+        let tunnels = self.tunnels.get(local, peer);
+        let preferred = tunnels[0];
+        if tunnels.len() == 1 || device.has_session(preferred) {
+            return Ok((local, peer, preferred, None));
+        }
+        Ok(
+            match tunnels[1..].iter().find(|t| device.has_session(**t)) {
+                Some(&other) => (local, peer, other, Some(preferred)),
+                None => (local, peer, preferred, None),
+            },
+        )
     }
 
     /// Ingress: a packet from `tunnel` must come from an address of the tunnel's peer

@@ -412,6 +412,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             private_key_file: dir.join(format!("identity-{i}.key")),
             private_key: key.clone(),
             public_key: key.public_key(),
+            next_key: None,
             addresses: inner.clone(),
             labels: BTreeMap::new(),
         })
@@ -422,6 +423,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
         .map(|(principal, key, inner)| PeerIdentityConfig {
             principal: principal.clone(),
             public_key: key.public_key(),
+            next_public_key: None,
             allowed_ips: inner.clone(),
         })
         .collect();

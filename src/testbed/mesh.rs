@@ -18,6 +18,8 @@ pub struct IdentitySpec {
     pub principal: String,
     pub addresses: Vec<String>,
     pub private_key: PrivateKey,
+    /// A key it also answers on, while rotating to it (`next_private_key_file`).
+    pub next_private_key: Option<PrivateKey>,
     pub labels: Vec<(String, String)>,
 }
 
@@ -28,6 +30,7 @@ impl IdentitySpec {
             principal: principal.to_owned(),
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
             private_key: PrivateKey::generate(),
+            next_private_key: None,
             labels: Vec::new(),
         }
     }
@@ -76,6 +79,8 @@ pub struct PeerEntry {
     pub persistent_keepalive: Option<u16>,
     /// (principal, public key in base64, allowed IPs)
     pub identities: Vec<(String, String, Vec<String>)>,
+    /// (principal, next public key in base64) for identities rotating their key.
+    pub next_keys: Vec<(String, String)>,
 }
 
 impl PeerEntry {
@@ -89,6 +94,14 @@ impl PeerEntry {
                 .identities
                 .iter()
                 .map(|i| (i.principal.clone(), i.public_key(), i.addresses.clone()))
+                .collect(),
+            next_keys: node
+                .identities
+                .iter()
+                .filter_map(|i| {
+                    let next = i.next_private_key.as_ref()?;
+                    Some((i.principal.clone(), next.public_key().to_base64()))
+                })
                 .collect(),
         }
     }
@@ -165,6 +178,15 @@ fn write_node_file(dir: &Path, node: &NodeSpec) -> io::Result<PathBuf> {
         )?;
         writeln!(text, "[[identity]]\nprincipal = {:?}", identity.principal).unwrap();
         writeln!(text, "private_key_file = {key_file:?}").unwrap();
+        if let Some(next) = &identity.next_private_key {
+            let next_file = format!("keys/identity-{index}.next.key");
+            write_whole(
+                &dir.join(&next_file),
+                &format!("{}\n", next.to_base64()),
+                0o600,
+            )?;
+            writeln!(text, "next_private_key_file = {next_file:?}").unwrap();
+        }
         writeln!(text, "addresses = {}", toml_list(&identity.addresses)).unwrap();
         let labels: Vec<String> = identity
             .labels
@@ -190,6 +212,9 @@ fn write_peer_file(dir: &Path, peer: &PeerEntry) -> io::Result<()> {
     for (principal, public_key, allowed_ips) in &peer.identities {
         writeln!(text, "\n[[identity]]\nprincipal = {principal:?}").unwrap();
         writeln!(text, "public_key = {public_key:?}").unwrap();
+        if let Some((_, next)) = peer.next_keys.iter().find(|(p, _)| p == principal) {
+            writeln!(text, "next_public_key = {next:?}").unwrap();
+        }
         writeln!(text, "allowed_ips = {}", toml_list(allowed_ips)).unwrap();
     }
     let path = dir.join("peers").join(format!("{}.toml", peer.name));
