@@ -176,6 +176,9 @@ pub fn summary(cfg: &NodeConfig) -> String {
     for id in &cfg.identities {
         let _ = writeln!(s, "    {}", id.principal);
         let _ = writeln!(s, "      public key   {}", id.public_key);
+        if let Some((_, _, next)) = &id.next_key {
+            let _ = writeln!(s, "      next key     {next} (also answered on)");
+        }
         let _ = writeln!(s, "      addresses    {}", join_nets(&id.addresses));
         if !id.labels.is_empty() {
             let labels: Vec<String> = id.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -201,6 +204,9 @@ pub fn summary(cfg: &NodeConfig) -> String {
         for id in &peer.identities {
             let _ = writeln!(s, "      {}", id.principal);
             let _ = writeln!(s, "        public key   {}", id.public_key);
+            if let Some(next) = &id.next_public_key {
+                let _ = writeln!(s, "        next key     {next} (preferred)");
+            }
             let _ = writeln!(s, "        allowed ips  {}", join_nets(&id.allowed_ips));
         }
     }

@@ -126,10 +126,10 @@ impl Node {
     }
 
     /// Makes the node's identities and allow list those of `config` and `policy` while it
-    /// runs, like `wg syncconf`: identities whose public key and principal stay keep their
-    /// tunnels, sessions and flows; changed endpoints and keepalives take effect on the
-    /// kept tunnels; identities that are gone lose their tunnels, keys and flows at once;
-    /// new ones get theirs. Settings that need a restart (listen address, device, MTU,
+    /// runs, like `wg syncconf`: identities that stay (by principal; peers by node and
+    /// principal) keep their flows, and tunnels whose two keys stay keep their sessions;
+    /// changed endpoints and keepalives take effect on the kept tunnels; identities and
+    /// keys that are gone lose their tunnels (and flows) at once; new ones get theirs. Settings that need a restart (listen address, device, MTU,
     /// workers) are the caller's to refuse; they are not looked at here.
     pub fn reconfigure(
         &mut self,
