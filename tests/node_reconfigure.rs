@@ -1,7 +1,7 @@
 //! Reconfiguring a running node (`Node::reconfigure`), on two nodes without sockets: what
 //! stays keeps its sessions and flows, what goes is gone at once, what comes works at once.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use meshguard::node::{Dropped, Egress, IdentityChanges, Ingress, NodeDrop};
 use meshguard::policy::{DefaultAction, PolicySet};
@@ -250,4 +250,176 @@ fn a_key_rotation_loses_nothing_and_retires_the_old_key() {
         pair.b.ingress(now, pair.a_addr, &mut init),
         Ingress::Dropped(Dropped::Protocol(ProtocolDrop::BadMac1))
     );
+}
+
+/// Random sequences of configurations drawn from a pool of identities and settings,
+/// applied one after the other: the changes `reconfigure` reports are those a plain set
+/// model of the two configurations predicts, and the node ends up with exactly the
+/// identities of the configuration, each pair reachable.
+#[test]
+fn random_reconfigurations_match_a_model() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use meshguard::config::{NodeConfig, PeerConfig, PeerIdentityConfig};
+    use meshguard::identity::{PrivateKey, PublicKey};
+    use meshguard::testbed::fixtures::{seeded_key, NodePair};
+
+    // A tiny deterministic generator: the test is the same on every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut draw = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let base = NodePair::new().a_config;
+    let local_keys: Vec<PrivateKey> = (0..8).map(|i| seeded_key(100 + i)).collect();
+    let peer_keys: Vec<PublicKey> = (0..16).map(|i| seeded_key(200 + i).public_key()).collect();
+    let random_config = |draw: &mut dyn FnMut(u64) -> u64| -> NodeConfig {
+        let mut config = base.clone();
+        config.identities.clear();
+        for i in 0..4u64 {
+            if draw(3) == 0 {
+                continue;
+            }
+            let mut identity = base.identities[0].clone();
+            identity.principal = format!("cluster.local/ns/n/sa/local-{i}").parse().unwrap();
+            let key = &local_keys[(i * 2 + draw(2)) as usize];
+            identity.private_key = key.clone();
+            identity.public_key = key.public_key();
+            identity.addresses = vec![format!("10.1.{i}.{}/32", 1 + draw(2)).parse().unwrap()];
+            identity.labels = BTreeMap::from([("v".to_owned(), draw(2).to_string())]);
+            config.identities.push(identity);
+        }
+        if config.identities.is_empty() {
+            config.identities.push(base.identities[0].clone());
+        }
+        config.peers.clear();
+        for node in 0..3u64 {
+            let mut identities = Vec::new();
+            for i in 0..2u64 {
+                if draw(3) == 0 {
+                    continue;
+                }
+                let k = (node * 4 + i * 2) as usize;
+                identities.push(PeerIdentityConfig {
+                    principal: format!("cluster.local/ns/p/sa/peer-{i}").parse().unwrap(),
+                    public_key: peer_keys[k + draw(2) as usize],
+                    next_public_key: None,
+                    allowed_ips: vec![format!("10.2.{node}.{}/32", 2 * i + draw(2))
+                        .parse()
+                        .unwrap()],
+                });
+            }
+            if identities.is_empty() {
+                continue;
+            }
+            config.peers.push(PeerConfig {
+                path: format!("/nonexistent/peers/n{node}.toml").into(),
+                name: format!("n{node}"),
+                endpoint: Some(format!("198.18.9.{}:51820", 1 + draw(3)).parse().unwrap()),
+                persistent_keepalive: None,
+                identities,
+            });
+        }
+        config
+    };
+
+    // The model: identities keyed as reconfigure keys them, with what may change.
+    type Local = (Vec<u8>, Vec<u8>, Vec<u8>);
+    fn locals(c: &NodeConfig) -> BTreeMap<String, Local> {
+        c.identities
+            .iter()
+            .map(|i| {
+                (
+                    i.principal.to_string(),
+                    (
+                        format!("{:?}", i.addresses).into_bytes(),
+                        format!("{:?}", i.labels).into_bytes(),
+                        i.public_key.as_bytes().to_vec(),
+                    ),
+                )
+            })
+            .collect()
+    }
+    fn peers(c: &NodeConfig) -> BTreeMap<(String, String), String> {
+        c.peers
+            .iter()
+            .flat_map(|p| {
+                p.identities.iter().map(move |i| {
+                    (
+                        (p.name.clone(), i.principal.to_string()),
+                        format!("{:?} {:?} {}", p.endpoint, i.allowed_ips, i.public_key),
+                    )
+                })
+            })
+            .collect()
+    }
+    fn diff<K: Ord + Clone, V: PartialEq>(
+        old: &BTreeMap<K, V>,
+        new: &BTreeMap<K, V>,
+    ) -> (usize, usize, usize) {
+        let (o, n): (BTreeSet<&K>, BTreeSet<&K>) = (old.keys().collect(), new.keys().collect());
+        let changed = o.intersection(&n).filter(|k| old[**k] != new[**k]).count();
+        (n.difference(&o).count(), o.difference(&n).count(), changed)
+    }
+
+    let now = std::time::Instant::now();
+    let mut config = random_config(&mut draw);
+    let mut node = meshguard::node::Node::new(
+        &config,
+        &PolicySet::default(),
+        meshguard::testbed::fixtures::seeded(3),
+        now,
+        meshguard::testbed::fixtures::UNIX_START,
+    );
+    for round in 0..200 {
+        let next = random_config(&mut draw);
+        let (la, lr, lc) = diff(&locals(&config), &locals(&next));
+        let (pa, pr, pc) = diff(&peers(&config), &peers(&next));
+        let done = node
+            .reconfigure(now, &next, &PolicySet::default())
+            .identities;
+        assert_eq!(
+            done,
+            IdentityChanges {
+                locals_added: la,
+                locals_removed: lr,
+                locals_changed: lc,
+                peers_added: pa,
+                peers_removed: pr,
+                peers_changed: pc,
+            },
+            "round {round}"
+        );
+        let principals: Vec<String> = node
+            .locals()
+            .iter()
+            .map(|l| l.principal.to_string())
+            .collect();
+        assert_eq!(
+            principals,
+            locals(&next).keys().cloned().collect::<Vec<_>>(),
+            "round {round}"
+        );
+        assert_eq!(node.peers().len(), peers(&next).len(), "round {round}");
+        // Every local address reaches every peer address: each pair has a tunnel.
+        for local in &next.identities {
+            for peer in next.peers.iter().flat_map(|p| &p.identities) {
+                let (IpAddr::V4(from), IpAddr::V4(to)) =
+                    (local.addresses[0].addr(), peer.allowed_ips[0].addr())
+                else {
+                    unreachable!("IPv4 only here")
+                };
+                let mut buf = ipv4_udp(from.octets(), to.octets(), 64);
+                let egress = node.egress(now, &mut buf, 64);
+                assert!(
+                    matches!(egress, Egress::Queued | Egress::Send { .. }),
+                    "round {round}: {from} -> {to}: {egress:?}"
+                );
+            }
+        }
+        while node.poll_transmit().is_some() {}
+        config = next;
+    }
 }
