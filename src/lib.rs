@@ -16,6 +16,7 @@ pub mod identity;
 #[allow(unsafe_code)]
 mod io;
 pub mod node;
+pub mod ops;
 mod packet;
 pub mod policy;
 pub mod proto;

@@ -17,6 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("policy", &["file_error", "identity"]),
     ("config", &["file_error", "identity", "policy"]),
     ("node", &["config", "identity", "packet", "policy", "proto"]),
+    ("ops", &["identity", "node", "proto"]),
     (
         "daemon",
         &[
@@ -24,6 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "identity",
             "io",
             "node",
+            "ops",
             "policy",
             "proto",
             "telemetry",
@@ -42,6 +44,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "demo",
             "file_error",
             "identity",
+            "ops",
             "policy",
             "telemetry",
         ],

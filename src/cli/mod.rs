@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use crate::config::{self, NodeConfig};
 use crate::identity::PrivateKey;
 use crate::policy::{self, MtlsMode, PolicySet, Protocol};
-use crate::{daemon, telemetry};
+use crate::telemetry::LogFormat;
+use crate::{daemon, ops, telemetry};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,22 @@ enum Command {
     Up {
         #[arg(long)]
         config: PathBuf,
+        /// `text` for people, `json` (one object per line) for log collectors.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Show what a running daemon holds and counted: identities, peers, handshakes,
+    /// traffic, allow-list decisions (read from the daemon's control socket).
+    Status {
+        /// The daemon's node file, to find its control socket.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket (default: the only one in /run/meshguard).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The whole report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Bring up a two-node demo mesh in network namespaces, send traffic, clean up (root).
     Demo,
@@ -116,7 +133,10 @@ impl std::str::FromStr for PortArg {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Genkey => println!("{}", PrivateKey::generate().to_base64()),
+        Command::Genkey => {
+            let key = zeroize::Zeroizing::new(PrivateKey::generate().to_base64());
+            emit(&format!("{}\n", key.as_str()))?;
+        }
         Command::Pubkey => {
             let mut input = String::new();
             std::io::stdin()
@@ -125,31 +145,55 @@ fn run(cli: Cli) -> Result<()> {
                 .context("reading the private key from stdin")?;
             let key = PrivateKey::from_base64(input.trim())
                 .context("stdin does not hold a base64 private key")?;
-            println!("{}", key.public_key());
+            emit(&format!("{}\n", key.public_key()))?;
         }
         Command::Check { config } => {
             let (config, policy) = load(&config)?;
-            print!("{}", config::summary(&config));
-            println!("  policies loaded: {}", policy.policies.len());
+            let mut out = config::summary(&config);
+            out.push_str(&format!("  policies loaded: {}\n", policy.policies.len()));
             for warning in &policy.warnings {
-                println!("  policy warning: {warning}");
+                out.push_str(&format!("  policy warning: {warning}\n"));
             }
             for identity in &config.identities {
                 let namespace = identity.principal.namespace();
                 let root = &config.policy.root_namespace;
                 if policy.mtls_mode(root, namespace, &identity.labels) == MtlsMode::Strict {
-                    println!(
+                    out.push_str(&format!(
                         "  mTLS STRICT: {}: plaintext to its addresses is dropped (nftables \
-                         table inet meshguard_{}; needs the nft command)",
+                         table inet meshguard_{}; needs the nft command)\n",
                         identity.principal, config.interface.name
-                    );
+                    ));
                 }
             }
+            emit(&out)?;
         }
-        Command::Up { config } => {
-            telemetry::init();
+        Command::Up { config, log_format } => {
+            telemetry::init(log_format);
             let (config, policy) = load(&config)?;
             daemon::run(config, policy)?;
+        }
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let socket = match (socket, config) {
+                (Some(socket), _) => socket,
+                (None, Some(config)) => {
+                    let config = config::load(&config)?;
+                    config.operations.control_socket(&config.interface.name)
+                }
+                (None, None) => find_control_socket()?,
+            };
+            let status = daemon::fetch_status(&socket)?;
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                emit(&ops::status_text::render(&status, now))?;
+            }
         }
         Command::Policy {
             command:
@@ -172,11 +216,55 @@ fn run(cli: Cli) -> Result<()> {
                 port.port,
                 source_ip,
             )?;
-            println!("{answer}");
+            emit(&format!("{answer}\n"))?;
         }
         Command::Demo => demo()?,
     }
     Ok(())
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The control socket of the one daemon running, found in the default directory.
+fn find_control_socket() -> Result<PathBuf> {
+    let dir = std::path::Path::new(config::DEFAULT_CONTROL_DIR);
+    let mut sockets: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    sockets.sort();
+    match sockets.len() {
+        1 => Ok(sockets.remove(0)),
+        0 => anyhow::bail!(
+            "no meshguard control socket in {}: is the daemon running? (or give --config or \
+             --socket)",
+            dir.display()
+        ),
+        _ => anyhow::bail!(
+            "several daemons run ({}): say which with --socket or --config",
+            sockets
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 #[cfg(feature = "demo")]

@@ -9,11 +9,13 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::cross_checks::IdentityPositions;
-use super::schema::{RawInterface, RawLocalIdentity, RawPeerIdentity, RawPolicy};
+use super::schema::{
+    RawAdmin, RawInterface, RawLocalIdentity, RawPeerIdentity, RawPolicy, RawUapi,
+};
 use super::{
-    InterfaceConfig, LocalIdentityConfig, PeerIdentityConfig, PolicyConfig, DEFAULT_MTU,
-    DEFAULT_QUEUE_LENGTH, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU,
-    MIN_QUEUE_LENGTH,
+    InterfaceConfig, LocalIdentityConfig, OperationsConfig, PeerIdentityConfig, PolicyConfig,
+    DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH,
+    MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
 };
 use crate::file_error::{FileError, TomlFile};
 use crate::identity::{load_private_key_file, Principal, PublicKey};
@@ -155,6 +157,35 @@ where
             ),
         )),
     }
+}
+
+/// `[admin]` and `[uapi]`; both may be left out (no metrics listener, sockets in their
+/// default directories).
+pub(super) fn check_operations(
+    src: &TomlFile,
+    base: &Path,
+    admin: Option<&RawAdmin>,
+    uapi: Option<&RawUapi>,
+) -> Result<OperationsConfig, FileError> {
+    let mut ops = OperationsConfig::default();
+    if let Some(admin) = admin {
+        if let Some(listen) = &admin.listen {
+            ops.admin_listen = Some(parse_socket_addr(src, "admin.listen", listen, false)?);
+        }
+        if let Some(dir) = &admin.socket_dir {
+            ops.control_dir = resolve_path(src, base, "admin.socket_dir", dir)?;
+        }
+    }
+    if let Some(uapi) = uapi {
+        if let Some(dir) = &uapi.directory {
+            ops.uapi_dir = Some(resolve_path(src, base, "uapi.directory", dir)?);
+        }
+        if uapi.enabled == Some(false) {
+            ops.uapi_dir = None;
+        }
+        ops.uapi_private_key = uapi.private_key.unwrap_or(true);
+    }
+    Ok(ops)
 }
 
 pub(super) fn check_policy(

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use super::cross_checks::{check_cross, check_mtu_ipv6, Positions};
 use super::fields::{
-    check_interface, check_local_identity, check_name, check_peer_identity, check_policy, int_in,
-    parse_socket_addr, resolve_path,
+    check_interface, check_local_identity, check_name, check_operations, check_peer_identity,
+    check_policy, int_in, parse_socket_addr, resolve_path,
 };
 use super::schema::{RawNode, RawPeer};
 use super::{NodeConfig, PeerConfig};
@@ -66,6 +66,7 @@ pub fn load(path: &Path) -> Result<NodeConfig, FileError> {
     }
 
     let policy = check_policy(&src, base, raw.policy.as_ref())?;
+    let operations = check_operations(&src, base, raw.admin.as_ref(), raw.uapi.as_ref())?;
     let peer_files = list_peer_files(&src, &peers_dir)?;
     let mut peers = Vec::with_capacity(peer_files.len());
     let mut peer_positions = Vec::with_capacity(peer_files.len());
@@ -84,6 +85,7 @@ pub fn load(path: &Path) -> Result<NodeConfig, FileError> {
         identities,
         peers,
         policy,
+        operations,
     };
     check_cross(&cfg, &positions, &peer_positions)?;
     check_mtu_ipv6(&src, &cfg, mtu_span)?;

@@ -51,6 +51,47 @@ pub struct NodeConfig {
     /// One entry per peer file, sorted by file name.
     pub peers: Vec<PeerConfig>,
     pub policy: PolicyConfig,
+    pub operations: OperationsConfig,
+}
+
+/// `[admin]` and `[uapi]`: how operators look into the running daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationsConfig {
+    /// `admin.listen`: the HTTP listener of `/metrics`, `/healthz` and `/ready`;
+    /// `None` (the key left out): no listener.
+    pub admin_listen: Option<SocketAddr>,
+    /// `admin.socket_dir`: where the control socket `meshguard status` reads is made,
+    /// as `<interface name>.sock`.
+    pub control_dir: PathBuf,
+    /// `uapi.directory`: where WireGuard's userspace API sockets are made (one per local
+    /// identity); `None` when `uapi.enabled = false`.
+    pub uapi_dir: Option<PathBuf>,
+    /// `uapi.private_key`: whether `get` answers with the identity's private key, as
+    /// wireguard-go does (default true; the sockets are the daemon user's alone).
+    pub uapi_private_key: bool,
+}
+
+/// Where `wg` looks for userspace API sockets.
+pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
+/// Where the control socket goes unless `admin.socket_dir` says otherwise.
+pub const DEFAULT_CONTROL_DIR: &str = "/run/meshguard";
+
+impl Default for OperationsConfig {
+    fn default() -> Self {
+        OperationsConfig {
+            admin_listen: None,
+            control_dir: PathBuf::from(DEFAULT_CONTROL_DIR),
+            uapi_dir: Some(PathBuf::from(DEFAULT_UAPI_DIR)),
+            uapi_private_key: true,
+        }
+    }
+}
+
+impl OperationsConfig {
+    /// The control socket of the daemon of `interface`.
+    pub fn control_socket(&self, interface: &str) -> PathBuf {
+        self.control_dir.join(format!("{interface}.sock"))
+    }
 }
 
 /// `[policy]`: where the allow lists come from and what applies when none selects an

@@ -20,6 +20,25 @@ pub(crate) struct RawNode {
     #[serde(default)]
     pub identity: Vec<RawLocalIdentity>,
     pub policy: Option<RawPolicy>,
+    pub admin: Option<RawAdmin>,
+    pub uapi: Option<RawUapi>,
+}
+
+/// `[admin]` of a node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
+    pub socket_dir: Option<Spanned<String>>,
+}
+
+/// `[uapi]` of a node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUapi {
+    pub enabled: Option<bool>,
+    pub directory: Option<Spanned<String>>,
+    pub private_key: Option<bool>,
 }
 
 /// `[policy]` of a node file.

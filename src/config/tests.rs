@@ -970,3 +970,53 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn admin_and_uapi_sections() {
+    let fx = Fixture::new();
+    // Left out: no HTTP listener, sockets in their default directories.
+    let ops = fx.load().unwrap().operations;
+    assert_eq!(ops, OperationsConfig::default());
+    assert_eq!(ops.admin_listen, None);
+    assert_eq!(ops.uapi_dir, Some(PathBuf::from(DEFAULT_UAPI_DIR)));
+    assert_eq!(
+        ops.control_socket("mg0"),
+        PathBuf::from("/run/meshguard/mg0.sock")
+    );
+    let sections = "[admin]\nlisten = \"127.0.0.1:9586\"\nsocket_dir = \"run\"\n\n\
+                    [uapi]\ndirectory = \"run/wg\"\nprivate_key = false\n\n[interface]";
+    fx.write("node.toml", &fx.node.replacen("[interface]", sections, 1));
+    let ops = fx.load().unwrap().operations;
+    assert_eq!(ops.admin_listen, Some("127.0.0.1:9586".parse().unwrap()));
+    assert_eq!(ops.control_dir, fx.path("run"));
+    assert_eq!(ops.uapi_dir, Some(fx.path("run/wg")));
+    assert!(!ops.uapi_private_key);
+    let off = "[uapi]\nenabled = false\n\n[interface]";
+    fx.write("node.toml", &fx.node.replacen("[interface]", off, 1));
+    assert_eq!(fx.load().unwrap().operations.uapi_dir, None);
+
+    let e = fx.node_with(
+        "[interface]",
+        "[admin]\nlisten = \"localhost:9586\"\n\n[interface]",
+    );
+    check(
+        &e,
+        &fx.path("node.toml"),
+        "admin.listen",
+        &["invalid socket address \"localhost:9586\""],
+    );
+    let e = fx.node_with("[interface]", "[uapi]\nsocket = \"x\"\n\n[interface]");
+    check(
+        &e,
+        &fx.path("node.toml"),
+        "line 6, column 1",
+        &["unknown field `socket`"],
+    );
+    let e = fx.node_with("[interface]", "[admin]\nsocket_dir = \"\"\n\n[interface]");
+    check(
+        &e,
+        &fx.path("node.toml"),
+        "admin.socket_dir",
+        &["must not be empty"],
+    );
+}

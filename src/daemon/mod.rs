@@ -18,15 +18,27 @@ use crate::io::plaintext_filter::PlaintextFilter;
 use crate::io::tun::Tun;
 use crate::io::udp::Udp;
 use crate::node::Node;
+use crate::ops::{self, DaemonStatus};
 use crate::policy::PolicySet;
 use crate::proto;
 
+mod admin;
+mod control;
 mod reload;
 mod send_errors;
+mod status_socket;
+mod systemd;
+mod uapi;
+mod unix_socket;
 mod worker;
 
+use control::{Control, Request, Snapshot};
 use reload::Reloader;
+use status_socket::StatusSocket;
+use uapi::UapiSockets;
 use worker::Shared;
+
+pub(crate) use status_socket::fetch as fetch_status;
 
 /// How often the configuration files are looked at for changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -126,6 +138,55 @@ fn setup_interface(config: &NodeConfig, queues: usize) -> Result<Vec<Tun>> {
     Ok(tun)
 }
 
+/// What the daemon is, for its reports; fixed while it runs.
+struct Identity {
+    name: String,
+    interface: String,
+    listen: std::net::SocketAddr,
+    workers: usize,
+    started_at: u64,
+}
+
+/// The control task's answer to a server's request.
+fn answer(request: Request, about: &Identity, shared: &Shared, reloader: &Reloader) {
+    let config = reloader.config();
+    let (node, private_keys) = {
+        let state = shared.lock();
+        let keys = if request.private_keys {
+            config
+                .identities
+                .iter()
+                .map(|i| i.private_key.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (state.node.status(), keys)
+    };
+    let uapi_names = ops::uapi::socket_names(&about.interface, node.identities.len());
+    let status = DaemonStatus {
+        name: about.name.clone(),
+        interface: about.interface.clone(),
+        listen: about.listen,
+        workers: about.workers,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: about.started_at,
+        uapi_names,
+        reloads: reloader.counts().clone(),
+        send_errors: shared
+            .send_errors
+            .counts()
+            .map(|(kind, n)| (kind.to_owned(), n))
+            .collect(),
+        plaintext_dropped: None,
+        node,
+    };
+    let _ = request.reply.send(Snapshot {
+        status,
+        private_keys,
+    });
+}
+
 async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<()> {
     let node = Node::new(
         &config,
@@ -147,6 +208,16 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
             "plaintext to STRICT identities is dropped"
         );
     }
+    let (control, mut requests) = Control::new(Some(filter.table().to_owned()));
+    let ops_config = config.operations.clone();
+    if let Some(listen) = ops_config.admin_listen {
+        admin::start(listen, control.clone()).await?;
+    }
+    let _status_socket = StatusSocket::start(
+        &ops_config.control_dir,
+        &config.interface.name,
+        control.clone(),
+    )?;
     let shared = Shared::new(node);
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut terminate = signal(SignalKind::terminate())?;
@@ -160,9 +231,16 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
         .collect();
     // If anything below fails, the device is dropped and the kernel removes it.
     let queues = setup_interface(&config, workers)?;
+    let about = Identity {
+        name: config.name.clone(),
+        interface: config.interface.name.clone(),
+        listen: sockets[0].local_addr()?,
+        workers,
+        started_at: unix_now().as_secs(),
+    };
     tracing::info!(
         node = %config.name,
-        listen = %sockets[0].local_addr()?,
+        listen = %about.listen,
         interface = %config.interface.name,
         identities,
         peer_identities,
@@ -179,6 +257,18 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
             config.interface.mtu,
         ));
     }
+    let mut uapi = ops_config
+        .uapi_dir
+        .clone()
+        .map(|dir| UapiSockets::new(dir, ops_config.uapi_private_key, control.clone()));
+    if let Some(uapi) = &mut uapi {
+        uapi.sync(&ops::uapi::socket_names(&config.interface.name, identities));
+    }
+    control.set_ready(true);
+    systemd::ready(&format!(
+        "{identities} identities, {peer_identities} peer identities"
+    ));
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
 
     let mut reloader = Reloader::new(config);
     let mut transmits = Vec::new();
@@ -215,11 +305,30 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
                 let counters = counters_line(&state.node, &shared, &reloader, &filter);
                 tracing::info!(%counters, "counters");
             }
-            _ = hangup.recv() => reloader.reload(&shared, &mut filter, "SIGHUP"),
-            _ = watch.tick() => reloader.poll(&shared, &mut filter),
+            Some(request) = requests.recv() => answer(request, &about, &shared, &reloader),
+            _ = hangup.recv() => {
+                reloader.reload(&shared, &mut filter, "SIGHUP");
+                sync_uapi(&mut uapi, &about, &shared);
+            }
+            _ = watch.tick() => {
+                if reloader.poll(&shared, &mut filter) {
+                    sync_uapi(&mut uapi, &about, &shared);
+                }
+            }
+            Some(_) = tick(&mut watchdog) => {
+                // The node's lock is free and every worker still runs (one that stopped
+                // ends this loop).
+                drop(shared.lock());
+                systemd::watchdog_ping();
+            }
         }
         worker::send_transmits(&control_socket, &shared.send_errors, &mut transmits).await;
     };
+    systemd::stopping();
+    control.set_ready(false);
+    if let Some(uapi) = &mut uapi {
+        uapi.close();
+    }
     // Stop the workers first: their queues close and the kernel removes the device.
     running.shutdown().await;
     let state = shared.lock();
@@ -233,4 +342,23 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
         tracing::error!(error = %e, "removing the plaintext filter failed");
     }
     outcome
+}
+
+/// The next tick of an optional interval; never, without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) -> Option<()> {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+            Some(())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// After a reload: one userspace API socket per local identity, as there are now.
+fn sync_uapi(uapi: &mut Option<UapiSockets>, about: &Identity, shared: &Shared) {
+    if let Some(uapi) = uapi {
+        let identities = shared.lock().node.locals().len();
+        uapi.sync(&ops::uapi::socket_names(&about.interface, identities));
+    }
 }

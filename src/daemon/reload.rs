@@ -17,6 +17,7 @@ use super::worker::Shared;
 use crate::config::{self, NodeConfig};
 use crate::io::netconf;
 use crate::io::plaintext_filter::PlaintextFilter;
+use crate::ops::ReloadCounts;
 use crate::policy::{self, MtlsMode, PolicySet};
 
 /// How long the watched files must stay unchanged before a change is applied, so that a
@@ -48,19 +49,6 @@ fn stamp(config: &NodeConfig) -> Stamp {
         .collect()
 }
 
-/// Reloads applied and refused, and what they changed, for the counters line.
-#[derive(Default)]
-struct Counts {
-    applied: u64,
-    rejected: u64,
-    identities_added: usize,
-    identities_changed: usize,
-    identities_removed: usize,
-    peers_added: usize,
-    peers_changed: usize,
-    peers_removed: usize,
-}
-
 pub(super) struct Reloader {
     /// The configuration in force.
     config: NodeConfig,
@@ -68,7 +56,7 @@ pub(super) struct Reloader {
     loaded: Stamp,
     /// A change seen and when it was last seen to change.
     settling: Option<(Stamp, Instant)>,
-    counts: Counts,
+    counts: ReloadCounts,
 }
 
 /// The addresses of the local identities `policy` puts under STRICT mTLS: the plaintext
@@ -120,6 +108,27 @@ fn restart_required(running: &NodeConfig, new: &NodeConfig) -> Vec<(&'static str
         a.queue_length.to_string(),
         b.queue_length.to_string(),
     );
+    let (a, b) = (&running.operations, &new.operations);
+    check(
+        "admin.listen",
+        format!("{:?}", a.admin_listen),
+        format!("{:?}", b.admin_listen),
+    );
+    check(
+        "admin.socket_dir",
+        a.control_dir.display().to_string(),
+        b.control_dir.display().to_string(),
+    );
+    check(
+        "uapi.directory",
+        format!("{:?}", a.uapi_dir),
+        format!("{:?}", b.uapi_dir),
+    );
+    check(
+        "uapi.private_key",
+        a.uapi_private_key.to_string(),
+        b.uapi_private_key.to_string(),
+    );
     changed
 }
 
@@ -129,17 +138,17 @@ impl Reloader {
             loaded: stamp(&config),
             config,
             settling: None,
-            counts: Counts::default(),
+            counts: ReloadCounts::default(),
         }
     }
 
     /// Looks at the watched files; reloads once a change has been still for
-    /// `SETTLE_TIME`.
-    pub(super) fn poll(&mut self, shared: &Shared, filter: &mut PlaintextFilter) {
+    /// `SETTLE_TIME`. Says whether it tried a reload.
+    pub(super) fn poll(&mut self, shared: &Shared, filter: &mut PlaintextFilter) -> bool {
         let current = stamp(&self.config);
         if current == self.loaded {
             self.settling = None;
-            return;
+            return false;
         }
         let now = Instant::now();
         match &self.settling {
@@ -147,10 +156,12 @@ impl Reloader {
                 if now.duration_since(*since) >= SETTLE_TIME {
                     self.settling = None;
                     self.reload(shared, filter, "configuration changed");
+                    return true;
                 }
             }
             _ => self.settling = Some((current, now)),
         }
+        false
     }
 
     /// Loads the whole configuration again and applies what changed; a configuration
@@ -180,6 +191,7 @@ impl Reloader {
         // The running listen address and device settings stay; the device's addresses
         // follow the file.
         new.listen = self.config.listen;
+        new.operations = self.config.operations.clone();
         new.interface = config::InterfaceConfig {
             addresses: new.interface.addresses,
             ..self.config.interface.clone()
@@ -229,12 +241,12 @@ impl Reloader {
             log_policy(node, &policy);
             let c = &mut self.counts;
             c.applied += 1;
-            c.identities_added += changes.locals_added;
-            c.identities_changed += changes.locals_changed;
-            c.identities_removed += changes.locals_removed;
-            c.peers_added += changes.peers_added;
-            c.peers_changed += changes.peers_changed;
-            c.peers_removed += changes.peers_removed;
+            c.identities_added += changes.locals_added as u64;
+            c.identities_changed += changes.locals_changed as u64;
+            c.identities_removed += changes.locals_removed as u64;
+            c.peers_added += changes.peers_added as u64;
+            c.peers_changed += changes.peers_changed as u64;
+            c.peers_removed += changes.peers_removed as u64;
         }
         for net in old_routes.difference(&new_routes) {
             if let Err(e) = netconf::remove_route(&device, net) {
@@ -248,6 +260,15 @@ impl Reloader {
         }
         self.config = new;
         self.loaded = stamp(&self.config);
+    }
+
+    /// The configuration in force.
+    pub(super) fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub(super) fn counts(&self) -> &ReloadCounts {
+        &self.counts
     }
 
     fn refuse(&mut self, why: &str, error: &dyn std::fmt::Display) {

@@ -108,14 +108,20 @@ impl SendErrors {
         *unlogged = 0;
     }
 
+    /// Each kind's name (`send_too_large`, ...) with its count.
+    pub(crate) fn counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        SendFailure::ALL.iter().map(|kind| {
+            (
+                kind.name(),
+                self.counts[*kind as usize].load(Ordering::Relaxed),
+            )
+        })
+    }
+
     /// `send_too_large=N send_unreachable=N ...`, for the counter line.
     pub(crate) fn counters(&self) -> String {
-        SendFailure::ALL
-            .iter()
-            .map(|kind| {
-                let count = self.counts[*kind as usize].load(Ordering::Relaxed);
-                format!("{}={count}", kind.name())
-            })
+        self.counts()
+            .map(|(name, count)| format!("{name}={count}"))
             .collect::<Vec<_>>()
             .join(" ")
     }

@@ -86,14 +86,7 @@ impl PlaintextFilter {
         if !self.installed {
             return None;
         }
-        let output = Command::new("nft")
-            .args(["list", "counter", "inet", &self.table, COUNTER])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&output.stdout);
-        let mut words = text.split_whitespace();
-        words.find(|w| *w == "packets")?;
-        words.next()?.parse().ok()
+        read_dropped(&self.table)
     }
 
     /// Deletes the table, if it is there.
@@ -200,6 +193,22 @@ fn nft(table: &str, script: &str) -> Result<(), FilterError> {
         table: table.to_owned(),
         reason: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
     })
+}
+
+/// The drop counter of `table`; `None` if the table is not there (or `nft` is not).
+pub(crate) fn read_dropped(table: &str) -> Option<u64> {
+    let output = Command::new("nft")
+        .args(["list", "counter", "inet", table, COUNTER])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "packets")?;
+    words.next()?.parse().ok()
 }
 
 #[cfg(test)]

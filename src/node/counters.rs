@@ -29,7 +29,7 @@ pub enum NodeDrop {
     FragmentOverlap,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NodeStats {
     pub not_ip: u64,
     pub no_local_identity: u64,

@@ -114,6 +114,10 @@ impl Firewall {
         self.flows.len()
     }
 
+    pub(super) fn flow_capacity(&self) -> usize {
+        self.flows.capacity()
+    }
+
     pub(super) fn flow_evictions(&self) -> u64 {
         self.flows.evictions
     }

@@ -190,6 +190,10 @@ impl FlowTable {
         }
     }
 
+    pub(super) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(super) fn len(&self) -> usize {
         self.flows.len()
     }

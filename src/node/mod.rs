@@ -12,6 +12,7 @@ mod firewall;
 mod flows;
 mod fragments;
 mod routing;
+mod status;
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -32,6 +33,10 @@ pub use counters::{NodeDrop, NodeStats, PairDecisions};
 use firewall::{Admitted, Firewall, InboundPacket};
 use routing::Routing;
 pub use routing::{IdentityChanges, LocalIdentity, PeerIdentity};
+pub use status::{
+    add_traffic, DecisionCounts, FlowStatus, IdentityStatus, NodeStatus, PairStatus, PeerStatus,
+    TunnelStatus,
+};
 
 /// What [`Node::reconfigure`] changed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -417,6 +417,39 @@ impl Routing {
             .is_some_and(|(_, &owner)| owner == peer)
     }
 
+    /// Every tunnel of a pair with its two keys (local, peer), the preferred one first.
+    pub(super) fn pair_tunnels(
+        &self,
+        local: LocalId,
+        peer: PeerId,
+    ) -> impl Iterator<Item = (PublicKey, PublicKey, TunnelId)> + '_ {
+        self.local_keys[local.index()]
+            .iter()
+            .flat_map(move |&(local_public, local_key)| {
+                self.peer_keys[peer.index()]
+                    .iter()
+                    .filter_map(move |&peer_public| {
+                        let tunnel = *self.by_keys.get(&(local_key, peer_public))?;
+                        Some((local_public, peer_public, tunnel))
+                    })
+            })
+    }
+
+    /// A peer identity's keys, the one initiated to first.
+    pub(super) fn peer_keys(&self, peer: PeerId) -> &[PublicKey] {
+        &self.peer_keys[peer.index()]
+    }
+
+    /// A local identity's public keys, the one it initiates with first.
+    pub(super) fn local_public_keys(&self, local: LocalId) -> impl Iterator<Item = PublicKey> + '_ {
+        self.local_keys[local.index()].iter().map(|&(key, _)| key)
+    }
+
+    /// The persistent keepalive configured for a peer identity's node.
+    pub(super) fn persistent_keepalive(&self, peer: PeerId) -> Option<Duration> {
+        self.settings[peer.index()].persistent_keepalive
+    }
+
     /// The pair a tunnel joins.
     pub(super) fn pair_of(&self, tunnel: TunnelId) -> (LocalId, PeerId) {
         self.pairs[tunnel.index()].expect("a tunnel of a configured pair")

@@ -22,7 +22,7 @@ pub use device::{
 };
 pub use messages::{is_transport, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
 pub use replay::WINDOW as REPLAY_WINDOW;
-pub use report::{Event, ProtocolDrop, Stats};
+pub use report::{Event, ProtocolDrop, Stats, Traffic};
 pub use session::{OpenError, SealJob, Session};
 
 /// The randomness the core draws from (receiver indices, retry jitter, ephemeral keys,

@@ -2,6 +2,7 @@
 //! operator may want to hear about.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::TunnelId;
 
@@ -39,7 +40,7 @@ pub enum ProtocolDrop {
 }
 
 /// Counters of everything the device dropped or did; read by telemetry.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub malformed: u64,
     pub bad_mac1: u64,
@@ -94,6 +95,20 @@ impl Stats {
             + self.replayed
             + self.expired
     }
+}
+
+/// What one tunnel carried, counted as wireguard-go counts it for `wg show`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    /// WireGuard messages sent to the peer and received from it (authenticated ones
+    /// only), as UDP payload bytes, handshake messages and keepalives included.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Transport messages that carried a packet (keepalives not counted).
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    /// Wall-clock time (since the Unix epoch) of the tunnel's last completed handshake.
+    pub last_handshake: Option<Duration>,
 }
 
 /// Something that happened that an operator may want to hear about.

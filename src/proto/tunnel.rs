@@ -15,7 +15,7 @@ use snow::HandshakeState;
 use super::constants::*;
 use super::cookie::{Mac16, MacKeys};
 use super::noise::{EphemeralSeed, TIMESTAMP_LEN};
-use super::report::ProtocolDrop;
+use super::report::{ProtocolDrop, Traffic};
 use super::session::Session;
 use super::timers::{Timer, TimerTable};
 use super::LocalKeyId;
@@ -71,6 +71,7 @@ pub(super) struct Tunnel {
     /// Plaintexts waiting for a session, each laid out for sealing in place.
     queue: VecDeque<Vec<u8>>,
     timers: TimerTable,
+    traffic: Traffic,
 }
 
 impl Tunnel {
@@ -104,6 +105,7 @@ impl Tunnel {
             next: None,
             queue: VecDeque::new(),
             timers,
+            traffic: Traffic::default(),
         }
     }
 
@@ -133,6 +135,26 @@ impl Tunnel {
             Some(_) => self.timers.set(Timer::PersistentKeepalive, now),
             None => self.timers.stop(Timer::PersistentKeepalive),
         }
+    }
+
+    pub(super) fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+
+    /// Counts a message of `len` bytes sent to the peer; `data` if it carried a packet.
+    pub(super) fn count_sent(&mut self, len: usize, data: bool) {
+        self.traffic.tx_bytes += len as u64;
+        self.traffic.tx_packets += u64::from(data);
+    }
+
+    /// Counts an authenticated message of `len` bytes from the peer.
+    pub(super) fn count_received(&mut self, len: usize, data: bool) {
+        self.traffic.rx_bytes += len as u64;
+        self.traffic.rx_packets += u64::from(data);
+    }
+
+    pub(super) fn handshake_completed_at(&mut self, wall_clock: Duration) {
+        self.traffic.last_handshake = Some(wall_clock);
     }
 
     pub(super) fn local(&self) -> LocalKeyId {

@@ -13,7 +13,8 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{
-    InterfaceConfig, LocalIdentityConfig, NodeConfig, PeerConfig, PeerIdentityConfig, PolicyConfig,
+    InterfaceConfig, LocalIdentityConfig, NodeConfig, OperationsConfig, PeerConfig,
+    PeerIdentityConfig, PolicyConfig,
 };
 use crate::identity::{Principal, PrivateKey};
 use crate::node::{Dropped, Egress, Ingress, Node};
@@ -457,6 +458,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             persistent_keepalive: None,
             identities: peer_identities,
         }],
+        operations: OperationsConfig::default(),
     }
 }
 

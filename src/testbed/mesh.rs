@@ -1,14 +1,16 @@
 //! meshguard daemons in namespaces: writes a node file, key files and peer files into a
 //! temporary directory and runs `meshguard up` on them.
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
+use super::wg::find_program;
 use super::{wait_until, ChildGuard, Netns, TempDir};
 use crate::identity::PrivateKey;
 
@@ -168,6 +170,13 @@ fn write_node_file(dir: &Path, node: &NodeSpec) -> io::Result<PathBuf> {
         "[policy]\nfiles = [\"{policy_file}\"]\ndefault = \"deny\"\n"
     )
     .unwrap();
+    // The sockets in the node's own directory: every test daemon's device is `mg0`.
+    writeln!(
+        text,
+        "[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\nsocket_dir = \"{RUN_DIR}\"\n\n\
+         [uapi]\ndirectory = \"{RUN_DIR}/wireguard\"\n"
+    )
+    .unwrap();
     write_whole(&dir.join(policy_file), &node.policy, 0o644)?;
     for (index, identity) in node.identities.iter().enumerate() {
         let key_file = format!("keys/identity-{index}.key");
@@ -221,6 +230,14 @@ fn write_peer_file(dir: &Path, peer: &PeerEntry) -> io::Result<()> {
     write_whole(&path, &text, 0o644)
 }
 
+/// Where a test daemon's admin listener is, on its namespace's loopback.
+const ADMIN_PORT: u16 = 9586;
+/// A test daemon's control socket and userspace API sockets go under this directory of
+/// its configuration directory.
+const RUN_DIR: &str = "run";
+/// Where `wg` looks for userspace API sockets; nowhere else.
+const WG_SOCKET_DIR: &str = "/var/run/wireguard";
+
 /// A running `meshguard up` in a namespace, with its configuration directory.
 pub struct MeshguardNode {
     // Field order: the process stops before its directory goes.
@@ -241,25 +258,20 @@ impl MeshguardNode {
         node: &NodeSpec,
         peers: &[PeerEntry],
     ) -> io::Result<MeshguardNode> {
+        Self::start_with_env(binary, ns, node, peers, &[])
+    }
+
+    /// `start`, with more variables in the daemon's environment.
+    pub fn start_with_env(
+        binary: &Path,
+        ns: &Netns,
+        node: &NodeSpec,
+        peers: &[PeerEntry],
+        env: &[(&str, &str)],
+    ) -> io::Result<MeshguardNode> {
         let dir = TempDir::new("node")?;
         let config = write_config(dir.path(), node, peers)?;
-        let mut command = Command::new(binary);
-        command.arg("up").arg("--config").arg(&config);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        let process = ns.spawn(&command)?;
-        let ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            !process.is_running() || process.read_stderr().contains(READY_LINE)
-        });
-        if !ready || !process.is_running() {
-            return Err(io::Error::other(format!(
-                "meshguard {} did not come up in {}:\n{}",
-                node.name,
-                ns.name(),
-                process.read_stderr()
-            )));
-        }
+        let process = launch(binary, ns, &config, env)?;
         Ok(MeshguardNode {
             process,
             config,
@@ -267,8 +279,77 @@ impl MeshguardNode {
         })
     }
 
+    /// Kills the daemon (SIGKILL: it leaves its sockets behind) and starts it again on
+    /// the same files.
+    pub fn kill_and_restart(&mut self, binary: &Path, ns: &Netns) -> io::Result<()> {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL)?;
+        self.process.wait_timeout(Duration::from_secs(5))?;
+        self.process = launch(binary, ns, &self.config, &[])?;
+        Ok(())
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    fn dir(&self) -> &Path {
+        self.config
+            .parent()
+            .expect("the node file is in a directory")
+    }
+
+    /// The directory of its userspace API sockets (`uapi.directory`).
+    pub fn uapi_dir(&self) -> PathBuf {
+        self.dir().join(RUN_DIR).join("wireguard")
+    }
+
+    /// The control socket `meshguard status` reads.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir().join(RUN_DIR).join("mg0.sock")
+    }
+
+    /// Runs `wg ARGS` against this daemon's userspace API sockets: in a mount namespace
+    /// of its own where they are what `/var/run/wireguard` holds, since `wg` looks
+    /// nowhere else.
+    pub fn wg<I, S>(&self, args: I) -> io::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let wg = find_program("wg").ok_or_else(|| io::Error::other("`wg` not found"))?;
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mkdir -p {WG_SOCKET_DIR} && mount --bind \"$0\" {WG_SOCKET_DIR} && exec \"$@\""
+            ))
+            .arg(self.uapi_dir())
+            .arg(wg)
+            .args(args);
+        command.output()
+    }
+
+    /// `GET path` from its admin listener, from inside `ns`: (status code, body).
+    pub fn admin_get(&self, ns: &Netns, path: &str) -> io::Result<(u16, String)> {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        ns.run(move || -> io::Result<(u16, String)> {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", ADMIN_PORT))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| io::Error::other(format!("not HTTP: {response:?}")))?;
+            let code = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| io::Error::other(format!("no status in {head:?}")))?;
+            Ok((code, body.to_owned()))
+        })?
     }
 
     /// Rewrites the running daemon's node file, keys, policy file and peer files for
@@ -311,6 +392,34 @@ impl MeshguardNode {
         self.process.terminate_and_wait(Duration::from_secs(5))?;
         Ok(self.process.read_stderr())
     }
+}
+
+/// Starts `binary up --config config` in `ns` and waits until it says it is up.
+fn launch(
+    binary: &Path,
+    ns: &Netns,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> io::Result<ChildGuard> {
+    let mut command = Command::new(binary);
+    command.arg("up").arg("--config").arg(config);
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "info");
+    }
+    command.envs(env.iter().copied());
+    let process = ns.spawn(&command)?;
+    let ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        !process.is_running() || process.read_stderr().contains(READY_LINE)
+    });
+    if !ready || !process.is_running() {
+        return Err(io::Error::other(format!(
+            "meshguard ({}) did not come up in {}:\n{}",
+            config.display(),
+            ns.name(),
+            process.read_stderr()
+        )));
+    }
+    Ok(process)
 }
 
 /// The value of counter `name` in the last counters line of a daemon log.

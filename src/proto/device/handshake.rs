@@ -108,6 +108,7 @@ impl Device {
         let t = &mut self.tunnels[tunnel.0];
         t.write_macs(&mut msg, now);
         let released = t.initiation_sent(handshake, inputs, now, retry_at);
+        t.count_sent(INITIATION_LEN, false);
         self.release(released);
         tracing::debug!(tunnel = tunnel.0, %destination, "sending handshake initiation");
         self.outbox.push_back(Transmit {
@@ -155,12 +156,24 @@ impl Device {
     /// peer to `source` and reports it.
     fn handshake_completed(
         &mut self,
+        now: Instant,
         tunnel: TunnelId,
         source: SocketAddr,
         released: Released,
         we_initiated: bool,
     ) {
         self.release(released);
+        let wall_clock = self.wall_clock(now);
+        let t = &mut self.tunnels[tunnel.0];
+        t.handshake_completed_at(wall_clock);
+        t.count_received(
+            if we_initiated {
+                RESPONSE_LEN
+            } else {
+                INITIATION_LEN
+            },
+            false,
+        );
         self.update_endpoint(tunnel, source);
         self.stats.handshakes_completed += 1;
         self.events.push_back(Event::HandshakeCompleted {
@@ -234,7 +247,8 @@ impl Device {
             &answer.keys.receive,
         );
         let released = t.start_responder_session(session);
-        self.handshake_completed(tunnel, source, released, false);
+        t.count_sent(RESPONSE_LEN, false);
+        self.handshake_completed(now, tunnel, source, released, false);
         self.outbox.push_back(Transmit {
             destination: source,
             data: answer.response.to_vec(),
@@ -271,7 +285,7 @@ impl Device {
         let remote_index = read_u32(msg, 4);
         let session = Session::new(now, local_index, remote_index, true, &send, &receive);
         let released = t.start_initiator_session(session, now);
-        self.handshake_completed(tunnel, source, released, true);
+        self.handshake_completed(now, tunnel, source, released, true);
         // Confirm the session to the responder: with queued data, or a keepalive.
         if self.tunnels[tunnel.0].has_queued() {
             self.flush_queue(now, tunnel);

@@ -19,9 +19,11 @@ use ahash::RandomState;
 use super::constants::REKEY_TIMEOUT_JITTER_MAX;
 use super::cookie::{CookieIssuer, MacKeys};
 use super::load_meter::LoadMeter;
-use super::messages::{classify, read_u32, Kind, SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
+use super::messages::{
+    classify, read_u32, Kind, AEAD_TAG_LEN, SEAL_TAILROOM, TRANSPORT_HEADER_LEN,
+};
 use super::rate_limiter::RateLimiter;
-use super::report::{Event, ProtocolDrop, Stats};
+use super::report::{Event, ProtocolDrop, Stats, Traffic};
 use super::session::{OpenError, OpenJob, SealJob};
 use super::slots::Slots;
 use super::timers::Timer;
@@ -294,6 +296,11 @@ impl Device {
         &self.stats
     }
 
+    /// What `tunnel` carried and when its last handshake completed.
+    pub fn traffic(&self, tunnel: TunnelId) -> Option<Traffic> {
+        self.tunnels.get(tunnel.0).map(|t| *t.traffic())
+    }
+
     pub fn endpoint(&self, tunnel: TunnelId) -> Option<SocketAddr> {
         self.tunnels.get(tunnel.0).and_then(Tunnel::endpoint)
     }
@@ -411,6 +418,7 @@ impl Device {
             return SealStep::Queued;
         };
         let job = session.begin_seal(buf, len, self.mtu);
+        t.count_sent(job.sealed_len(), len > 0);
         t.on_authenticated_send(now);
         if len > 0 {
             t.on_data_sent(now);
@@ -551,6 +559,7 @@ impl Device {
         self.update_endpoint(tunnel, source);
         let t = &mut self.tunnels[tunnel.0];
         t.on_authenticated_receive(now);
+        t.count_received(plaintext.end + AEAD_TAG_LEN, !plaintext.is_empty());
         if confirmed_next {
             self.flush_queue(now, tunnel);
         }

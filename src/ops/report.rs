@@ -1,0 +1,53 @@
+//! Everything a running daemon reports about itself: the node's status and the daemon's
+//! own counters. The control socket hands it to `meshguard status` as JSON; the
+//! metrics and the userspace API are made from it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::NodeStatus;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The node's name (its file's `name`).
+    pub name: String,
+    pub interface: String,
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub version: String,
+    /// Seconds since the Unix epoch when the daemon came up.
+    pub started_at: u64,
+    /// The userspace API socket name of each local identity (`None`: the name would be
+    /// longer than `wg` takes), in the order of `node.identities`.
+    pub uapi_names: Vec<Option<String>>,
+    pub reloads: ReloadCounts,
+    /// Failed UDP sends by kind.
+    pub send_errors: BTreeMap<String, u64>,
+    /// Packets the STRICT plaintext filter dropped; `None` without a filter.
+    pub plaintext_dropped: Option<u64>,
+    pub node: NodeStatus,
+}
+
+/// Reloads applied and refused, and what the applied ones changed.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ReloadCounts {
+    pub applied: u64,
+    pub rejected: u64,
+    pub identities_added: u64,
+    pub identities_changed: u64,
+    pub identities_removed: u64,
+    pub peers_added: u64,
+    pub peers_changed: u64,
+    pub peers_removed: u64,
+}
+
+impl DaemonStatus {
+    /// The local identity whose userspace API socket is `name`.
+    pub fn identity_of_uapi_name(&self, name: &str) -> Option<usize> {
+        self.uapi_names
+            .iter()
+            .position(|n| n.as_deref() == Some(name))
+    }
+}
