@@ -40,7 +40,7 @@ from pathlib import Path
 from meshbench.common import BenchError, Interrupted, REPO_ROOT, STOP_SIGNALS, find_program, log
 from meshbench.iperf import measure_system
 from meshbench.meshguard import start_meshguard
-from meshbench.model import ALL_SYSTEMS, ALL_TESTS, Options, SystemResult
+from meshbench.model import ALL_SYSTEMS, ALL_TESTS, EXTRA_SYSTEMS, Options, SystemResult
 from meshbench.report import machine_info, write_results
 from meshbench.topology import Resources, Testbed, UNDERLAY, create_underlay
 from meshbench.wireguard import WG_IMPLS, start_wg_peers
@@ -60,7 +60,7 @@ def system_binary(system: str, build_error: str | None) -> tuple[str | None, str
     """(binary, why it is missing)."""
     if system == "veth":
         return "", ""
-    if system == "meshguard":
+    if system in ("meshguard", "meshguard-metrics"):
         if build_error:
             return None, build_error
         binary = REPO_ROOT / "target" / "release" / "meshguard"
@@ -82,8 +82,9 @@ def start_system(
     namespaces = create_underlay(res, system, index)
     if system == "veth":
         return Testbed(namespaces[0], namespaces[1], UNDERLAY[1])
-    if system == "meshguard":
-        return start_meshguard(res, namespaces, index, binary, result, opts.interface)
+    if system in ("meshguard", "meshguard-metrics"):
+        metrics = system == "meshguard-metrics"
+        return start_meshguard(res, namespaces, index, binary, result, opts.interface, metrics)
     return start_wg_peers(res, namespaces, index, WG_IMPLS[system], binary)
 
 
@@ -127,8 +128,9 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
     parser.add_argument(
         "--systems",
         default=",".join(ALL_SYSTEMS),
-        type=lambda s: parse_list(s, ALL_SYSTEMS, "system"),
-        help=f"comma-separated (default {','.join(ALL_SYSTEMS)})",
+        type=lambda s: parse_list(s, ALL_SYSTEMS + EXTRA_SYSTEMS, "system"),
+        help=f"comma-separated (default {','.join(ALL_SYSTEMS)}; also "
+        f"{','.join(EXTRA_SYSTEMS)}: meshguard scraped every second)",
     )
     parser.add_argument(
         "--tests",
@@ -200,7 +202,8 @@ def main(argv: list[str]) -> int:
     for signum in STOP_SIGNALS:
         signal.signal(signum, raise_interrupted)
     try:
-        build_error = build_meshguard() if opts.build and "meshguard" in opts.systems else None
+        wants_build = any(s.startswith("meshguard") for s in opts.systems)
+        build_error = build_meshguard() if opts.build and wants_build else None
         opts.out.mkdir(parents=True, exist_ok=True)
         machine = machine_info(now)
         results = [bench_system(s, i, opts, build_error) for i, s in enumerate(opts.systems)]

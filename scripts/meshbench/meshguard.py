@@ -30,14 +30,28 @@ action = "ALLOW"
 """
 
 
-def meshguard_node_toml(side: int, iface: str, interface: dict[str, int]) -> str:
+ADMIN_PORT = 9586
+# Scrapes /metrics every second, inside a node's namespace, as a busy Prometheus would.
+SCRAPER = f"""\
+import time, urllib.request
+while True:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:{ADMIN_PORT}/metrics", timeout=5).read()
+    except OSError:
+        pass
+    time.sleep(1)
+"""
+
+
+def meshguard_node_toml(side: int, iface: str, interface: dict[str, int], metrics: bool) -> str:
     extra = "".join(f"{key} = {value}\n" for key, value in interface.items())
+    admin = f'[admin]\nlisten = "127.0.0.1:{ADMIN_PORT}"\n\n' if metrics else ""
     text = f"""\
 name = "bench-{'ab'[side]}"
 listen = "{UNDERLAY[side]}:{TUNNEL_PORT}"
 peers_dir = "peers"
 
-[interface]
+{admin}[interface]
 name = "{iface}"
 mtu = {TUNNEL_MTU}
 addresses = ["{OVERLAY[side]}/32"]
@@ -81,11 +95,15 @@ def write_meshguard_configs(binary: str, workdir: Path) -> list[Path]:
 
 
 def check_meshguard_configs(
-    binary: str, dirs: list[Path], ifaces: tuple[str, str], interface: dict[str, int]
+    binary: str,
+    dirs: list[Path],
+    ifaces: tuple[str, str],
+    interface: dict[str, int],
+    metrics: bool,
 ) -> None:
     """Writes both node files, with the allow-all policy; `meshguard check` must accept them."""
     for side, node_dir in enumerate(dirs):
-        toml = meshguard_node_toml(side, ifaces[side], interface)
+        toml = meshguard_node_toml(side, ifaces[side], interface, metrics)
         (node_dir / "node.toml").write_text(toml)
         try:
             run_cmd([binary, "check", "--config", str(node_dir / "node.toml")])
@@ -116,11 +134,12 @@ def start_meshguard(
     binary: str,
     result: SystemResult,
     interface: dict[str, int],
+    metrics: bool = False,
 ) -> Testbed:
     workdir = res.make_tempdir(f"mgbench-{os.getpid()}-meshguard-")
     ifaces = tuple(f"mg{os.getpid() % 10000}{index}{side}" for side in "ab")
     dirs = write_meshguard_configs(binary, workdir)
-    check_meshguard_configs(binary, dirs, ifaces, interface)
+    check_meshguard_configs(binary, dirs, ifaces, interface, metrics)
     result.notes.append("allow-all policy loaded")
     testbed = Testbed(namespaces[0], namespaces[1], OVERLAY[1])
     env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
@@ -132,6 +151,10 @@ def start_meshguard(
         testbed.logs.append(logfile)
     for proc, logfile in zip(testbed.daemons, testbed.logs):
         wait_for_log_line(proc, logfile, "meshguard is up")
+    if metrics:
+        for ns in namespaces:
+            res.spawn(ns, ["python3", "-c", SCRAPER], workdir / f"{ns}-scraper.log")
+        result.notes.append("admin listener on, /metrics scraped every second on both nodes")
     started = re.search(r"workers=(\d+)", testbed.logs[0].read_text(errors="replace"))
     if started:
         result.notes.append(f"{started.group(1)} data-path worker(s) per daemon")

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ALL_SYSTEMS = ("veth", "meshguard", "boringtun", "boringtun-1t", "wireguard-go")
+# On request only: meshguard with its admin listener on and /metrics scraped every second
+# on both nodes, to compare with plain `meshguard` in the same run.
+EXTRA_SYSTEMS = ("meshguard-metrics",)
 PEER_SYSTEMS = ("boringtun", "boringtun-1t", "wireguard-go")
 ALL_TESTS = ("tcp", "tcp4", "reverse", "udp")
 # The test during which the daemons' CPU time is measured.
