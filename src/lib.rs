@@ -15,6 +15,8 @@ pub mod identity;
 // System calls that need `unsafe` live here and nowhere else.
 #[allow(unsafe_code)]
 mod io;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod node;
 pub mod ops;
 mod packet;

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("telemetry", &[]),
     ("policy", &["file_error", "identity"]),
     ("config", &["file_error", "identity", "policy"]),
+    ("kubernetes", &["config", "identity"]),
     ("node", &["config", "identity", "packet", "policy", "proto"]),
     ("ops", &["identity", "node", "proto"]),
     (
@@ -44,6 +45,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "demo",
             "file_error",
             "identity",
+            "kubernetes",
             "ops",
             "policy",
             "telemetry",

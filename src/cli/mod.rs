@@ -57,6 +57,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the MeshNode CustomResourceDefinition (YAML) of Kubernetes mode.
+    Crd,
     /// Bring up a two-node demo mesh in network namespaces, send traffic, clean up (root).
     Demo,
     /// Allow-list tools.
@@ -219,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
             emit(&format!("{answer}\n"))?;
         }
         Command::Demo => demo()?,
+        Command::Crd => crd()?,
     }
     Ok(())
 }
@@ -265,6 +268,16 @@ fn find_control_socket() -> Result<PathBuf> {
                 .join(", ")
         ),
     }
+}
+
+#[cfg(feature = "kubernetes")]
+fn crd() -> Result<()> {
+    emit(&crate::kubernetes::crd_yaml())
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn crd() -> Result<()> {
+    anyhow::bail!("this meshguard was built without Kubernetes mode: build with `cargo build --features kubernetes`")
 }
 
 #[cfg(feature = "demo")]

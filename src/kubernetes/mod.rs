@@ -1,0 +1,39 @@
+//! Kubernetes mode (feature `kubernetes`): where a node's identities, peers and keys come
+//! from when the cluster is the source instead of files. So far: the `MeshNode` resource
+//! each node publishes, the key store of the node's service-account keys, and the
+//! translation of cluster objects (pods, `MeshNode`s) into identities and peers. The API
+//! client that watches and publishes them is not built yet.
+
+pub mod crd;
+pub mod keys;
+pub mod translate;
+
+use kube::CustomResourceExt;
+
+/// Every (API group, resource, verbs) the daemon's Kubernetes client is to use; the
+/// ClusterRole in `config/kubernetes/rbac.yaml` grants exactly these (a test checks).
+pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
+    ("", "pods", &["get", "list", "watch"]),
+    ("", "nodes", &["get"]),
+    (
+        "meshguard.io",
+        "meshnodes",
+        &["get", "list", "watch", "create", "patch"],
+    ),
+    (
+        "security.istio.io",
+        "authorizationpolicies",
+        &["get", "list", "watch"],
+    ),
+    (
+        "security.istio.io",
+        "peerauthentications",
+        &["get", "list", "watch"],
+    ),
+];
+
+/// The `MeshNode` CustomResourceDefinition as YAML, as `meshguard crd` prints it.
+pub fn crd_yaml() -> String {
+    let crd = crd::MeshNode::crd();
+    serde_yaml_ng::to_string(&crd).expect("a CRD serializes")
+}
