@@ -84,6 +84,8 @@ fn manifests_render_and_validate_strictly() {
         "ClusterRoleBinding",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
+        "ConfigMap",
+        "DaemonSet",
     ] {
         assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
     }
@@ -141,6 +143,16 @@ except jsonschema.ValidationError:
     assert!(skipped.is_empty(), "{skipped:?}");
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0].identities[0].allowed_ips.len(), 2);
+}
+
+#[test]
+fn the_daemonsets_node_file_loads() {
+    let config = meshguard::config::load(&manifests().join("node.toml")).unwrap();
+    let k = config.kubernetes.expect("Kubernetes mode");
+    assert_eq!(k.node_name, None, "from NODE_NAME");
+    assert_eq!(k.endpoint, None, "from NODE_IP");
+    assert_eq!(k.trust_domain, "cluster.local");
+    assert!(config.identities.is_empty() && config.peers.is_empty());
 }
 
 #[test]
@@ -423,4 +435,124 @@ fn keys_are_made_once_private_and_kept() {
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
     let err = KeyStore::open(&state).err().unwrap();
     assert!(err.to_string().contains("must be 0700"), "{err}");
+}
+
+/// A node file in Kubernetes mode, loaded as the daemon loads it.
+fn kube_base(dir: &Path) -> meshguard::config::NodeConfig {
+    let path = dir.join("node.toml");
+    std::fs::write(
+        &path,
+        "name = \"node-a\"\nlisten = \"198.18.0.1:51820\"\n[interface]\nname = \"mg0\"\n\
+         [kubernetes]\nnode_name = \"node-a\"\nstate_dir = \"state\"\n",
+    )
+    .unwrap();
+    meshguard::config::load(&path).unwrap()
+}
+
+fn mesh_node(name: &str, endpoint: &str, identities: serde_json::Value) -> MeshNode {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshguard.io/v1alpha1", "kind": "MeshNode",
+        "metadata": {"name": name},
+        "spec": {"endpoint": endpoint, "identities": identities}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn composing_settles_conflicts_and_compiles_policies() {
+    use meshguard::kubernetes::compose::{compose, ClusterObjects};
+    let dir = TempDir::new("compose").unwrap();
+    let base = kube_base(dir.path());
+    let keys = KeyStore::open(&dir.path().join("state")).unwrap();
+    let pods: Vec<Pod> = yaml_documents(PODS);
+    let key = |n: u8| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [n; 32]);
+    let objects = ClusterObjects {
+        pods,
+        mesh_nodes: vec![
+            // node-b still lists 10.244.1.5, now a pod of this node (a reused IP), and
+            // 10.244.9.9, which node-c claims too.
+            mesh_node(
+                "node-b",
+                "198.18.0.2:51820",
+                serde_json::json!([
+                    {"principal": "cluster.local/ns/db/sa/pg", "publicKeys": [key(1)],
+                     "allowedIPs": ["10.244.2.10/32", "10.244.1.5/32", "10.244.9.9/32"]},
+                    {"principal": "cluster.local/ns/db/sa/twin", "publicKeys": [key(3)],
+                     "allowedIPs": ["10.244.2.11/32"]}
+                ]),
+            ),
+            mesh_node(
+                "node-c",
+                "198.18.0.3:51820",
+                serde_json::json!([
+                    {"principal": "cluster.local/ns/web/sa/front", "publicKeys": [key(2)],
+                     "allowedIPs": ["10.244.3.4/32", "10.244.9.9/32"]},
+                    {"principal": "cluster.local/ns/web/sa/copy", "publicKeys": [key(3)],
+                     "allowedIPs": ["10.244.3.5/32"]}
+                ]),
+            ),
+        ],
+        istio: vec![serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-22", "namespace": "payments", "uid": "x",
+                         "resourceVersion": "7", "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["22"]}}]}]}
+        })],
+    };
+    let endpoint = "198.18.0.1:51820".parse().unwrap();
+    let composed = compose(&base, "node-a", "cluster.local", endpoint, &objects, &keys).unwrap();
+    let config = &composed.config;
+    assert_eq!(config.identities.len(), 2);
+    let allowed = |node: &str, principal: &str| -> Vec<String> {
+        config
+            .peers
+            .iter()
+            .find(|p| p.name == node)
+            .and_then(|p| {
+                p.identities
+                    .iter()
+                    .find(|i| i.principal.to_string() == principal)
+            })
+            .map(|i| i.allowed_ips.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        allowed("node-b", "cluster.local/ns/db/sa/pg"),
+        ["10.244.2.10/32"]
+    );
+    assert_eq!(
+        allowed("node-c", "cluster.local/ns/web/sa/front"),
+        ["10.244.3.4/32"]
+    );
+    // One key on two nodes: neither identity is trusted with it.
+    assert!(allowed("node-b", "cluster.local/ns/db/sa/twin").is_empty());
+    assert!(allowed("node-c", "cluster.local/ns/web/sa/copy").is_empty());
+    let reasons: Vec<&str> = composed.skipped.iter().map(|s| s.reason.as_str()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("10.244.1.5/32 is claimed")),
+        "{reasons:?}"
+    );
+    assert_eq!(composed.policy.policies.len(), 1);
+    // What this node publishes: its two identities with their keys.
+    assert_eq!(composed.mesh_node.identities.len(), 2);
+    assert_eq!(
+        composed.mesh_node.identities[1].public_keys,
+        [config.identities[1].public_key.to_base64()]
+    );
+
+    // A policy object that does not read fails the composition: the allow list in
+    // force stays (a DENY never drops out silently).
+    let mut broken = objects.clone();
+    broken.istio[0]["spec"]["action"] = serde_json::json!("DENYY");
+    let error = compose(&base, "node-a", "cluster.local", endpoint, &broken, &keys)
+        .err()
+        .unwrap();
+    assert!(
+        error
+            .to_string()
+            .contains("AuthorizationPolicy/payments/deny-22"),
+        "{error}"
+    );
 }

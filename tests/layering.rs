@@ -16,7 +16,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("telemetry", &[]),
     ("policy", &["file_error", "identity"]),
     ("config", &["file_error", "identity", "policy"]),
-    ("kubernetes", &["config", "identity"]),
+    (
+        "kubernetes",
+        &["config", "file_error", "identity", "policy"],
+    ),
     ("node", &["config", "identity", "packet", "policy", "proto"]),
     ("ops", &["identity", "node", "proto"]),
     (
@@ -25,6 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "config",
             "identity",
             "io",
+            "kubernetes",
             "node",
             "ops",
             "policy",

@@ -23,6 +23,7 @@ fn report(node: NodeStatus) -> DaemonStatus {
         reloads: ReloadCounts::default(),
         send_errors: BTreeMap::from([("send_too_large".to_owned(), 0)]),
         plaintext_dropped: None,
+        kubernetes: None,
         node,
     }
 }

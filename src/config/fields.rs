@@ -10,12 +10,13 @@ use toml::Spanned;
 
 use super::cross_checks::IdentityPositions;
 use super::schema::{
-    RawAdmin, RawInterface, RawLocalIdentity, RawPeerIdentity, RawPolicy, RawUapi,
+    RawAdmin, RawInterface, RawKubernetes, RawLocalIdentity, RawNode, RawPeerIdentity, RawPolicy,
+    RawUapi,
 };
 use super::{
-    InterfaceConfig, LocalIdentityConfig, OperationsConfig, PeerIdentityConfig, PolicyConfig,
-    DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH,
-    MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
+    InterfaceConfig, KubernetesConfig, LocalIdentityConfig, OperationsConfig, PeerIdentityConfig,
+    PolicyConfig, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, DEFAULT_STATE_DIR, DEFAULT_TRUST_DOMAIN,
+    MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
 };
 use crate::file_error::{FileError, TomlFile};
 use crate::identity::{load_private_key_file, Principal, PublicKey};
@@ -157,6 +158,89 @@ where
             ),
         )),
     }
+}
+
+/// `[kubernetes]`: where the cluster is and who this node is in it. Identities, peers
+/// and policies then come from the cluster, so the node file must not name them.
+pub(super) fn check_kubernetes(
+    src: &TomlFile,
+    base: &Path,
+    k: &RawKubernetes,
+    raw: &RawNode,
+) -> Result<KubernetesConfig, FileError> {
+    if !raw.identity.is_empty() {
+        return Err(src.error(
+            "identity",
+            "in Kubernetes mode the identities come from the pods on the node: remove \
+             [[identity]] (or [kubernetes])",
+        ));
+    }
+    if let Some(dir) = &raw.peers_dir {
+        return Err(src.error_at(
+            "peers_dir",
+            dir.span(),
+            "in Kubernetes mode the peers come from the other nodes' MeshNodes: remove \
+             peers_dir (or [kubernetes])",
+        ));
+    }
+    if let Some(file) = raw.policy.as_ref().and_then(|p| p.files.first()) {
+        return Err(src.error_at(
+            "policy.files",
+            file.span(),
+            "in Kubernetes mode the policies come from the cluster's AuthorizationPolicies \
+             and PeerAuthentications: remove policy.files",
+        ));
+    }
+    let node_name = match &k.node_name {
+        Some(name) => {
+            let n = name.get_ref();
+            let valid = !n.is_empty()
+                && n.len() <= 253
+                && n.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
+            if !valid {
+                return Err(src.error_at(
+                    "kubernetes.node_name",
+                    name.span(),
+                    format!(
+                        "{n:?} is not a Kubernetes node name (lowercase letters, digits, '-', '.')"
+                    ),
+                ));
+            }
+            Some(n.clone())
+        }
+        None => None,
+    };
+    let kubeconfig = match &k.kubeconfig {
+        Some(path) => Some(resolve_path(src, base, "kubernetes.kubeconfig", path)?),
+        None => None,
+    };
+    let trust_domain = match &k.trust_domain {
+        Some(td) => {
+            let probe = format!("{}/ns/x/sa/y", td.get_ref());
+            if let Err(e) = probe.parse::<Principal>() {
+                return Err(src.error_at("kubernetes.trust_domain", td.span(), e.to_string()));
+            }
+            td.get_ref().clone()
+        }
+        None => DEFAULT_TRUST_DOMAIN.to_owned(),
+    };
+    let state_dir = match &k.state_dir {
+        Some(dir) => resolve_path(src, base, "kubernetes.state_dir", dir)?,
+        None => PathBuf::from(DEFAULT_STATE_DIR),
+    };
+    let endpoint = match &k.endpoint {
+        Some(e) => Some(parse_socket_addr(src, "kubernetes.endpoint", e, true)?),
+        None => None,
+    };
+    Ok(KubernetesConfig {
+        node_name,
+        kubeconfig,
+        trust_domain,
+        state_dir,
+        endpoint,
+    })
 }
 
 /// `[admin]` and `[uapi]`; both may be left out (no metrics listener, sockets in their

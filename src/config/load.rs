@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::cross_checks::{check_cross, check_mtu_ipv6, Positions};
+use super::cross_checks::{check_cross, check_mtu_ipv6, IdentityPositions, Positions};
 use super::fields::{
-    check_interface, check_local_identity, check_name, check_operations, check_peer_identity,
-    check_policy, int_in, parse_socket_addr, resolve_path,
+    check_interface, check_kubernetes, check_local_identity, check_name, check_operations,
+    check_peer_identity, check_policy, int_in, parse_socket_addr, resolve_path,
 };
 use super::schema::{RawNode, RawPeer};
 use super::{NodeConfig, PeerConfig};
@@ -46,9 +46,22 @@ pub fn load(path: &Path) -> Result<NodeConfig, FileError> {
     let name = check_name(&src, "name", &raw.name)?;
     let listen = parse_socket_addr(&src, "listen", &raw.listen, false)?;
     let (interface, mtu_span) = check_interface(&src, &raw.interface)?;
-    let peers_dir = resolve_path(&src, base, "peers_dir", &raw.peers_dir)?;
+    let kubernetes = match &raw.kubernetes {
+        Some(k) => Some(check_kubernetes(&src, base, k, &raw)?),
+        None => None,
+    };
+    let peers_dir = match (&raw.peers_dir, &kubernetes) {
+        (Some(dir), _) => Some(resolve_path(&src, base, "peers_dir", dir)?),
+        (None, Some(_)) => None,
+        (None, None) => {
+            return Err(src.error(
+                "peers_dir",
+                "missing: name the directory of the peer files (or add [kubernetes])",
+            ))
+        }
+    };
 
-    if raw.identity.is_empty() {
+    if raw.identity.is_empty() && kubernetes.is_none() {
         return Err(src.error(
             "identity",
             "no identities: add at least one [[identity]] with principal, private_key_file \
@@ -67,7 +80,10 @@ pub fn load(path: &Path) -> Result<NodeConfig, FileError> {
 
     let policy = check_policy(&src, base, raw.policy.as_ref())?;
     let operations = check_operations(&src, base, raw.admin.as_ref(), raw.uapi.as_ref())?;
-    let peer_files = list_peer_files(&src, &peers_dir)?;
+    let peer_files = match &peers_dir {
+        Some(dir) => list_peer_files(&src, dir)?,
+        None => Vec::new(),
+    };
     let mut peers = Vec::with_capacity(peer_files.len());
     let mut peer_positions = Vec::with_capacity(peer_files.len());
     for file in peer_files {
@@ -86,10 +102,46 @@ pub fn load(path: &Path) -> Result<NodeConfig, FileError> {
         peers,
         policy,
         operations,
+        kubernetes,
     };
     check_cross(&cfg, &positions, &peer_positions)?;
     check_mtu_ipv6(&src, &cfg, mtu_span)?;
     Ok(cfg)
+}
+
+/// Checks across `cfg`'s identities (public keys used twice, one identity per principal,
+/// overlapping prefixes) for a configuration made from something other than files, as
+/// Kubernetes mode makes it; errors name the identity's source as the file.
+pub fn check_generated(cfg: &NodeConfig) -> Result<(), FileError> {
+    let positions = |identities: Vec<(bool, usize)>| Positions {
+        identities: identities
+            .into_iter()
+            .map(|(next, prefixes)| IdentityPositions {
+                key_line: 0,
+                next_key_line: next.then_some(0),
+                prefix_lines: vec![0; prefixes],
+            })
+            .collect(),
+    };
+    let local = positions(
+        cfg.identities
+            .iter()
+            .map(|i| (i.next_key.is_some(), i.addresses.len()))
+            .collect(),
+    );
+    let peers: Vec<Positions> = cfg
+        .peers
+        .iter()
+        .map(|p| {
+            positions(
+                p.identities
+                    .iter()
+                    .map(|i| (i.next_public_key.is_some(), i.allowed_ips.len()))
+                    .collect(),
+            )
+        })
+        .collect();
+    check_cross(cfg, &local, &peers)
 }
 
 /// Reads and validates one peer file on its own (no checks against other files).

@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use crate::identity::{Principal, PrivateKey, PublicKey};
 use crate::policy::{DefaultAction, DEFAULT_ROOT_NAMESPACE};
 
-pub use load::{load, load_peer_file};
+pub use load::{check_generated, load, load_peer_file};
 
 /// MTU used when `interface.mtu` is not given.
 pub const DEFAULT_MTU: u16 = 1420;
@@ -44,15 +44,42 @@ pub struct NodeConfig {
     /// UDP socket address to listen on.
     pub listen: SocketAddr,
     pub interface: InterfaceConfig,
-    /// The peers directory, resolved against the node file's directory.
-    pub peers_dir: PathBuf,
-    /// Local identities, in file order. Never empty.
+    /// The peers directory, resolved against the node file's directory; `None` in
+    /// Kubernetes mode.
+    pub peers_dir: Option<PathBuf>,
+    /// Local identities, in file order. Never empty in file mode.
     pub identities: Vec<LocalIdentityConfig>,
     /// One entry per peer file, sorted by file name.
     pub peers: Vec<PeerConfig>,
     pub policy: PolicyConfig,
     pub operations: OperationsConfig,
+    /// `[kubernetes]`: identities, peers and policies come from the cluster instead of
+    /// `[[identity]]`, `peers_dir` and policy files.
+    pub kubernetes: Option<KubernetesConfig>,
 }
+
+/// `[kubernetes]` of a node file: Kubernetes mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// The Node this daemon runs on; `None`: the `NODE_NAME` environment variable says.
+    pub node_name: Option<String>,
+    /// A kubeconfig file (resolved); `None`: `KUBECONFIG` if set, else the in-cluster
+    /// service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// The trust domain of the principals made from service accounts.
+    pub trust_domain: String,
+    /// Where the service accounts' keys are kept (made 0700).
+    pub state_dir: PathBuf,
+    /// The address other nodes send to, published in this node's `MeshNode`; `None`: the
+    /// listen address if it is a specific one, else `NODE_IP` (the downward API's
+    /// `status.hostIP`) with the listen port.
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// `kubernetes.trust_domain` unless given.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// `kubernetes.state_dir` unless given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard";
 
 /// `[admin]` and `[uapi]`: how operators look into the running daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,12 +253,14 @@ pub fn summary(cfg: &NodeConfig) -> String {
             let _ = writeln!(s, "      labels       {}", labels.join(", "));
         }
     }
-    let _ = writeln!(
-        s,
-        "  peers: {} (from {})",
-        cfg.peers.len(),
-        cfg.peers_dir.display()
-    );
+    match &cfg.peers_dir {
+        Some(dir) => {
+            let _ = writeln!(s, "  peers: {} (from {})", cfg.peers.len(), dir.display());
+        }
+        None => {
+            let _ = writeln!(s, "  peers: from the cluster's MeshNodes (Kubernetes mode)");
+        }
+    }
     for peer in &cfg.peers {
         let endpoint = match peer.endpoint {
             Some(e) => e.to_string(),

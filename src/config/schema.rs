@@ -15,13 +15,25 @@ use toml::Spanned;
 pub(crate) struct RawNode {
     pub name: Spanned<String>,
     pub listen: Spanned<String>,
-    pub peers_dir: Spanned<String>,
+    pub peers_dir: Option<Spanned<String>>,
     pub interface: RawInterface,
     #[serde(default)]
     pub identity: Vec<RawLocalIdentity>,
     pub policy: Option<RawPolicy>,
     pub admin: Option<RawAdmin>,
     pub uapi: Option<RawUapi>,
+    pub kubernetes: Option<RawKubernetes>,
+}
+
+/// `[kubernetes]` of a node file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKubernetes {
+    pub node_name: Option<Spanned<String>>,
+    pub kubeconfig: Option<Spanned<String>>,
+    pub trust_domain: Option<Spanned<String>>,
+    pub state_dir: Option<Spanned<String>>,
+    pub endpoint: Option<Spanned<String>>,
 }
 
 /// `[admin]` of a node file.

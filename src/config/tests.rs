@@ -179,7 +179,7 @@ fn valid_config_loads_fully() {
     assert_eq!(cfg.path, fx.path("node.toml"));
     assert_eq!(cfg.name, "node-a");
     assert_eq!(cfg.listen, "198.18.0.1:51820".parse().unwrap());
-    assert_eq!(cfg.peers_dir, fx.path("peers"));
+    assert_eq!(cfg.peers_dir, Some(fx.path("peers")));
     assert_eq!(cfg.interface.name, "mgt0");
     assert_eq!(cfg.interface.mtu, DEFAULT_MTU);
     assert_eq!(cfg.interface.workers, None);
@@ -1019,4 +1019,66 @@ fn admin_and_uapi_sections() {
         "admin.socket_dir",
         &["must not be empty"],
     );
+}
+
+#[test]
+fn kubernetes_mode_takes_identities_peers_and_policies_from_the_cluster() {
+    let fx = Fixture::new();
+    let node = "name = \"node-a\"\nlisten = \"0.0.0.0:51820\"\n\n[interface]\nname = \"mg0\"\n\n\
+                [kubernetes]\nnode_name = \"worker-1\"\nkubeconfig = \"kube.yaml\"\n\
+                state_dir = \"state\"\ntrust_domain = \"prod.example.org\"\n\
+                endpoint = \"198.18.0.1:51820\"\n";
+    fx.write("k.toml", node);
+    let cfg = load(&fx.path("k.toml")).unwrap();
+    let k = cfg.kubernetes.unwrap();
+    assert_eq!(k.node_name.as_deref(), Some("worker-1"));
+    assert_eq!(k.kubeconfig, Some(fx.path("kube.yaml")));
+    assert_eq!(k.state_dir, fx.path("state"));
+    assert_eq!(k.trust_domain, "prod.example.org");
+    assert_eq!(k.endpoint, Some("198.18.0.1:51820".parse().unwrap()));
+    assert_eq!(cfg.peers_dir, None);
+    // The node file may not name what the cluster provides.
+    let with = |extra: &str| {
+        fx.write("k.toml", &format!("{extra}{node}"));
+        load(&fx.path("k.toml")).unwrap_err()
+    };
+    let e = with("peers_dir = \"peers\"\n");
+    check(
+        &e,
+        &fx.path("k.toml"),
+        "peers_dir",
+        &["come from the other nodes' MeshNodes"],
+    );
+    fx.write(
+        "k.toml",
+        &format!("{node}\n[[identity]]\nprincipal = \"cluster.local/ns/a/sa/b\"\nprivate_key_file = \"keys/a1.key\"\naddresses = [\"10.1.0.1/32\"]\n"),
+    );
+    let e = load(&fx.path("k.toml")).unwrap_err();
+    check(&e, &fx.path("k.toml"), "identity", &["come from the pods"]);
+    fx.write(
+        "k.toml",
+        &node.replace(
+            "[interface]",
+            "[policy]\nfiles = [\"p.yaml\"]\n\n[interface]",
+        ),
+    );
+    let e = load(&fx.path("k.toml")).unwrap_err();
+    check(
+        &e,
+        &fx.path("k.toml"),
+        "policy.files",
+        &["come from the cluster"],
+    );
+    fx.write("k.toml", &node.replace("worker-1", "Worker_1"));
+    let e = load(&fx.path("k.toml")).unwrap_err();
+    check(
+        &e,
+        &fx.path("k.toml"),
+        "kubernetes.node_name",
+        &["not a Kubernetes node name"],
+    );
+    // Without [kubernetes], peers_dir is required.
+    fx.write("k.toml", &node[..node.find("[kubernetes]").unwrap()]);
+    let e = load(&fx.path("k.toml")).unwrap_err();
+    check(&e, &fx.path("k.toml"), "peers_dir", &["missing"]);
 }

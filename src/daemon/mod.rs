@@ -23,6 +23,32 @@ use crate::policy::PolicySet;
 use crate::proto;
 
 mod admin;
+#[cfg(feature = "kubernetes")]
+mod cluster;
+#[cfg(not(feature = "kubernetes"))]
+mod cluster {
+    //! Built without Kubernetes mode: there is never a cluster source.
+    use crate::ops::KubernetesCounts;
+    use crate::policy::PolicySet;
+
+    pub(super) const SETTLE_TIME: std::time::Duration = std::time::Duration::ZERO;
+
+    pub(super) enum ClusterSource {}
+
+    impl ClusterSource {
+        pub(super) fn compose(
+            &mut self,
+        ) -> Result<(crate::config::NodeConfig, PolicySet), std::convert::Infallible> {
+            match *self {}
+        }
+        pub(super) async fn changed(&self) {
+            match *self {}
+        }
+        pub(super) fn counts(&self) -> KubernetesCounts {
+            match *self {}
+        }
+    }
+}
 mod control;
 mod reload;
 mod send_errors;
@@ -32,6 +58,7 @@ mod uapi;
 mod unix_socket;
 mod worker;
 
+use cluster::ClusterSource;
 use control::{Control, Request, Snapshot};
 use reload::Reloader;
 use status_socket::StatusSocket;
@@ -57,7 +84,21 @@ pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
             .build()
     }
     .context("starting the async runtime")?;
-    runtime.block_on(serve(config, policy, workers))
+    runtime.block_on(async {
+        if config.kubernetes.is_none() {
+            return serve(config, policy, workers, None).await;
+        }
+        #[cfg(feature = "kubernetes")]
+        {
+            let (source, config, policy) = ClusterSource::start(config).await?;
+            serve(config, policy, workers, Some(source)).await
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        anyhow::bail!(
+            "the node file has [kubernetes], but this meshguard was built without Kubernetes \
+             mode: build with `--features kubernetes`"
+        )
+    })
 }
 
 /// `interface.workers`, or one per two cores this process may run on (at least one, at
@@ -148,7 +189,13 @@ struct Identity {
 }
 
 /// The control task's answer to a server's request.
-fn answer(request: Request, about: &Identity, shared: &Shared, reloader: &Reloader) {
+fn answer(
+    request: Request,
+    about: &Identity,
+    shared: &Shared,
+    reloader: &Reloader,
+    cluster: Option<&ClusterSource>,
+) {
     let config = reloader.config();
     let (node, private_keys) = {
         let state = shared.lock();
@@ -179,6 +226,7 @@ fn answer(request: Request, about: &Identity, shared: &Shared, reloader: &Reload
             .map(|(kind, n)| (kind.to_owned(), n))
             .collect(),
         plaintext_dropped: None,
+        kubernetes: cluster.map(ClusterSource::counts),
         node,
     };
     let _ = request.reply.send(Snapshot {
@@ -187,7 +235,14 @@ fn answer(request: Request, about: &Identity, shared: &Shared, reloader: &Reload
     });
 }
 
-async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<()> {
+/// Runs the node of `config` and `policy` until SIGINT or SIGTERM: from then on, changes
+/// come from the files, or from the cluster when there is a `cluster` source.
+async fn serve(
+    config: NodeConfig,
+    policy: PolicySet,
+    workers: usize,
+    mut cluster: Option<ClusterSource>,
+) -> Result<()> {
     let node = Node::new(
         &config,
         &policy,
@@ -272,6 +327,8 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
 
     let mut reloader = Reloader::new(config);
     let mut transmits = Vec::new();
+    // When a change of the cluster's objects is to be applied.
+    let mut cluster_due: Option<tokio::time::Instant> = None;
     let outcome = loop {
         let wake = {
             let mut state = shared.lock();
@@ -305,13 +362,31 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
                 let counters = counters_line(&state.node, &shared, &reloader, &filter);
                 tracing::info!(%counters, "counters");
             }
-            Some(request) = requests.recv() => answer(request, &about, &shared, &reloader),
+            Some(request) = requests.recv() => {
+                answer(request, &about, &shared, &reloader, cluster.as_ref());
+            }
             _ = hangup.recv() => {
-                reloader.reload(&shared, &mut filter, "SIGHUP");
+                match &mut cluster {
+                    Some(source) => apply_cluster(source, &mut reloader, &shared, &mut filter, "SIGHUP"),
+                    None => reloader.reload(&shared, &mut filter, "SIGHUP"),
+                }
                 sync_uapi(&mut uapi, &about, &shared);
             }
-            _ = watch.tick() => {
+            // The node file is not watched in Kubernetes mode: the cluster says.
+            _ = watch.tick(), if cluster.is_none() => {
                 if reloader.poll(&shared, &mut filter) {
+                    sync_uapi(&mut uapi, &about, &shared);
+                }
+            }
+            // A change of the cluster's objects is applied a moment later, with whatever
+            // else changed meanwhile.
+            _ = cluster_changed(cluster.as_ref()), if cluster_due.is_none() => {
+                cluster_due = Some(tokio::time::Instant::now() + cluster::SETTLE_TIME);
+            }
+            _ = sleep_until_due(cluster_due) => {
+                cluster_due = None;
+                if let Some(source) = &mut cluster {
+                    apply_cluster(source, &mut reloader, &shared, &mut filter, "cluster changed");
                     sync_uapi(&mut uapi, &about, &shared);
                 }
             }
@@ -342,6 +417,37 @@ async fn serve(config: NodeConfig, policy: PolicySet, workers: usize) -> Result<
         tracing::error!(error = %e, "removing the plaintext filter failed");
     }
     outcome
+}
+
+/// Returns when the cluster changed; never, without a cluster.
+async fn cluster_changed(cluster: Option<&ClusterSource>) {
+    match cluster {
+        Some(source) => source.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns at `due`; never, without one.
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies what the cluster's objects make now, or refuses it as a broken file is.
+fn apply_cluster(
+    source: &mut ClusterSource,
+    reloader: &mut Reloader,
+    shared: &Shared,
+    filter: &mut PlaintextFilter,
+    why: &str,
+) {
+    let started = Instant::now();
+    match source.compose() {
+        Ok((config, policy)) => reloader.apply(config, &policy, shared, filter, why, started),
+        Err(error) => reloader.refuse(why, &error),
+    }
 }
 
 /// The next tick of an optional interval; never, without one.

@@ -33,7 +33,7 @@ fn stamp(config: &NodeConfig) -> Stamp {
     let mut files: Vec<PathBuf> = vec![config.path.clone()];
     files.extend(config.identities.iter().map(|i| i.private_key_file.clone()));
     files.extend(config.policy.files.iter().cloned());
-    if let Ok(entries) = std::fs::read_dir(&config.peers_dir) {
+    if let Some(Ok(entries)) = config.peers_dir.as_ref().map(std::fs::read_dir) {
         let mut peers: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         peers.sort();
         files.extend(peers);
@@ -175,10 +175,23 @@ impl Reloader {
             let policy = policy::load_files(&new.policy.files)?;
             Ok((new, policy))
         });
-        let (mut new, policy) = match loaded {
-            Ok(loaded) => loaded,
-            Err(error) => return self.refuse(why, &error),
-        };
+        match loaded {
+            Ok((new, policy)) => self.apply(new, &policy, shared, filter, why, started),
+            Err(error) => self.refuse(why, &error),
+        }
+    }
+
+    /// Makes `new` and `policy` the running configuration, as far as the running daemon
+    /// can (see the module's docs); `started` is when the reload began.
+    pub(super) fn apply(
+        &mut self,
+        mut new: NodeConfig,
+        policy: &PolicySet,
+        shared: &Shared,
+        filter: &mut PlaintextFilter,
+        why: &str,
+        started: Instant,
+    ) {
         for (key, running, file) in restart_required(&self.config, &new) {
             tracing::warn!(
                 file = %new.path.display(),
@@ -197,7 +210,7 @@ impl Reloader {
             ..self.config.interface.clone()
         };
 
-        if let Err(error) = filter.apply(&strict_addresses(&new, &policy)) {
+        if let Err(error) = filter.apply(&strict_addresses(&new, policy)) {
             return self.refuse(why, &error);
         }
         let device = new.interface.name.clone();
@@ -221,7 +234,7 @@ impl Reloader {
             let mut state = shared.lock();
             let locked = Instant::now();
             let node = &mut state.node;
-            let done = node.reconfigure(locked, &new, &policy);
+            let done = node.reconfigure(locked, &new, policy);
             let node_locked_us = locked.elapsed().as_micros();
             let changes = &done.identities;
             tracing::info!(
@@ -238,7 +251,7 @@ impl Reloader {
                 since_load_start_us = started.elapsed().as_micros(),
                 "configuration reloaded"
             );
-            log_policy(node, &policy);
+            log_policy(node, policy);
             let c = &mut self.counts;
             c.applied += 1;
             c.identities_added += changes.locals_added as u64;
@@ -271,7 +284,7 @@ impl Reloader {
         &self.counts
     }
 
-    fn refuse(&mut self, why: &str, error: &dyn std::fmt::Display) {
+    pub(super) fn refuse(&mut self, why: &str, error: &dyn std::fmt::Display) {
         self.counts.rejected += 1;
         tracing::error!(
             trigger = why,

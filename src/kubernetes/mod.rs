@@ -4,6 +4,8 @@
 //! translation of cluster objects (pods, `MeshNode`s) into identities and peers. The API
 //! client that watches and publishes them is not built yet.
 
+pub mod client;
+pub mod compose;
 pub mod crd;
 pub mod keys;
 pub mod translate;

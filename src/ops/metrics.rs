@@ -312,6 +312,18 @@ impl Collector for StatusCollector {
                 dropped,
             )?;
         }
+        if let Some(k) = &status.kubernetes {
+            f.counter(
+                "kubernetes_api_errors",
+                "Kubernetes API requests and watches that failed (each retried with backoff).",
+                k.api_errors,
+            )?;
+            f.counter(
+                "kubernetes_meshnode_publications",
+                "Successful server-side applies of this node's MeshNode.",
+                k.publications,
+            )?;
+        }
         let r = &status.reloads;
         f.counters(
             "reloads",

@@ -7,4 +7,4 @@ mod report;
 pub mod status_text;
 pub mod uapi;
 
-pub use report::{DaemonStatus, ReloadCounts};
+pub use report::{DaemonStatus, KubernetesCounts, ReloadCounts};

@@ -27,7 +27,21 @@ pub struct DaemonStatus {
     pub send_errors: BTreeMap<String, u64>,
     /// Packets the STRICT plaintext filter dropped; `None` without a filter.
     pub plaintext_dropped: Option<u64>,
+    /// In Kubernetes mode: the API's side.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesCounts>,
     pub node: NodeStatus,
+}
+
+/// Kubernetes mode's counters.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct KubernetesCounts {
+    /// The Node this daemon serves.
+    pub node: String,
+    /// API requests and watches that failed.
+    pub api_errors: u64,
+    /// Successful applies of this node's `MeshNode`.
+    pub publications: u64,
 }
 
 /// Reloads applied and refused, and what the applied ones changed.

@@ -56,6 +56,13 @@ pub fn render(status: &DaemonStatus, now: Duration) -> String {
          {} without a peer",
         n.packets_in, n.packets_out, n.policy_denied, n.spoofed_source, n.no_peer
     );
+    if let Some(k) = &status.kubernetes {
+        let _ = writeln!(
+            out,
+            "  kubernetes: node {}, {} MeshNode publications, {} API errors",
+            k.node, k.publications, k.api_errors
+        );
+    }
     if let Some(dropped) = status.plaintext_dropped {
         let _ = writeln!(out, "  plaintext to STRICT identities dropped: {dropped}");
     }

@@ -183,6 +183,12 @@ impl FileKind {
     }
 }
 
+/// Adds the Istio documents of `text` to `set`, as a policy file of that text would;
+/// `origin` names where they came from in errors (a file, or a cluster object).
+pub fn add_istio_yaml(set: &mut PolicySet, text: &str, origin: &Path) -> Result<(), FileError> {
+    istio::read_istio_yaml(text, origin, set)
+}
+
 /// Loads and merges policy files: `.toml` files in meshguard's form, `.yaml`/`.yml` files
 /// of Istio documents. Two policies with the same `namespace/name` are an error, in one
 /// file or across files.

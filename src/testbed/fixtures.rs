@@ -444,7 +444,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             workers: None,
             queue_length: 4000,
         },
-        peers_dir: dir.join("peers"),
+        peers_dir: Some(dir.join("peers")),
         // No policies: the default decides every new inbound flow.
         policy: PolicyConfig {
             default,
@@ -459,6 +459,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             identities: peer_identities,
         }],
         operations: OperationsConfig::default(),
+        kubernetes: None,
     }
 }
 

@@ -230,6 +230,45 @@ fn write_peer_file(dir: &Path, peer: &PeerEntry) -> io::Result<()> {
     write_whole(&path, &text, 0o644)
 }
 
+/// A node in Kubernetes mode: its node file names the API server instead of identities,
+/// peers and policy files.
+#[derive(Clone)]
+pub struct KubeNodeSpec {
+    /// The Node's name.
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Addresses put on the device: the pods' addresses, in these tests' namespaces.
+    pub addresses: Vec<String>,
+    /// `policy.default`: what applies when no ALLOW policy selects an identity.
+    pub default: &'static str,
+}
+
+/// The node file of `node` in `dir`, with a kubeconfig for `kubeconfig`'s text.
+fn write_kube_node_file(dir: &Path, node: &KubeNodeSpec, kubeconfig: &str) -> io::Result<PathBuf> {
+    write_whole(&dir.join("kubeconfig"), kubeconfig, 0o600)?;
+    let mut text = String::new();
+    writeln!(text, "name = {:?}", node.name).unwrap();
+    writeln!(text, "listen = \"{}\"\n", node.listen).unwrap();
+    writeln!(text, "[interface]\nname = \"mg0\"\nmtu = 1420").unwrap();
+    writeln!(text, "addresses = {}\n", toml_list(&node.addresses)).unwrap();
+    writeln!(text, "[policy]\ndefault = {:?}\n", node.default).unwrap();
+    writeln!(
+        text,
+        "[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\nsocket_dir = \"{RUN_DIR}\"\n\n\
+         [uapi]\ndirectory = \"{RUN_DIR}/wireguard\"\n"
+    )
+    .unwrap();
+    writeln!(
+        text,
+        "[kubernetes]\nnode_name = {:?}\nkubeconfig = \"kubeconfig\"\nstate_dir = \"state\"",
+        node.name
+    )
+    .unwrap();
+    let path = dir.join("node.toml");
+    write_whole(&path, &text, 0o644)?;
+    Ok(path)
+}
+
 /// Where a test daemon's admin listener is, on its namespace's loopback.
 const ADMIN_PORT: u16 = 9586;
 /// A test daemon's control socket and userspace API sockets go under this directory of
@@ -272,6 +311,24 @@ impl MeshguardNode {
         let dir = TempDir::new("node")?;
         let config = write_config(dir.path(), node, peers)?;
         let process = launch(binary, ns, &config, env)?;
+        Ok(MeshguardNode {
+            process,
+            config,
+            _dir: dir,
+        })
+    }
+
+    /// Starts `binary up` in Kubernetes mode for `node`, with the API server
+    /// `kubeconfig` names; returns once the daemon is up (after its first complete sync).
+    pub fn start_kubernetes(
+        binary: &Path,
+        ns: &Netns,
+        node: &KubeNodeSpec,
+        kubeconfig: &str,
+    ) -> io::Result<MeshguardNode> {
+        let dir = TempDir::new("kubenode")?;
+        let config = write_kube_node_file(dir.path(), node, kubeconfig)?;
+        let process = launch(binary, ns, &config, &[])?;
         Ok(MeshguardNode {
             process,
             config,

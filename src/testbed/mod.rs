@@ -41,6 +41,8 @@
 pub mod fixtures;
 mod flood;
 mod inbound;
+#[cfg(feature = "kubernetes")]
+mod kube_api;
 mod link;
 mod mesh;
 mod netns;
@@ -63,9 +65,12 @@ use std::time::{Duration, Instant};
 
 pub use flood::{FloodStats, HandshakeFlood};
 pub use inbound::InboundCounter;
+#[cfg(feature = "kubernetes")]
+pub use kube_api::{Collection, KubeApiServer};
 pub use link::{Lan, Link};
 pub use mesh::{
-    counter, write_config, IdentitySpec, MeshguardNode, NodeSpec, PeerEntry, ALLOW_ALL_POLICY,
+    counter, write_config, IdentitySpec, KubeNodeSpec, MeshguardNode, NodeSpec, PeerEntry,
+    ALLOW_ALL_POLICY,
 };
 pub use netns::{Netns, NETNS_DIR};
 pub use process::{ChildGuard, DEFAULT_GRACE};

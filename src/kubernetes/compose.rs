@@ -1,0 +1,200 @@
+//! The whole configuration of a node in Kubernetes mode, from the node file's settings
+//! and what the cluster holds at one moment: local identities from the pods on the node
+//! (with keys from the key store), peers from the other nodes' `MeshNode`s, the allow
+//! list from Istio's objects, and the `MeshNode` this node is to publish.
+//!
+//! Conflicts between nodes are settled so that no address or key belongs to two
+//! identities: an address of this node's pods is this node's (a peer claiming it, as
+//! happens for a moment when a pod IP is reused, loses it), an address or key two peers
+//! claim is given to neither. A policy object that does not read fails the whole
+//! composition, so the allow list in force stays (a DENY never silently drops out).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::Value;
+
+use super::crd::{MeshNode, MeshNodeSpec};
+use super::keys::KeyStore;
+use super::translate::{mesh_node_spec, peers, workloads, Skipped};
+use crate::config::{check_generated, LocalIdentityConfig, NodeConfig};
+use crate::file_error::FileError;
+use crate::identity::PublicKey;
+use crate::policy::{add_istio_yaml, PolicySet};
+
+/// What the cluster holds, at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterObjects {
+    /// The pods on this node (others are ignored).
+    pub pods: Vec<Pod>,
+    pub mesh_nodes: Vec<MeshNode>,
+    /// `AuthorizationPolicy` and `PeerAuthentication` objects as the API gives them.
+    pub istio: Vec<Value>,
+}
+
+/// A node's configuration made from the cluster.
+pub struct Composed {
+    pub config: NodeConfig,
+    pub policy: PolicySet,
+    /// What this node publishes as its `MeshNode`.
+    pub mesh_node: MeshNodeSpec,
+    /// What was left out, and why.
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComposeError {
+    #[error("the key of {principal}: {error}")]
+    Key {
+        principal: String,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] FileError),
+}
+
+/// `base` (the node file) with the identities, peers and policies `objects` give
+/// `node` (a Node's name); `endpoint` is what this node publishes.
+pub fn compose(
+    base: &NodeConfig,
+    node: &str,
+    trust_domain: &str,
+    endpoint: SocketAddr,
+    objects: &ClusterObjects,
+    keys: &KeyStore,
+) -> Result<Composed, ComposeError> {
+    let (local, mut skipped) = workloads(node, trust_domain, &objects.pods);
+    let mut identities = Vec::with_capacity(local.len());
+    let mut published = Vec::with_capacity(local.len());
+    for workload in local {
+        let key = keys
+            .key(&workload.principal)
+            .map_err(|error| ComposeError::Key {
+                principal: workload.principal.to_string(),
+                error,
+            })?;
+        let public_key = key.public_key();
+        identities.push(LocalIdentityConfig {
+            principal: workload.principal.clone(),
+            private_key_file: keys.path(&workload.principal),
+            private_key: key,
+            public_key,
+            next_key: None,
+            addresses: workload.addresses.clone(),
+            labels: workload.labels.clone(),
+        });
+        published.push((workload, vec![public_key]));
+    }
+    let (mut peer_configs, peer_skips) = peers(node, &objects.mesh_nodes);
+    skipped.extend(peer_skips);
+    settle_conflicts(&identities, &mut peer_configs, &mut skipped);
+
+    let mut policy = PolicySet::default();
+    for object in &objects.istio {
+        add_istio_object(&mut policy, object)?;
+    }
+    let config = NodeConfig {
+        identities,
+        peers: peer_configs,
+        ..base.clone()
+    };
+    check_generated(&config)?;
+    Ok(Composed {
+        config,
+        policy,
+        mesh_node: mesh_node_spec(endpoint, &published),
+        skipped,
+    })
+}
+
+/// Gives every address and key to one identity at most (see the module's docs).
+fn settle_conflicts(
+    locals: &[LocalIdentityConfig],
+    peers: &mut Vec<crate::config::PeerConfig>,
+    skipped: &mut Vec<Skipped>,
+) {
+    let local_nets: HashMap<IpNet, ()> = locals
+        .iter()
+        .flat_map(|l| l.addresses.iter().map(|n| (*n, ())))
+        .collect();
+    let local_keys: HashMap<PublicKey, ()> = locals.iter().map(|l| (l.public_key, ())).collect();
+    // How many peer identities claim each address and key.
+    let mut net_claims: HashMap<IpNet, usize> = HashMap::new();
+    let mut key_claims: HashMap<PublicKey, usize> = HashMap::new();
+    for identity in peers.iter().flat_map(|p| &p.identities) {
+        for net in &identity.allowed_ips {
+            *net_claims.entry(*net).or_default() += 1;
+        }
+        for key in std::iter::once(identity.public_key).chain(identity.next_public_key) {
+            *key_claims.entry(key).or_default() += 1;
+        }
+    }
+    for peer in peers.iter_mut() {
+        let node = peer.name.clone();
+        peer.identities.retain_mut(|identity| {
+            let object = format!("MeshNode {node} identity {}", identity.principal);
+            let keys_clash = std::iter::once(identity.public_key)
+                .chain(identity.next_public_key)
+                .any(|k| local_keys.contains_key(&k) || key_claims[&k] > 1);
+            if keys_clash {
+                skipped.push(Skipped {
+                    object,
+                    reason: "its public key is another identity's too: left out".to_owned(),
+                });
+                return false;
+            }
+            let before = identity.allowed_ips.len();
+            identity.allowed_ips.retain(|net| {
+                let taken = local_nets.contains_key(net) || net_claims[net] > 1;
+                if taken {
+                    skipped.push(Skipped {
+                        object: object.clone(),
+                        reason: format!("{net} is claimed by another identity too: left out"),
+                    });
+                }
+                !taken
+            });
+            before == 0 || !identity.allowed_ips.is_empty()
+        });
+        // One identity per principal on a node.
+        let mut seen = BTreeMap::new();
+        peer.identities.retain(|identity| {
+            let first = seen.insert(identity.principal.to_string(), ()).is_none();
+            if !first {
+                skipped.push(Skipped {
+                    object: format!("MeshNode {node} identity {}", identity.principal),
+                    reason: "listed twice: the second is left out".to_owned(),
+                });
+            }
+            first
+        });
+    }
+    peers.retain(|p| !p.identities.is_empty());
+}
+
+/// Compiles one Istio object as the YAML loader compiles a file's document.
+fn add_istio_object(policy: &mut PolicySet, object: &Value) -> Result<(), FileError> {
+    let metadata = &object["metadata"];
+    let origin = format!(
+        "{}/{}/{}",
+        object["kind"].as_str().unwrap_or("object"),
+        metadata["namespace"].as_str().unwrap_or(""),
+        metadata["name"].as_str().unwrap_or("")
+    );
+    // What the loader reads; the server's bookkeeping (managedFields and the like) is
+    // left behind.
+    let mut trimmed = serde_json::json!({
+        "apiVersion": object["apiVersion"],
+        "kind": object["kind"],
+        "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]},
+    });
+    if let Some(spec) = object.get("spec") {
+        trimmed["spec"] = spec.clone();
+    }
+    let text = serde_yaml_ng::to_string(&trimmed)
+        .map_err(|e| FileError::whole_file(Path::new(&origin), e.to_string()))?;
+    add_istio_yaml(policy, &text, Path::new(&origin))
+}

@@ -1,0 +1,254 @@
+//! Kubernetes mode end to end, in namespaces: two daemons against a small list/watch/apply
+//! API server written for the tests (`testbed::KubeApiServer`, a test server, not a
+//! conformance claim), each with a real kubeconfig file. Pods created through the API
+//! become identities, the daemons publish their MeshNodes and pick up each other's, ping
+//! and a TCP transfer pass between the pods' addresses, an AuthorizationPolicy created
+//! through the API closes a port within seconds, a deleted pod's identity goes, an
+//! outage of the API changes nothing, and a 410 Gone makes the daemons list again.
+//! Needs root.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use meshguard::testbed::{
+    ping, require_root, tcp_connect, tcp_transfer, wait_until, Collection, KubeApiServer,
+    KubeNodeSpec, Lan, MeshguardNode, Netns,
+};
+
+const API: &str = "198.18.31.100:6443";
+const A_POD: &str = "10.50.1.1";
+const A_POD2: &str = "10.50.1.2";
+const B_POD: &str = "10.50.2.1";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meshguard"))
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+
+fn pod(namespace: &str, name: &str, node: &str, account: &str, address: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": account}},
+        "spec": {"nodeName": node, "serviceAccountName": account,
+                 "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}]}
+    })
+}
+
+fn deny_port(port: u16) -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": format!("deny-{port}"), "namespace": "shop"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": [port.to_string()]}}]}]}
+    })
+}
+
+fn status_of(daemon: &MeshguardNode) -> meshguard::ops::DaemonStatus {
+    let out = std::process::Command::new(binary())
+        .args(["status", "--json", "--socket"])
+        .arg(daemon.control_socket())
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    })
+}
+
+fn principals(daemon: &MeshguardNode) -> Vec<String> {
+    status_of(daemon)
+        .node
+        .identities
+        .into_iter()
+        .map(|i| i.principal)
+        .collect()
+}
+
+#[test]
+fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
+    if !require_root() {
+        return;
+    }
+    let lan = Lan::new("k8l").unwrap();
+    let (ns_api, ns_a, ns_b) = (
+        Netns::new("k8api").unwrap(),
+        Netns::new("k8a").unwrap(),
+        Netns::new("k8b").unwrap(),
+    );
+    lan.attach(&ns_api, "198.18.31.100/24").unwrap();
+    lan.attach(&ns_a, "198.18.31.1/24").unwrap();
+    lan.attach(&ns_b, "198.18.31.2/24").unwrap();
+    let api = KubeApiServer::start(&ns_api, API.parse().unwrap()).unwrap();
+    api.put(Collection::Nodes, node("node-a"));
+    api.put(Collection::Nodes, node("node-b"));
+    api.put(
+        Collection::Pods,
+        pod("shop", "web-1", "node-a", "web", A_POD),
+    );
+    api.put(Collection::Pods, pod("shop", "db-1", "node-b", "db", B_POD));
+
+    let spec = |name: &str, listen: &str, addresses: &[&str]| KubeNodeSpec {
+        name: name.into(),
+        listen: listen.parse().unwrap(),
+        addresses: addresses.iter().map(|a| format!("{a}/32")).collect(),
+        default: "allow",
+    };
+    let a = MeshguardNode::start_kubernetes(
+        binary(),
+        &ns_a,
+        &spec("node-a", "198.18.31.1:51820", &[A_POD, A_POD2]),
+        &api.kubeconfig(),
+    )
+    .unwrap();
+    let b = MeshguardNode::start_kubernetes(
+        binary(),
+        &ns_b,
+        &spec("node-b", "198.18.31.2:51820", &[B_POD]),
+        &api.kubeconfig(),
+    )
+    .unwrap();
+    assert_eq!(principals(&a), ["cluster.local/ns/shop/sa/web"]);
+
+    // Each publishes its MeshNode (owned by its Node) and picks up the other's.
+    let published = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        api.get(Collection::MeshNodes, "node-a").is_some()
+            && api.get(Collection::MeshNodes, "node-b").is_some()
+    });
+    assert!(published, "{}", a.log());
+    let mesh_node = api.get(Collection::MeshNodes, "node-a").unwrap();
+    assert_eq!(mesh_node["spec"]["endpoint"], "198.18.31.1:51820");
+    assert_eq!(
+        mesh_node["spec"]["identities"][0]["allowedIPs"],
+        json!([format!("{A_POD}/32")])
+    );
+    let owner = &mesh_node["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "Node");
+    assert_eq!(
+        owner["uid"],
+        api.get(Collection::Nodes, "node-a").unwrap()["metadata"]["uid"]
+    );
+    let requests = api.requests();
+    assert!(
+        requests.iter().any(|r| r
+            .starts_with("PATCH /apis/meshguard.io/v1alpha1/meshnodes/node-a?")
+            && r.contains("fieldManager=meshguard")
+            && r.contains("force=true")),
+        "{requests:#?}"
+    );
+    assert!(
+        requests.iter().any(|r| r.starts_with("GET /api/v1/pods?")
+            && r.contains("watch=true")
+            && r.contains("allowWatchBookmarks=true")
+            && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{requests:#?}"
+    );
+
+    let reached = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        ping(&ns_a, Some(ip(A_POD)), ip(B_POD), 1)
+    });
+    assert!(reached, "A:\n{}\nB:\n{}", a.log(), b.log());
+    let report = tcp_transfer(
+        &ns_b,
+        SocketAddr::new(ip(B_POD), 0),
+        &ns_a,
+        Some(ip(A_POD)),
+        5_000_000,
+    )
+    .unwrap();
+    assert!(report.is_intact(), "{report}");
+
+    // A DENY created through the API closes port 7000 on B's pods; 7001 stays open.
+    let b_listen = |port: u16| ns_b.tcp_listen(SocketAddr::new(ip(B_POD), port)).unwrap();
+    let (_l7000, _l7001) = (b_listen(7000), b_listen(7001));
+    let open = |port: u16| {
+        tcp_connect(
+            &ns_a,
+            Some(ip(A_POD)),
+            SocketAddr::new(ip(B_POD), port),
+            Duration::from_secs(2),
+        )
+        .is_ok()
+    };
+    assert!(open(7000));
+    api.put(Collection::AuthorizationPolicies, deny_port(7000));
+    let closed = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        !open(7000)
+    });
+    assert!(closed, "B:\n{}", b.log());
+    assert!(open(7001));
+
+    // A second pod on A: a new identity, which B can reach once A's MeshNode says so.
+    api.put(
+        Collection::Pods,
+        pod("shop", "api-1", "node-a", "api", A_POD2),
+    );
+    let appeared = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        ping(&ns_b, Some(ip(B_POD)), ip(A_POD2), 1)
+    });
+    assert!(appeared, "A:\n{}\nB:\n{}", a.log(), b.log());
+    assert_eq!(
+        principals(&a),
+        [
+            "cluster.local/ns/shop/sa/api",
+            "cluster.local/ns/shop/sa/web"
+        ]
+    );
+    // Deleting it takes the identity away again.
+    assert!(api.delete(Collection::Pods, "shop/api-1"));
+    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        principals(&a) == ["cluster.local/ns/shop/sa/web"]
+    });
+    assert!(gone, "{}", a.log());
+    let unreachable = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        !ping(&ns_b, Some(ip(B_POD)), ip(A_POD2), 1)
+    });
+    assert!(unreachable);
+
+    // The API goes away: traffic and policy stay as they were.
+    api.set_down(true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(ping(&ns_a, Some(ip(A_POD)), ip(B_POD), 3));
+    assert!(!open(7000), "the DENY stays in force");
+    assert!(open(7001));
+    let errors = status_of(&a).kubernetes.unwrap().api_errors;
+    assert!(
+        errors > 0,
+        "A:\n{}\nrequests: {:#?}",
+        a.log(),
+        api.requests()
+    );
+    api.set_down(false);
+
+    // History expires (410 Gone): the daemons list again and go on following changes.
+    api.expire_history();
+    api.delete(Collection::AuthorizationPolicies, "shop/deny-7000");
+    let reopened = wait_until(Duration::from_secs(30), Duration::from_millis(300), || {
+        open(7000)
+    });
+    assert!(reopened, "B:\n{}", b.log());
+    let lists = api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("GET /apis/security.istio.io/v1/authorizationpolicies?")
+                && !r.contains("watch=true")
+        })
+        .count();
+    assert!(
+        lists >= 3,
+        "each daemon listed again after the 410: {lists}"
+    );
+
+    let log = b.stop().unwrap();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    drop(a);
+}
