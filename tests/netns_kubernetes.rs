@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use meshguard::kubernetes::API_ACCESS;
 use meshguard::testbed::{
     ping, require_root, tcp_connect, tcp_transfer, wait_until, Collection, KubeApiServer,
     KubeNodeSpec, Lan, MeshguardNode, Netns,
@@ -248,7 +249,144 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
         "each daemon listed again after the 410: {lists}"
     );
 
+    // Every request the daemons made is one the ClusterRole grants.
+    for request in api.requests() {
+        let Some((group, resource, verb)) = rbac_of(&request) else {
+            continue;
+        };
+        let granted = API_ACCESS
+            .iter()
+            .any(|(g, r, verbs)| *g == group && *r == resource && verbs.contains(&verb));
+        assert!(granted, "{request} needs {verb} on {group}/{resource}");
+    }
+
     let log = b.stop().unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
     drop(a);
+}
+
+/// The RBAC (API group, resource, verb) a request of the log needs; `None` for API
+/// discovery, which every authenticated user may read.
+fn rbac_of(request: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    let (method, target) = request.split_once(' ').unwrap();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest): (&str, &[&str]) = match segments[..] {
+        ["api", "v1", ref rest @ ..] => ("", rest),
+        ["apis", "meshguard.io", _, ref rest @ ..] => ("meshguard.io", rest),
+        ["apis", "security.istio.io", _, ref rest @ ..] => ("security.istio.io", rest),
+        _ => panic!("unexpected request {request}"),
+    };
+    if rest.is_empty() {
+        return None;
+    }
+    let resource = match rest[0] {
+        "pods" => "pods",
+        "nodes" => "nodes",
+        "meshnodes" => "meshnodes",
+        "authorizationpolicies" => "authorizationpolicies",
+        "peerauthentications" => "peerauthentications",
+        other => panic!("unexpected resource {other}"),
+    };
+    let group: &'static str = match group {
+        "" => "",
+        "meshguard.io" => "meshguard.io",
+        _ => "security.istio.io",
+    };
+    let verb = match (method, rest.len(), query.contains("watch=true")) {
+        ("GET", 1, true) => "watch",
+        ("GET", 1, false) => "list",
+        ("GET", 2, _) => "get",
+        ("PATCH", 2, _) => "patch",
+        _ => panic!("unexpected request {request}"),
+    };
+    Some((group, resource, verb))
+}
+
+#[test]
+fn nothing_is_made_before_the_first_sync_and_v1beta1_policies_apply() {
+    if !require_root() {
+        return;
+    }
+    let lan = Lan::new("k9l").unwrap();
+    let (ns_api, ns_a, ns_b) = (
+        Netns::new("k9api").unwrap(),
+        Netns::new("k9a").unwrap(),
+        Netns::new("k9b").unwrap(),
+    );
+    lan.attach(&ns_api, "198.18.32.100/24").unwrap();
+    lan.attach(&ns_a, "198.18.32.1/24").unwrap();
+    lan.attach(&ns_b, "198.18.32.2/24").unwrap();
+    // An older Istio: only security.istio.io/v1beta1.
+    let api =
+        KubeApiServer::start_with_istio(&ns_api, "198.18.32.100:6443".parse().unwrap(), "v1beta1")
+            .unwrap();
+    api.put(Collection::Nodes, node("node-a"));
+    api.put(Collection::Nodes, node("node-b"));
+    api.put(
+        Collection::Pods,
+        pod("shop", "web-1", "node-a", "web", A_POD),
+    );
+    api.put(Collection::Pods, pod("shop", "db-1", "node-b", "db", B_POD));
+    let mut deny = deny_port(7000);
+    deny["apiVersion"] = json!("security.istio.io/v1beta1");
+    api.put(Collection::AuthorizationPolicies, deny);
+    let spec = |name: &str, listen: &str, address: &str| KubeNodeSpec {
+        name: name.into(),
+        listen: listen.parse().unwrap(),
+        addresses: vec![format!("{address}/32")],
+        default: "allow",
+    };
+
+    // With the API unreachable, the daemon waits: no device, nothing sent.
+    api.set_down(true);
+    let a = MeshguardNode::spawn_kubernetes(
+        binary(),
+        &ns_a,
+        &spec("node-a", "198.18.32.1:51820", A_POD),
+        &api.kubeconfig(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(a.process().is_running(), "{}", a.log());
+    assert!(
+        a.log().contains("waiting for the first complete sync"),
+        "{}",
+        a.log()
+    );
+    assert!(!a.log().contains("meshguard is up"), "{}", a.log());
+    assert!(
+        ns_a.ip(["link", "show", "mg0"]).is_err(),
+        "no device before the first sync"
+    );
+    api.set_down(false);
+    let up = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        a.log().contains("meshguard is up")
+    });
+    assert!(up, "{}", a.log());
+
+    let _b = MeshguardNode::start_kubernetes(
+        binary(),
+        &ns_b,
+        &spec("node-b", "198.18.32.2:51820", B_POD),
+        &api.kubeconfig(),
+    )
+    .unwrap();
+    let reached = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        ping(&ns_a, Some(ip(A_POD)), ip(B_POD), 1)
+    });
+    assert!(reached, "{}", a.log());
+    let b_listen = |port: u16| ns_b.tcp_listen(SocketAddr::new(ip(B_POD), port)).unwrap();
+    let (_l7000, _l7001) = (b_listen(7000), b_listen(7001));
+    let open = |port: u16| {
+        tcp_connect(
+            &ns_a,
+            Some(ip(A_POD)),
+            SocketAddr::new(ip(B_POD), port),
+            Duration::from_secs(2),
+        )
+        .is_ok()
+    };
+    assert!(!open(7000), "the v1beta1 DENY applies");
+    assert!(open(7001));
 }

@@ -73,11 +73,11 @@ impl ClusterSource {
             format!("opening the key directory {}", settings.state_dir.display())
         })?;
         let client = client::connect(&settings).await?;
-        let cluster = Cluster::start(client, &node).await?;
         tracing::info!(
             node,
             "waiting for the first complete sync with the Kubernetes API; nothing is sent before"
         );
+        let cluster = Cluster::start(client, &node).await?;
         loop {
             tokio::select! {
                 _ = cluster.wait_synced() => break,

@@ -47,13 +47,32 @@ impl Collection {
         Collection::PeerAuthentications,
     ];
 
-    fn path(self) -> &'static str {
+    fn path(self, istio: &str) -> String {
         match self {
-            Collection::Pods => "/api/v1/pods",
-            Collection::Nodes => "/api/v1/nodes",
-            Collection::MeshNodes => "/apis/meshguard.io/v1alpha1/meshnodes",
-            Collection::AuthorizationPolicies => "/apis/security.istio.io/v1/authorizationpolicies",
-            Collection::PeerAuthentications => "/apis/security.istio.io/v1/peerauthentications",
+            Collection::Pods => "/api/v1/pods".to_owned(),
+            Collection::Nodes => "/api/v1/nodes".to_owned(),
+            Collection::MeshNodes => "/apis/meshguard.io/v1alpha1/meshnodes".to_owned(),
+            Collection::AuthorizationPolicies => {
+                format!("/apis/security.istio.io/{istio}/authorizationpolicies")
+            }
+            Collection::PeerAuthentications => {
+                format!("/apis/security.istio.io/{istio}/peerauthentications")
+            }
+        }
+    }
+
+    /// The apiVersion and kind of the collection's objects.
+    fn type_of(self, istio: &str) -> (String, &'static str) {
+        match self {
+            Collection::Pods => ("v1".to_owned(), "Pod"),
+            Collection::Nodes => ("v1".to_owned(), "Node"),
+            Collection::MeshNodes => ("meshguard.io/v1alpha1".to_owned(), "MeshNode"),
+            Collection::AuthorizationPolicies => {
+                (format!("security.istio.io/{istio}"), "AuthorizationPolicy")
+            }
+            Collection::PeerAuthentications => {
+                (format!("security.istio.io/{istio}"), "PeerAuthentication")
+            }
         }
     }
 
@@ -69,9 +88,10 @@ impl Collection {
 
     /// The collection and the object name (if any) of a request path; namespaced paths
     /// (`/api/v1/namespaces/NS/pods/NAME`) are not served, the cluster-wide ones are.
-    fn of_path(path: &str) -> Option<(Collection, Option<&str>)> {
+    fn of_path<'p>(path: &'p str, istio: &str) -> Option<(Collection, Option<&'p str>)> {
         Collection::ALL.iter().find_map(|c| {
-            let rest = path.strip_prefix(c.path())?;
+            let prefix = c.path(istio);
+            let rest = path.strip_prefix(prefix.as_str())?;
             match rest {
                 "" => Some((*c, None)),
                 _ => rest
@@ -97,7 +117,6 @@ struct Watch {
     sender: mpsc::UnboundedSender<Bytes>,
 }
 
-#[derive(Default)]
 struct State {
     version: u64,
     /// Per collection: `namespace/name` (or `name`) → object.
@@ -107,6 +126,8 @@ struct State {
     down: bool,
     /// Watches asking for a version at or below this are told it expired (410).
     expired_below: u64,
+    /// The version of `security.istio.io` served: "v1" or "v1beta1".
+    istio: &'static str,
     requests: Vec<String>,
 }
 
@@ -169,12 +190,31 @@ pub struct KubeApiServer {
 }
 
 impl KubeApiServer {
-    /// Serves on `addr` inside `ns`.
+    /// Serves on `addr` inside `ns`, with Istio's API at `security.istio.io/v1`.
     pub fn start(ns: &Netns, addr: SocketAddr) -> io::Result<KubeApiServer> {
+        Self::start_with_istio(ns, addr, "v1")
+    }
+
+    /// Serves on `addr` inside `ns`, with Istio's API at `security.istio.io/VERSION`
+    /// only ("v1" or "v1beta1", as older Istio releases serve).
+    pub fn start_with_istio(
+        ns: &Netns,
+        addr: SocketAddr,
+        istio: &'static str,
+    ) -> io::Result<KubeApiServer> {
         let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            version: 0,
+            objects: BTreeMap::new(),
+            events: Vec::new(),
+            watches: Vec::new(),
+            down: false,
+            expired_below: 0,
+            istio,
+            requests: Vec::new(),
+        }));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let served = Arc::clone(&state);
         let thread = std::thread::Builder::new()
@@ -339,15 +379,16 @@ async fn handle(
         parts.method,
         parts.uri.path_and_query().map_or("", |p| p.as_str())
     );
-    {
+    let istio = {
         let mut s = state.lock().expect("state");
         s.requests.push(line);
         if s.down {
             return Err(io::Error::other("the test server is down"));
         }
-    }
+        s.istio
+    };
     let path = parts.uri.path();
-    if path == "/apis/security.istio.io/v1" {
+    if path == format!("/apis/security.istio.io/{istio}") {
         let resource = |name: &str, singular: &str, kind: &str| {
             json!({"name": name, "singularName": singular, "namespaced": true, "kind": kind,
                    "verbs": ["get", "list", "watch"]})
@@ -355,13 +396,13 @@ async fn handle(
         return Ok(full(
             StatusCode::OK,
             json!({"kind": "APIResourceList", "apiVersion": "v1",
-                   "groupVersion": "security.istio.io/v1", "resources": [
+                   "groupVersion": format!("security.istio.io/{istio}"), "resources": [
                 resource("authorizationpolicies", "authorizationpolicy", "AuthorizationPolicy"),
                 resource("peerauthentications", "peerauthentication", "PeerAuthentication"),
             ]}),
         ));
     }
-    let Some((collection, name)) = Collection::of_path(path) else {
+    let Some((collection, name)) = Collection::of_path(path, istio) else {
         return Ok(status(StatusCode::NOT_FOUND, "NotFound", "not served"));
     };
     let query = query(&parts.uri);
@@ -463,6 +504,11 @@ fn watch(
         }) {
             let _ = sender.send(watch_line(event.kind, &event.object));
         }
+        // A bookmark: where the watch is now, as a real server sends them now and then.
+        let (api_version, kind) = collection.type_of(s.istio);
+        let bookmark = json!({"apiVersion": api_version, "kind": kind,
+                              "metadata": {"resourceVersion": s.version.max(1).to_string()}});
+        let _ = sender.send(watch_line("BOOKMARK", &bookmark));
         s.watches.push(Watch {
             collection,
             node,

@@ -336,6 +336,28 @@ impl MeshguardNode {
         })
     }
 
+    /// `start_kubernetes` without waiting for the daemon to come up.
+    pub fn spawn_kubernetes(
+        binary: &Path,
+        ns: &Netns,
+        node: &KubeNodeSpec,
+        kubeconfig: &str,
+    ) -> io::Result<MeshguardNode> {
+        let dir = TempDir::new("kubenode")?;
+        let config = write_kube_node_file(dir.path(), node, kubeconfig)?;
+        let mut command = Command::new(binary);
+        command.arg("up").arg("--config").arg(&config);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let process = ns.spawn(&command)?;
+        Ok(MeshguardNode {
+            process,
+            config,
+            _dir: dir,
+        })
+    }
+
     /// Kills the daemon (SIGKILL: it leaves its sockets behind) and starts it again on
     /// the same files.
     pub fn kill_and_restart(&mut self, binary: &Path, ns: &Netns) -> io::Result<()> {
