@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fuzzes every target in fuzz/ for SECONDS each (default 15) with cargo-fuzz (nightly),
+# starting from the committed seed corpora (copied, so runs do not grow them) and
+# printing the executions per target. A crash fails the script and leaves its input in
+# fuzz/artifacts/TARGET/.
+#   scripts/fuzz.sh [SECONDS] [TARGET...]
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+seconds="${1:-15}"
+shift || true
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+    mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+cargo +nightly fuzz build --release
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+for target in "${targets[@]}"; do
+    mkdir -p "$work/$target"
+    cp -r "corpus/$target/." "$work/$target/" 2>/dev/null || true
+    log="$work/$target.log"
+    if ! cargo +nightly fuzz run --release "$target" "$work/$target" -- \
+        -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
+        tail -40 "$log"
+        echo "fuzz target $target failed" >&2
+        exit 1
+    fi
+    runs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')"
+    echo "$target: $runs executions in ${seconds} s, no crash"
+done
