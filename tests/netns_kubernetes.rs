@@ -19,7 +19,6 @@ use meshguard::testbed::{
     KubeNodeSpec, Lan, MeshguardNode, Netns,
 };
 
-const API: &str = "198.18.31.100:6443";
 const A_POD: &str = "10.50.1.1";
 const A_POD2: &str = "10.50.1.2";
 const B_POD: &str = "10.50.2.1";
@@ -74,21 +73,31 @@ fn principals(daemon: &MeshguardNode) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
-    if !require_root() {
-        return;
-    }
-    let lan = Lan::new("k8l").unwrap();
-    let (ns_api, ns_a, ns_b) = (
-        Netns::new("k8api").unwrap(),
-        Netns::new("k8a").unwrap(),
-        Netns::new("k8b").unwrap(),
+/// A test API server and two nodes' namespaces on one LAN (198.18.NET.0/24; the server
+/// at .100, node-a at .1, node-b at .2), the server holding Nodes node-a and node-b, the
+/// pod web-1 on node-a and db-1 on node-b. Fields drop in order: the server first.
+struct Setup {
+    api: KubeApiServer,
+    ns_a: Netns,
+    ns_b: Netns,
+    _ns_api: Netns,
+    _lan: Lan,
+    net: u8,
+}
+
+fn setup(tag: &str, net: u8, istio: &'static str) -> Setup {
+    let lan = Lan::new(&format!("{tag}l")).unwrap();
+    let ns_api = Netns::new(&format!("{tag}api")).unwrap();
+    let (ns_a, ns_b) = (
+        Netns::new(&format!("{tag}a")).unwrap(),
+        Netns::new(&format!("{tag}b")).unwrap(),
     );
-    lan.attach(&ns_api, "198.18.31.100/24").unwrap();
-    lan.attach(&ns_a, "198.18.31.1/24").unwrap();
-    lan.attach(&ns_b, "198.18.31.2/24").unwrap();
-    let api = KubeApiServer::start(&ns_api, API.parse().unwrap()).unwrap();
+    lan.attach(&ns_api, &format!("198.18.{net}.100/24"))
+        .unwrap();
+    lan.attach(&ns_a, &format!("198.18.{net}.1/24")).unwrap();
+    lan.attach(&ns_b, &format!("198.18.{net}.2/24")).unwrap();
+    let address = format!("198.18.{net}.100:6443").parse().unwrap();
+    let api = KubeApiServer::start_with_istio(&ns_api, address, istio).unwrap();
     api.put(Collection::Nodes, node("node-a"));
     api.put(Collection::Nodes, node("node-b"));
     api.put(
@@ -96,27 +105,69 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
         pod("shop", "web-1", "node-a", "web", A_POD),
     );
     api.put(Collection::Pods, pod("shop", "db-1", "node-b", "db", B_POD));
+    Setup {
+        api,
+        ns_a,
+        ns_b,
+        _ns_api: ns_api,
+        _lan: lan,
+        net,
+    }
+}
 
-    let spec = |name: &str, listen: &str, addresses: &[&str]| KubeNodeSpec {
-        name: name.into(),
-        listen: listen.parse().unwrap(),
-        addresses: addresses.iter().map(|a| format!("{a}/32")).collect(),
-        default: "allow",
-    };
-    let a = MeshguardNode::start_kubernetes(
-        binary(),
-        &ns_a,
-        &spec("node-a", "198.18.31.1:51820", &[A_POD, A_POD2]),
-        &api.kubeconfig(),
-    )
-    .unwrap();
-    let b = MeshguardNode::start_kubernetes(
-        binary(),
-        &ns_b,
-        &spec("node-b", "198.18.31.2:51820", &[B_POD]),
-        &api.kubeconfig(),
-    )
-    .unwrap();
+impl Setup {
+    /// node-a (`a`) or node-b, with the pod addresses `addresses` on its device.
+    fn spec(&self, a: bool, addresses: &[&str]) -> KubeNodeSpec {
+        let (name, host) = if a { ("node-a", 1) } else { ("node-b", 2) };
+        KubeNodeSpec {
+            name: name.into(),
+            listen: format!("198.18.{}.{host}:51820", self.net).parse().unwrap(),
+            addresses: addresses.iter().map(|a| format!("{a}/32")).collect(),
+            default: "allow",
+        }
+    }
+
+    fn start(&self, a: bool, addresses: &[&str]) -> MeshguardNode {
+        let ns = if a { &self.ns_a } else { &self.ns_b };
+        let spec = self.spec(a, addresses);
+        MeshguardNode::start_kubernetes(binary(), ns, &spec, &self.api.kubeconfig()).unwrap()
+    }
+
+    /// Whether a TCP connection from A's web pod to B's db pod on `port` is accepted.
+    fn open(&self, port: u16) -> bool {
+        tcp_connect(
+            &self.ns_a,
+            Some(ip(A_POD)),
+            SocketAddr::new(ip(B_POD), port),
+            Duration::from_secs(2),
+        )
+        .is_ok()
+    }
+
+    /// Listeners on B's db pod at `ports`.
+    fn listen(&self, ports: &[u16]) -> Vec<std::net::TcpListener> {
+        ports
+            .iter()
+            .map(|p| {
+                self.ns_b
+                    .tcp_listen(SocketAddr::new(ip(B_POD), *p))
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
+    if !require_root() {
+        return;
+    }
+    let setup = setup("k8", 31, "v1");
+    let Setup {
+        api, ns_a, ns_b, ..
+    } = &setup;
+    let a = setup.start(true, &[A_POD, A_POD2]);
+    let b = setup.start(false, &[B_POD]);
     assert_eq!(principals(&a), ["cluster.local/ns/shop/sa/web"]);
 
     // Each publishes its MeshNode (owned by its Node) and picks up the other's.
@@ -154,13 +205,13 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
     );
 
     let reached = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
-        ping(&ns_a, Some(ip(A_POD)), ip(B_POD), 1)
+        ping(ns_a, Some(ip(A_POD)), ip(B_POD), 1)
     });
     assert!(reached, "A:\n{}\nB:\n{}", a.log(), b.log());
     let report = tcp_transfer(
-        &ns_b,
+        ns_b,
         SocketAddr::new(ip(B_POD), 0),
-        &ns_a,
+        ns_a,
         Some(ip(A_POD)),
         5_000_000,
     )
@@ -168,17 +219,8 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
     assert!(report.is_intact(), "{report}");
 
     // A DENY created through the API closes port 7000 on B's pods; 7001 stays open.
-    let b_listen = |port: u16| ns_b.tcp_listen(SocketAddr::new(ip(B_POD), port)).unwrap();
-    let (_l7000, _l7001) = (b_listen(7000), b_listen(7001));
-    let open = |port: u16| {
-        tcp_connect(
-            &ns_a,
-            Some(ip(A_POD)),
-            SocketAddr::new(ip(B_POD), port),
-            Duration::from_secs(2),
-        )
-        .is_ok()
-    };
+    let _listeners = setup.listen(&[7000, 7001]);
+    let open = |port: u16| setup.open(port);
     assert!(open(7000));
     api.put(Collection::AuthorizationPolicies, deny_port(7000));
     let closed = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
@@ -193,7 +235,7 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
         pod("shop", "api-1", "node-a", "api", A_POD2),
     );
     let appeared = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
-        ping(&ns_b, Some(ip(B_POD)), ip(A_POD2), 1)
+        ping(ns_b, Some(ip(B_POD)), ip(A_POD2), 1)
     });
     assert!(appeared, "A:\n{}\nB:\n{}", a.log(), b.log());
     assert_eq!(
@@ -210,14 +252,14 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
     });
     assert!(gone, "{}", a.log());
     let unreachable = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
-        !ping(&ns_b, Some(ip(B_POD)), ip(A_POD2), 1)
+        !ping(ns_b, Some(ip(B_POD)), ip(A_POD2), 1)
     });
     assert!(unreachable);
 
     // The API goes away: traffic and policy stay as they were.
     api.set_down(true);
     std::thread::sleep(Duration::from_secs(3));
-    assert!(ping(&ns_a, Some(ip(A_POD)), ip(B_POD), 3));
+    assert!(ping(ns_a, Some(ip(A_POD)), ip(B_POD), 3));
     assert!(!open(7000), "the DENY stays in force");
     assert!(open(7001));
     let errors = status_of(&a).kubernetes.unwrap().api_errors;
@@ -308,42 +350,19 @@ fn nothing_is_made_before_the_first_sync_and_v1beta1_policies_apply() {
     if !require_root() {
         return;
     }
-    let lan = Lan::new("k9l").unwrap();
-    let (ns_api, ns_a, ns_b) = (
-        Netns::new("k9api").unwrap(),
-        Netns::new("k9a").unwrap(),
-        Netns::new("k9b").unwrap(),
-    );
-    lan.attach(&ns_api, "198.18.32.100/24").unwrap();
-    lan.attach(&ns_a, "198.18.32.1/24").unwrap();
-    lan.attach(&ns_b, "198.18.32.2/24").unwrap();
     // An older Istio: only security.istio.io/v1beta1.
-    let api =
-        KubeApiServer::start_with_istio(&ns_api, "198.18.32.100:6443".parse().unwrap(), "v1beta1")
-            .unwrap();
-    api.put(Collection::Nodes, node("node-a"));
-    api.put(Collection::Nodes, node("node-b"));
-    api.put(
-        Collection::Pods,
-        pod("shop", "web-1", "node-a", "web", A_POD),
-    );
-    api.put(Collection::Pods, pod("shop", "db-1", "node-b", "db", B_POD));
+    let setup = setup("k9", 32, "v1beta1");
+    let Setup { api, ns_a, .. } = &setup;
     let mut deny = deny_port(7000);
     deny["apiVersion"] = json!("security.istio.io/v1beta1");
     api.put(Collection::AuthorizationPolicies, deny);
-    let spec = |name: &str, listen: &str, address: &str| KubeNodeSpec {
-        name: name.into(),
-        listen: listen.parse().unwrap(),
-        addresses: vec![format!("{address}/32")],
-        default: "allow",
-    };
 
     // With the API unreachable, the daemon waits: no device, nothing sent.
     api.set_down(true);
     let a = MeshguardNode::spawn_kubernetes(
         binary(),
-        &ns_a,
-        &spec("node-a", "198.18.32.1:51820", A_POD),
+        ns_a,
+        &setup.spec(true, &[A_POD]),
         &api.kubeconfig(),
     )
     .unwrap();
@@ -365,28 +384,12 @@ fn nothing_is_made_before_the_first_sync_and_v1beta1_policies_apply() {
     });
     assert!(up, "{}", a.log());
 
-    let _b = MeshguardNode::start_kubernetes(
-        binary(),
-        &ns_b,
-        &spec("node-b", "198.18.32.2:51820", B_POD),
-        &api.kubeconfig(),
-    )
-    .unwrap();
+    let _b = setup.start(false, &[B_POD]);
     let reached = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
-        ping(&ns_a, Some(ip(A_POD)), ip(B_POD), 1)
+        ping(ns_a, Some(ip(A_POD)), ip(B_POD), 1)
     });
     assert!(reached, "{}", a.log());
-    let b_listen = |port: u16| ns_b.tcp_listen(SocketAddr::new(ip(B_POD), port)).unwrap();
-    let (_l7000, _l7001) = (b_listen(7000), b_listen(7001));
-    let open = |port: u16| {
-        tcp_connect(
-            &ns_a,
-            Some(ip(A_POD)),
-            SocketAddr::new(ip(B_POD), port),
-            Duration::from_secs(2),
-        )
-        .is_ok()
-    };
-    assert!(!open(7000), "the v1beta1 DENY applies");
-    assert!(open(7001));
+    let _listeners = setup.listen(&[7000, 7001]);
+    assert!(!setup.open(7000), "the v1beta1 DENY applies");
+    assert!(setup.open(7001));
 }

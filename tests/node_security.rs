@@ -9,7 +9,7 @@ use meshguard::policy::{parse_toml, DefaultAction};
 use meshguard::proto::TRANSPORT_HEADER_LEN;
 use meshguard::testbed::fixtures::{
     destination_options, fragment_header, ipv4, ipv4_echo, ipv4_icmp, ipv4_udp, ipv6, tcp, udp,
-    Extension, NodePair, A_INNER, A_INNER6, B_INNER, B_INNER6,
+    Extension, NodePair, A_INNER, A_INNER6, B_INNER, B_INNER6, DENY_UDP_9999_POLICY,
 };
 
 const UDP: u8 = 17;
@@ -17,17 +17,8 @@ const TCP: u8 = 6;
 
 /// A's allow list: everything but UDP port 9999 from B (default allow, one DENY rule).
 fn deny_9999(pair: &mut NodePair) {
-    let policy = r#"
-[[policy]]
-name = "no-9999"
-namespace = "bench"
-action = "DENY"
-[[policy.rules]]
-[[policy.rules.to]]
-ports = ["9999/udp"]
-"#;
     pair.a
-        .set_policy(&parse_toml(policy, Path::new("deny.toml")).unwrap());
+        .set_policy(&parse_toml(DENY_UDP_9999_POLICY, Path::new("deny.toml")).unwrap());
 }
 
 /// An IPv6 UDP packet from B to A on `port` behind `extensions`.

@@ -14,17 +14,9 @@ use libfuzzer_sys::fuzz_target;
 use meshguard::node::{Egress, Ingress};
 use meshguard::policy::parse_toml;
 use meshguard::proto::{SEAL_TAILROOM, TRANSPORT_HEADER_LEN};
-use meshguard::testbed::fixtures::{NodePair, A_INNER, A_INNER6, B_INNER, B_INNER6};
-
-const DENY_9999: &str = r#"
-[[policy]]
-name = "no-9999"
-namespace = "bench"
-action = "DENY"
-[[policy.rules]]
-[[policy.rules.to]]
-ports = ["9999/udp"]
-"#;
+use meshguard::testbed::fixtures::{
+    NodePair, A_INNER, A_INNER6, B_INNER, B_INNER6, DENY_UDP_9999_POLICY,
+};
 
 thread_local! {
     static PAIR: RefCell<(u32, Option<NodePair>)> = const { RefCell::new((0, None)) };
@@ -33,7 +25,7 @@ thread_local! {
 fn fresh_pair() -> NodePair {
     let mut pair = NodePair::connected();
     pair.a
-        .set_policy(&parse_toml(DENY_9999, Path::new("deny.toml")).expect("policy"));
+        .set_policy(&parse_toml(DENY_UDP_9999_POLICY, Path::new("deny.toml")).expect("policy"));
     pair
 }
 

@@ -38,6 +38,18 @@ pub const A_INNER6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 pub const B_INNER6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Seeds of side A's and side B's randomness.
+/// An allow list for A: everything from B but UDP port 9999 (default allow, one DENY
+/// rule), in meshguard's TOML form.
+pub const DENY_UDP_9999_POLICY: &str = r#"
+[[policy]]
+name = "no-9999"
+namespace = "bench"
+action = "DENY"
+[[policy.rules]]
+[[policy.rules.to]]
+ports = ["9999/udp"]
+"#;
+
 pub const A_SEED: u64 = 0xa;
 pub const B_SEED: u64 = 0xb;
 

@@ -326,14 +326,9 @@ impl MeshguardNode {
         node: &KubeNodeSpec,
         kubeconfig: &str,
     ) -> io::Result<MeshguardNode> {
-        let dir = TempDir::new("kubenode")?;
-        let config = write_kube_node_file(dir.path(), node, kubeconfig)?;
-        let process = launch(binary, ns, &config, &[])?;
-        Ok(MeshguardNode {
-            process,
-            config,
-            _dir: dir,
-        })
+        let daemon = Self::spawn_kubernetes(binary, ns, node, kubeconfig)?;
+        wait_up(ns, &daemon.config, &daemon.process)?;
+        Ok(daemon)
     }
 
     /// `start_kubernetes` without waiting for the daemon to come up.
@@ -345,12 +340,7 @@ impl MeshguardNode {
     ) -> io::Result<MeshguardNode> {
         let dir = TempDir::new("kubenode")?;
         let config = write_kube_node_file(dir.path(), node, kubeconfig)?;
-        let mut command = Command::new(binary);
-        command.arg("up").arg("--config").arg(&config);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        let process = ns.spawn(&command)?;
+        let process = spawn(binary, ns, &config, &[])?;
         Ok(MeshguardNode {
             process,
             config,
@@ -480,13 +470,25 @@ fn launch(
     config: &Path,
     env: &[(&str, &str)],
 ) -> io::Result<ChildGuard> {
+    let process = spawn(binary, ns, config, env)?;
+    wait_up(ns, config, &process)?;
+    Ok(process)
+}
+
+/// Starts `binary up --config config` in `ns`.
+fn spawn(binary: &Path, ns: &Netns, config: &Path, env: &[(&str, &str)]) -> io::Result<ChildGuard> {
     let mut command = Command::new(binary);
     command.arg("up").arg("--config").arg(config);
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", "info");
     }
     command.envs(env.iter().copied());
-    let process = ns.spawn(&command)?;
+    ns.spawn(&command)
+}
+
+/// Waits until the daemon says it is up; an error with its output if it exits or stays
+/// silent for 10 s.
+fn wait_up(ns: &Netns, config: &Path, process: &ChildGuard) -> io::Result<()> {
     let ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         !process.is_running() || process.read_stderr().contains(READY_LINE)
     });
@@ -498,7 +500,7 @@ fn launch(
             process.read_stderr()
         )));
     }
-    Ok(process)
+    Ok(())
 }
 
 /// The value of counter `name` in the last counters line of a daemon log.
