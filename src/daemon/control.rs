@@ -32,20 +32,21 @@ pub(super) struct Control {
     requests: mpsc::Sender<Request>,
     /// The device, its routes and the sockets are up and the workers run.
     ready: Arc<AtomicBool>,
-    /// The STRICT filter's table, whose counter is read outside the control task.
-    filter_table: Option<Arc<str>>,
+    /// The STRICT filter's table, whose counter is read outside the control task (there
+    /// is none while no identity is STRICT).
+    filter_table: Arc<str>,
 }
 
 /// Requests waiting for the control task; more wait in the servers' tasks.
 const QUEUED_REQUESTS: usize = 16;
 
 impl Control {
-    pub(super) fn new(filter_table: Option<String>) -> (Control, mpsc::Receiver<Request>) {
+    pub(super) fn new(filter_table: &str) -> (Control, mpsc::Receiver<Request>) {
         let (requests, receiver) = mpsc::channel(QUEUED_REQUESTS);
         let control = Control {
             requests,
             ready: Arc::new(AtomicBool::new(false)),
-            filter_table: filter_table.map(Arc::from),
+            filter_table: Arc::from(filter_table),
         };
         (control, receiver)
     }
@@ -61,14 +62,13 @@ impl Control {
             .await
             .ok()?;
         let mut snapshot = answer.await.ok()?;
-        if let Some(table) = self.filter_table.clone() {
-            // `nft` is a process: run it off the runtime's threads.
-            snapshot.status.plaintext_dropped =
-                tokio::task::spawn_blocking(move || plaintext_filter::read_dropped(&table))
-                    .await
-                    .ok()
-                    .flatten();
-        }
+        // `nft` is a process: run it off the runtime's threads.
+        let table = Arc::clone(&self.filter_table);
+        snapshot.status.plaintext_dropped =
+            tokio::task::spawn_blocking(move || plaintext_filter::read_dropped(&table))
+                .await
+                .ok()
+                .flatten();
         Some(snapshot)
     }
 

@@ -263,7 +263,7 @@ async fn serve(
             "plaintext to STRICT identities is dropped"
         );
     }
-    let (control, mut requests) = Control::new(Some(filter.table().to_owned()));
+    let (control, mut requests) = Control::new(filter.table());
     let ops_config = config.operations.clone();
     if let Some(listen) = ops_config.admin_listen {
         admin::start(listen, control.clone()).await?;

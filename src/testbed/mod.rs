@@ -93,6 +93,53 @@ pub const REQUIRE_ROOT_ENV: &str = "MESHGUARD_REQUIRE_ROOT";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The pid in a name made by [`unique_name`] (`<tag>-<pid>-<n>`, hex), if it is one.
+fn creator_of(name: &str) -> Option<u32> {
+    let mut parts = name.rsplitn(3, '-');
+    let (counter, pid, tag) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let tag_ok = !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_alphanumeric());
+    (tag_ok && hex(counter)).then(|| u32::from_str_radix(pid, 16).ok())?
+}
+
+/// Removes what test processes that were killed (so their cleanup never ran) left
+/// behind: namespaces and WireGuard sockets named by [`unique_name`] whose creating
+/// process is gone. A namespace that still holds a process is left alone, and so is
+/// anything named otherwise. Runs once per test process.
+pub(crate) fn sweep_leftovers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dead = |name: &str| {
+            creator_of(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        };
+        let names = |dir: &str| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for name in names(netns::NETNS_DIR).into_iter().filter(|n| dead(n)) {
+            let pids = run_checked(Command::new("ip").args(["netns", "pids", &name]));
+            if pids.is_ok_and(|out| out.stdout.trim_ascii().is_empty()) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            }
+        }
+        for file in names(WG_SOCKET_DIR) {
+            let Some(name) = file.strip_suffix(".sock") else {
+                continue;
+            };
+            let path = Path::new(WG_SOCKET_DIR).join(&file);
+            if dead(name) && std::os::unix::net::UnixStream::connect(&path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    });
+}
+
 /// A name unique across the tests running on this machine: `<tag>-<pid>-<n>` (pid and
 /// counter in hex), at most [`MAX_IFNAME_LEN`] bytes, so it is valid as an interface name,
 /// a namespace name and a WireGuard socket name.

@@ -102,6 +102,7 @@ impl Netns {
     /// Creates a namespace `<prefix>-<pid>-<n>` (prefix: letters and digits, shortened
     /// to fit 15 bytes) and sets `lo` up in it.
     pub fn new(prefix: &str) -> io::Result<Netns> {
+        super::sweep_leftovers();
         let mut last_err = None;
         for _ in 0..10 {
             let name = unique_name(prefix);

@@ -410,3 +410,15 @@ fn wireguard_go_and_boringtun_cli_interoperate() {
     }
     assert!(!Path::new(&format!("/sys/class/net/{a_if}")).exists());
 }
+
+#[test]
+fn only_names_of_the_testbeds_scheme_count_as_leftovers() {
+    assert_eq!(super::creator_of("iow-287f-2e"), Some(0x287f));
+    assert_eq!(
+        super::creator_of(&unique_name("netns")),
+        Some(std::process::id())
+    );
+    assert_eq!(super::creator_of("cni-1234"), None);
+    assert_eq!(super::creator_of("my-ns-abc"), None);
+    assert_eq!(super::creator_of("a-b-zz"), None);
+}
