@@ -10,11 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
+use meshguard::config::KeyRotation;
 use meshguard::identity::Principal;
 use meshguard::kubernetes::crd::MeshNode;
-use meshguard::kubernetes::keys::KeyStore;
+use meshguard::kubernetes::keys::{KeyStore, RotationStep as Rotation};
 use meshguard::kubernetes::translate::{mesh_node_spec, peers, workloads};
 use meshguard::kubernetes::{crd_yaml, API_ACCESS};
 use meshguard::testbed::{find_program, TempDir};
@@ -437,6 +439,165 @@ fn keys_are_made_once_private_and_kept() {
     assert!(err.to_string().contains("must be 0700"), "{err}");
 }
 
+#[test]
+fn a_key_rotates_with_overlap_and_a_restart_goes_on_where_it_was() {
+    let dir = TempDir::new("rotate").unwrap();
+    let state = dir.path().join("state");
+    let store = KeyStore::open(&state).unwrap();
+    let api: Principal = "cluster.local/ns/payments/sa/api".parse().unwrap();
+    let rotation = KeyRotation {
+        lifetime: Some(Duration::from_secs(3600)),
+        overlap: Duration::from_secs(300),
+    };
+    let start = SystemTime::now();
+    // A new key: the rotation is due when it is an hour old.
+    let Rotation::Waiting(Some(due)) = store.rotate(&api, &rotation, start).unwrap() else {
+        panic!("a fresh key waits");
+    };
+    let made = std::fs::metadata(store.path(&api))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(due, made + Duration::from_secs(3600));
+    let first = store.keys(&api).unwrap();
+    assert!(first.next.is_none());
+    let first = first.current.public_key();
+
+    // An hour later: a next key beside the key, 0600, both kept by a new store.
+    let later = start + Duration::from_secs(3601);
+    assert_eq!(
+        store.rotate(&api, &rotation, later).unwrap(),
+        Rotation::Started
+    );
+    let next_path = store.next_path(&api);
+    assert_eq!(next_path, state.join("payments_api.key.next"));
+    let mode = std::fs::metadata(&next_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let restarted = KeyStore::open(&state).unwrap();
+    let both = restarted.keys(&api).unwrap();
+    assert_eq!(both.current.public_key(), first);
+    let next = both.next.expect("the next key").public_key();
+    assert_ne!(next, first);
+    // Within the overlap nothing changes; the switch is due when the next key is five
+    // minutes old.
+    let Rotation::Waiting(Some(switch)) = restarted.rotate(&api, &rotation, later).unwrap() else {
+        panic!("the overlap waits");
+    };
+    let next_made = std::fs::metadata(&next_path).unwrap().modified().unwrap();
+    assert_eq!(switch, next_made + Duration::from_secs(300));
+
+    // After the overlap the next key is the key, the old key is gone, and the new key's
+    // lifetime counts from when it was made.
+    let after = switch.max(later) + Duration::from_secs(1);
+    assert_eq!(
+        restarted.rotate(&api, &rotation, after).unwrap(),
+        Rotation::Finished
+    );
+    assert!(!next_path.exists());
+    let rotated = store.keys(&api).unwrap();
+    assert_eq!(rotated.current.public_key(), next);
+    assert!(rotated.next.is_none());
+    assert_eq!(
+        store.rotate(&api, &rotation, after).unwrap(),
+        Rotation::Waiting(Some(next_made + Duration::from_secs(3600)))
+    );
+
+    // "never": no rotation is ever due.
+    let never = KeyRotation {
+        lifetime: None,
+        ..rotation
+    };
+    let far = start + Duration::from_secs(10 * 365 * 86_400);
+    assert_eq!(
+        store.rotate(&api, &never, far).unwrap(),
+        Rotation::Waiting(None)
+    );
+}
+
+#[test]
+fn a_rotating_key_is_published_and_answered_beside_the_key() {
+    use meshguard::kubernetes::compose::{compose, ClusterObjects};
+    let dir = TempDir::new("compose-rotate").unwrap();
+    let base = kube_base(dir.path());
+    let keys = KeyStore::open(&dir.path().join("state")).unwrap();
+    let objects = ClusterObjects {
+        pods: yaml_documents(PODS),
+        ..ClusterObjects::default()
+    };
+    let this = this_node(KeyRotation {
+        lifetime: Some(Duration::from_secs(3600)),
+        overlap: Duration::from_secs(60),
+    });
+    let now = SystemTime::now();
+    let first = compose(&base, &this, &objects, &keys, now).unwrap();
+    assert!(first.rotations.is_empty());
+    assert!(first.config.identities.iter().all(|i| i.next_key.is_none()));
+    assert!(first
+        .mesh_node
+        .identities
+        .iter()
+        .all(|i| i.public_keys.len() == 1));
+    let due = first.next_rotation.expect("a rotation is due some time");
+    assert!(due > now + Duration::from_secs(3500), "{due:?}");
+
+    // At the lifetime: every account's next key is published after its key, and the
+    // identity answers on both.
+    let rotating = compose(&base, &this, &objects, &keys, due).unwrap();
+    assert_eq!(rotating.rotations.len(), first.config.identities.len());
+    assert!(rotating
+        .rotations
+        .iter()
+        .all(|(_, s)| *s == Rotation::Started));
+    for (identity, published) in rotating
+        .config
+        .identities
+        .iter()
+        .zip(&rotating.mesh_node.identities)
+    {
+        let (_, _, next) = identity.next_key.as_ref().expect("a next key");
+        assert_eq!(
+            published.public_keys,
+            [identity.public_key.to_base64(), next.to_base64()]
+        );
+    }
+    // After the overlap: only the new key, published alone.
+    let switched = compose(
+        &base,
+        &this,
+        &objects,
+        &keys,
+        due + Duration::from_secs(3600),
+    )
+    .unwrap();
+    assert!(switched
+        .rotations
+        .iter()
+        .all(|(_, s)| *s == Rotation::Finished));
+    for (before, after) in rotating
+        .config
+        .identities
+        .iter()
+        .zip(&switched.config.identities)
+    {
+        assert_eq!(after.public_key, before.next_key.as_ref().unwrap().2);
+        assert!(after.next_key.is_none());
+    }
+    assert!(switched
+        .mesh_node
+        .identities
+        .iter()
+        .all(|i| i.public_keys.len() == 1));
+}
+
+fn this_node(key_rotation: KeyRotation) -> meshguard::kubernetes::compose::ThisNode {
+    meshguard::kubernetes::compose::ThisNode {
+        name: "node-a".to_owned(),
+        trust_domain: "cluster.local".to_owned(),
+        endpoint: "198.18.0.1:51820".parse().unwrap(),
+        key_rotation,
+    }
+}
+
 /// A node file in Kubernetes mode, loaded as the daemon loads it.
 fn kube_base(dir: &Path) -> meshguard::config::NodeConfig {
     let path = dir.join("node.toml");
@@ -499,8 +660,9 @@ fn composing_settles_conflicts_and_compiles_policies() {
             "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["22"]}}]}]}
         })],
     };
-    let endpoint = "198.18.0.1:51820".parse().unwrap();
-    let composed = compose(&base, "node-a", "cluster.local", endpoint, &objects, &keys).unwrap();
+    let this = this_node(KeyRotation::default());
+    let now = SystemTime::now();
+    let composed = compose(&base, &this, &objects, &keys, now).unwrap();
     let config = &composed.config;
     assert_eq!(config.identities.len(), 2);
     let allowed = |node: &str, principal: &str| -> Vec<String> {
@@ -546,9 +708,7 @@ fn composing_settles_conflicts_and_compiles_policies() {
     // force stays (a DENY never drops out silently).
     let mut broken = objects.clone();
     broken.istio[0]["spec"]["action"] = serde_json::json!("DENYY");
-    let error = compose(&base, "node-a", "cluster.local", endpoint, &broken, &keys)
-        .err()
-        .unwrap();
+    let error = compose(&base, &this, &broken, &keys, now).err().unwrap();
     assert!(
         error
             .to_string()

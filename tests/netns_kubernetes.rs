@@ -8,6 +8,7 @@
 //! Needs root.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use serde_json::{json, Value};
 
 use meshguard::kubernetes::API_ACCESS;
 use meshguard::testbed::{
-    ping, require_root, tcp_connect, tcp_transfer, wait_until, Collection, KubeApiServer,
-    KubeNodeSpec, Lan, MeshguardNode, Netns,
+    ping, ping_stats, rbac_of, require_root, tcp_connect, tcp_transfer, wait_until, Collection,
+    KubeApiServer, KubeNodeSpec, Lan, MeshguardNode, Netns, PacedStream,
 };
 
 const A_POD: &str = "10.50.1.1";
@@ -124,6 +125,7 @@ impl Setup {
             listen: format!("198.18.{}.{host}:51820", self.net).parse().unwrap(),
             addresses: addresses.iter().map(|a| format!("{a}/32")).collect(),
             default: "allow",
+            key_rotation: None,
         }
     }
 
@@ -293,7 +295,8 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
 
     // Every request the daemons made is one the ClusterRole grants.
     for request in api.requests() {
-        let Some((group, resource, verb)) = rbac_of(&request) else {
+        let (method, target) = request.split_once(' ').unwrap();
+        let Some((group, resource, verb)) = rbac_of(method, target) else {
             continue;
         };
         let granted = API_ACCESS
@@ -305,44 +308,6 @@ fn pods_meshnodes_and_policies_from_the_api_drive_the_mesh() {
     let log = b.stop().unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
     drop(a);
-}
-
-/// The RBAC (API group, resource, verb) a request of the log needs; `None` for API
-/// discovery, which every authenticated user may read.
-fn rbac_of(request: &str) -> Option<(&'static str, &'static str, &'static str)> {
-    let (method, target) = request.split_once(' ').unwrap();
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, rest): (&str, &[&str]) = match segments[..] {
-        ["api", "v1", ref rest @ ..] => ("", rest),
-        ["apis", "meshguard.io", _, ref rest @ ..] => ("meshguard.io", rest),
-        ["apis", "security.istio.io", _, ref rest @ ..] => ("security.istio.io", rest),
-        _ => panic!("unexpected request {request}"),
-    };
-    if rest.is_empty() {
-        return None;
-    }
-    let resource = match rest[0] {
-        "pods" => "pods",
-        "nodes" => "nodes",
-        "meshnodes" => "meshnodes",
-        "authorizationpolicies" => "authorizationpolicies",
-        "peerauthentications" => "peerauthentications",
-        other => panic!("unexpected resource {other}"),
-    };
-    let group: &'static str = match group {
-        "" => "",
-        "meshguard.io" => "meshguard.io",
-        _ => "security.istio.io",
-    };
-    let verb = match (method, rest.len(), query.contains("watch=true")) {
-        ("GET", 1, true) => "watch",
-        ("GET", 1, false) => "list",
-        ("GET", 2, _) => "get",
-        ("PATCH", 2, _) => "patch",
-        _ => panic!("unexpected request {request}"),
-    };
-    Some((group, resource, verb))
 }
 
 #[test]
@@ -392,4 +357,86 @@ fn nothing_is_made_before_the_first_sync_and_v1beta1_policies_apply() {
     let _listeners = setup.listen(&[7000, 7001]);
     assert!(!setup.open(7000), "the v1beta1 DENY applies");
     assert!(setup.open(7001));
+}
+
+/// node-b rotates its service account's key every 6 s (3 s of overlap) while node-a
+/// pings and streams TCP to it: each next key is published beside the key, node-a moves
+/// to it, node-b switches, and nothing is lost.
+#[test]
+fn keys_rotate_with_overlap_under_traffic() {
+    if !require_root() {
+        return;
+    }
+    let setup = setup("kr", 33, "v1");
+    let Setup {
+        api, ns_a, ns_b, ..
+    } = &setup;
+    let a = setup.start(true, &[A_POD]);
+    let mut spec_b = setup.spec(false, &[B_POD]);
+    spec_b.key_rotation = Some(("6s", "3s"));
+    let b = MeshguardNode::start_kubernetes(binary(), ns_b, &spec_b, &api.kubeconfig()).unwrap();
+    let reached = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        ping(ns_a, Some(ip(A_POD)), ip(B_POD), 1)
+    });
+    assert!(reached, "{}", a.log());
+
+    let published_keys = || -> Vec<String> {
+        api.get(Collection::MeshNodes, "node-b")
+            .and_then(|n| {
+                serde_json::from_value(n["spec"]["identities"][0]["publicKeys"].clone()).ok()
+            })
+            .unwrap_or_default()
+    };
+    let first = published_keys();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let stream =
+        PacedStream::start(ns_a, ip(A_POD), ns_b, SocketAddr::new(ip(B_POD), 7000)).unwrap();
+    // What node-b publishes, every 100 ms while the ping runs (16 s).
+    let (pings, seen) = std::thread::scope(|scope| {
+        let pinger = scope.spawn(|| ping_stats(ns_a, Some(ip(A_POD)), ip(B_POD), 80));
+        let mut seen: Vec<Vec<String>> = vec![first.clone()];
+        while !pinger.is_finished() {
+            let keys = published_keys();
+            if seen.last() != Some(&keys) {
+                seen.push(keys);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (pinger.join().unwrap().unwrap(), seen)
+    });
+    let (sent, received) = stream.finish().unwrap();
+    eprintln!(
+        "rotations under traffic: {received} bytes of TCP intact; ping {}/{}; published keys: {seen:?}",
+        pings.received, pings.transmitted
+    );
+    assert_eq!(sent, received, "the stream arrived whole");
+    assert_eq!(pings.received, pings.transmitted, "no ping lost");
+    // Each rotation: [key] -> [key, next] -> [next].
+    let overlaps: Vec<_> = seen.iter().filter(|keys| keys.len() == 2).collect();
+    assert!(overlaps.len() >= 2, "at least two rotations: {seen:?}");
+    for window in seen.windows(2) {
+        let (before, after) = (&window[0], &window[1]);
+        let step_ok = match (before.len(), after.len()) {
+            (1, 2) => after[0] == before[0],
+            (2, 1) => after[0] == before[1],
+            _ => false,
+        };
+        assert!(step_ok, "a rotation step from {before:?} to {after:?}");
+    }
+    let last = seen.last().unwrap();
+    assert!(
+        !last.contains(&first[0]),
+        "the first key is retired: {seen:?}"
+    );
+    let status = status_of(&b);
+    assert!(
+        status.kubernetes.as_ref().unwrap().key_rotations >= 4,
+        "{:?}",
+        status.kubernetes
+    );
+    // The key on disk is the one published, private.
+    let key_file = b.config_path().with_file_name("state").join("shop_db.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    drop(a);
 }

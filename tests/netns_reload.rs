@@ -5,17 +5,13 @@
 //! within seconds, A↔B never shakes hands again, and the stream arrives byte for byte.
 //! Needs root.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use meshguard::testbed::{
-    counter, ping, ping_stats, require_root, tcp_connect, wait_until, IdentitySpec, Lan,
-    MeshguardNode, Netns, NodeSpec, PeerEntry, PingStats, ALLOW_ALL_POLICY,
+    counter, ping, ping_stats, require_root, wait_until, IdentitySpec, Lan, MeshguardNode, Netns,
+    NodeSpec, PacedStream, PeerEntry, PingStats, ALLOW_ALL_POLICY,
 };
 
 const A: &str = "10.42.1.1";
@@ -41,88 +37,6 @@ fn node(name: &str, listen: &str, identities: Vec<IdentitySpec>) -> NodeSpec {
 
 fn identity(principal: &str, address: &str) -> IdentitySpec {
     IdentitySpec::new(principal, &[&format!("{address}/32")])
-}
-
-/// Bytes of a stream both ends can produce: the receiver checks each one.
-struct Pattern(u64);
-
-impl Pattern {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for byte in buf {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            *byte = self.0 as u8;
-        }
-    }
-}
-
-/// A TCP stream from `client` to `server` at about 10 MB/s until stopped; the server
-/// side checks every byte.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    client: JoinHandle<std::io::Result<u64>>,
-    server: JoinHandle<Result<u64, String>>,
-}
-
-impl Stream {
-    fn start(client_ns: &Netns, from: &str, server_ns: &Netns, to: &str) -> Stream {
-        let target = SocketAddr::new(ip(to), 7000);
-        let listener = server_ns.tcp_listen(target).unwrap();
-        let mut client =
-            tcp_connect(client_ns, Some(ip(from)), target, Duration::from_secs(5)).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let halt = Arc::clone(&stop);
-        let client = std::thread::spawn(move || -> std::io::Result<u64> {
-            client.set_write_timeout(Some(Duration::from_secs(30)))?;
-            let mut pattern = Pattern(0x5eed);
-            let mut chunk = vec![0u8; 64 * 1024];
-            let mut sent = 0u64;
-            while !halt.load(Ordering::Relaxed) {
-                pattern.fill(&mut chunk);
-                client.write_all(&chunk)?;
-                sent += chunk.len() as u64;
-                std::thread::sleep(Duration::from_millis(6));
-            }
-            client.shutdown(std::net::Shutdown::Write)?;
-            Ok(sent)
-        });
-        let server = std::thread::spawn(move || -> Result<u64, String> {
-            server
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| e.to_string())?;
-            let mut pattern = Pattern(0x5eed);
-            let (mut buf, mut expected) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
-            let mut received = 0u64;
-            loop {
-                let n = server
-                    .read(&mut buf)
-                    .map_err(|e| format!("after {received} bytes: {e}"))?;
-                if n == 0 {
-                    return Ok(received);
-                }
-                pattern.fill(&mut expected[..n]);
-                if buf[..n] != expected[..n] {
-                    return Err(format!("corrupted after {received} bytes"));
-                }
-                received += n as u64;
-            }
-        });
-        Stream {
-            stop,
-            client,
-            server,
-        }
-    }
-
-    /// Stops the stream; returns (bytes sent, bytes received intact).
-    fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let sent = self.client.join().unwrap().unwrap();
-        let received = self.server.join().unwrap().unwrap();
-        (sent, received)
-    }
 }
 
 /// Handshakes a daemon logged between its identity `local` and the peer identity `peer`
@@ -208,7 +122,7 @@ fn peers_and_identities_change_while_traffic_runs() {
     let peers_of_c = [PeerEntry::for_node(&spec_a), PeerEntry::for_node(&spec_b)];
     let daemon_c = MeshguardNode::start(binary, &ns_c, &spec_c, &peers_of_c).unwrap();
 
-    let stream = Stream::start(&ns_a, A, &ns_b, B);
+    let stream = PacedStream::start(&ns_a, ip(A), &ns_b, SocketAddr::new(ip(B), 7000)).unwrap();
     let ping_thread = {
         // A ping from A to B every 0.2 s for the whole test: a reload must lose none.
         let ns = &ns_a;
@@ -229,7 +143,7 @@ fn peers_and_identities_change_while_traffic_runs() {
             handle.join().unwrap()
         })
     };
-    let (sent, received) = stream.finish();
+    let (sent, received) = stream.finish().unwrap();
     assert_eq!(sent, received, "the stream arrived whole");
     let PingStats {
         transmitted,
@@ -476,7 +390,7 @@ fn a_key_rotation_under_traffic_loses_nothing() {
     let daemon_b =
         MeshguardNode::start(binary, &ns_b, &spec_b, &[PeerEntry::for_node(&spec_a)]).unwrap();
     let old_b = spec_b.identities[0].clone();
-    let stream = Stream::start(&ns_a, A, &ns_b, B);
+    let stream = PacedStream::start(&ns_a, ip(A), &ns_b, SocketAddr::new(ip(B), 7000)).unwrap();
     let pings = std::thread::scope(|scope| {
         let pinger = scope.spawn(|| ping_stats(&ns_a, Some(ip(A)), ip(B), 60));
         std::thread::sleep(Duration::from_secs(1));
@@ -496,7 +410,7 @@ fn a_key_rotation_under_traffic_loses_nothing() {
         apply(&daemon_a, &spec_a, &[PeerEntry::for_node(&spec_b)]);
         pinger.join().unwrap().unwrap()
     });
-    let (sent, received) = stream.finish();
+    let (sent, received) = stream.finish().unwrap();
     eprintln!(
         "through a key rotation: {received} bytes of TCP intact; ping {}/{}",
         pings.received, pings.transmitted

@@ -14,9 +14,10 @@ use super::schema::{
     RawUapi,
 };
 use super::{
-    InterfaceConfig, KubernetesConfig, LocalIdentityConfig, OperationsConfig, PeerIdentityConfig,
-    PolicyConfig, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, DEFAULT_STATE_DIR, DEFAULT_TRUST_DOMAIN,
-    MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
+    InterfaceConfig, KeyRotation, KubernetesConfig, LocalIdentityConfig, OperationsConfig,
+    PeerIdentityConfig, PolicyConfig, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, DEFAULT_STATE_DIR,
+    DEFAULT_TRUST_DOMAIN, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU,
+    MIN_QUEUE_LENGTH,
 };
 use crate::file_error::{FileError, TomlFile};
 use crate::identity::{load_private_key_file, Principal, PublicKey};
@@ -240,7 +241,66 @@ pub(super) fn check_kubernetes(
         trust_domain,
         state_dir,
         endpoint,
+        key_rotation: check_key_rotation(src, k)?,
     })
+}
+
+/// `kubernetes.key_lifetime` (a duration such as "30d", or "never") and
+/// `kubernetes.key_overlap` (a duration, at least a second, shorter than the lifetime).
+fn check_key_rotation(src: &TomlFile, k: &RawKubernetes) -> Result<KeyRotation, FileError> {
+    let duration = |key: &str, text: &Spanned<String>| {
+        humantime::parse_duration(text.get_ref()).map_err(|e| {
+            src.error_at(
+                key,
+                text.span(),
+                format!(
+                    "{:?} is not a duration such as \"30d\" or \"12h\": {e}",
+                    text.get_ref()
+                ),
+            )
+        })
+    };
+    let mut rotation = KeyRotation::default();
+    if let Some(text) = &k.key_lifetime {
+        rotation.lifetime = match text.get_ref().as_str() {
+            "never" => None,
+            _ => Some(duration("kubernetes.key_lifetime", text)?),
+        };
+    }
+    if let Some(text) = &k.key_overlap {
+        rotation.overlap = duration("kubernetes.key_overlap", text)?;
+        if rotation.overlap < std::time::Duration::from_secs(1) {
+            return Err(src.error_at(
+                "kubernetes.key_overlap",
+                text.span(),
+                "must be at least 1s: the peers need time to read the next key",
+            ));
+        }
+    }
+    if let Some(lifetime) = rotation.lifetime {
+        if lifetime <= rotation.overlap {
+            let (key, span) = match &k.key_lifetime {
+                Some(text) => ("kubernetes.key_lifetime", text.span()),
+                None => (
+                    "kubernetes.key_overlap",
+                    k.key_overlap
+                        .as_ref()
+                        .expect("only a given overlap can exceed the default")
+                        .span(),
+                ),
+            };
+            return Err(src.error_at(
+                key,
+                span,
+                format!(
+                    "the key lifetime ({}) must be longer than the overlap ({}), or \"never\"",
+                    humantime::format_duration(lifetime),
+                    humantime::format_duration(rotation.overlap)
+                ),
+            ));
+        }
+    }
+    Ok(rotation)
 }
 
 /// `[admin]` and `[uapi]`; both may be left out (no metrics listener, sockets in their

@@ -74,7 +74,32 @@ pub struct KubernetesConfig {
     /// listen address if it is a specific one, else `NODE_IP` (the downward API's
     /// `status.hostIP`) with the listen port.
     pub endpoint: Option<SocketAddr>,
+    /// When the service accounts' keys are rotated.
+    pub key_rotation: KeyRotation,
 }
+
+/// A service account's key is rotated once it is `lifetime` old (`None`: never): the
+/// next key is made and published beside it, and after `overlap` (time for every peer
+/// to read it and move its traffic) it becomes the key and the old one is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRotation {
+    pub lifetime: Option<std::time::Duration>,
+    pub overlap: std::time::Duration,
+}
+
+impl Default for KeyRotation {
+    fn default() -> Self {
+        KeyRotation {
+            lifetime: Some(DEFAULT_KEY_LIFETIME),
+            overlap: DEFAULT_KEY_OVERLAP,
+        }
+    }
+}
+
+/// `kubernetes.key_lifetime` unless given: 30 days.
+pub const DEFAULT_KEY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+/// `kubernetes.key_overlap` unless given: 5 minutes.
+pub const DEFAULT_KEY_OVERLAP: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// `kubernetes.trust_domain` unless given.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

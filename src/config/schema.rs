@@ -34,6 +34,8 @@ pub(crate) struct RawKubernetes {
     pub trust_domain: Option<Spanned<String>>,
     pub state_dir: Option<Spanned<String>>,
     pub endpoint: Option<Spanned<String>>,
+    pub key_lifetime: Option<Spanned<String>>,
+    pub key_overlap: Option<Spanned<String>>,
 }
 
 /// `[admin]` of a node file.

@@ -3,6 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use super::*;
 use crate::file_error::FileError;
@@ -1081,4 +1082,56 @@ fn kubernetes_mode_takes_identities_peers_and_policies_from_the_cluster() {
     fx.write("k.toml", &node[..node.find("[kubernetes]").unwrap()]);
     let e = load(&fx.path("k.toml")).unwrap_err();
     check(&e, &fx.path("k.toml"), "peers_dir", &["missing"]);
+}
+
+#[test]
+fn kubernetes_key_rotation_is_a_lifetime_and_an_overlap() {
+    let fx = Fixture::new();
+    let node = |extra: &str| {
+        format!(
+            "name = \"node-a\"\nlisten = \"198.18.0.1:51820\"\n[interface]\nname = \"mg0\"\n\
+             [kubernetes]\nnode_name = \"worker-1\"\n{extra}"
+        )
+    };
+    let rotation = |extra: &str| {
+        fx.write("k.toml", &node(extra));
+        load(&fx.path("k.toml")).map(|c| c.kubernetes.unwrap().key_rotation)
+    };
+    assert_eq!(rotation("").unwrap(), KeyRotation::default());
+    assert_eq!(
+        KeyRotation::default().lifetime,
+        Some(Duration::from_secs(30 * 86_400))
+    );
+    let r = rotation("key_lifetime = \"12h\"\nkey_overlap = \"90s\"\n").unwrap();
+    assert_eq!(r.lifetime, Some(Duration::from_secs(12 * 3600)));
+    assert_eq!(r.overlap, Duration::from_secs(90));
+    assert_eq!(
+        rotation("key_lifetime = \"never\"\n").unwrap().lifetime,
+        None
+    );
+    for (extra, key, words) in [
+        (
+            "key_lifetime = \"soon\"\n",
+            "kubernetes.key_lifetime",
+            "not a duration",
+        ),
+        (
+            "key_overlap = \"0s\"\n",
+            "kubernetes.key_overlap",
+            "at least 1s",
+        ),
+        (
+            "key_lifetime = \"1m\"\nkey_overlap = \"2m\"\n",
+            "kubernetes.key_lifetime",
+            "longer than the overlap",
+        ),
+        (
+            "key_overlap = \"31d\"\n",
+            "kubernetes.key_overlap",
+            "longer than the overlap",
+        ),
+    ] {
+        let e = rotation(extra).unwrap_err();
+        check(&e, &fx.path("k.toml"), key, &[words]);
+    }
 }

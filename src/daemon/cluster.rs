@@ -6,14 +6,14 @@
 //! what runs stays.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
 use crate::config::NodeConfig;
 use crate::kubernetes::client::{self, Cluster};
-use crate::kubernetes::compose::{compose, ComposeError};
-use crate::kubernetes::keys::KeyStore;
+use crate::kubernetes::compose::{compose, ComposeError, ThisNode};
+use crate::kubernetes::keys::{KeyStore, RotationStep};
 use crate::kubernetes::translate::Skipped;
 use crate::ops::KubernetesCounts;
 use crate::policy::PolicySet;
@@ -47,12 +47,13 @@ pub(super) struct ClusterSource {
     cluster: Cluster,
     /// The node file: device, listen address, operators' settings, the policy default.
     base: NodeConfig,
-    node: String,
-    trust_domain: String,
-    endpoint: SocketAddr,
+    this: ThisNode,
     keys: KeyStore,
     /// What was left out at the last composition, to log only what is new.
     reported: Vec<Skipped>,
+    /// When the next key rotation step is due.
+    next_rotation: Option<SystemTime>,
+    rotations: u64,
 }
 
 impl ClusterSource {
@@ -91,11 +92,16 @@ impl ClusterSource {
         let mut source = ClusterSource {
             cluster,
             base,
-            node,
-            trust_domain: settings.trust_domain,
-            endpoint,
+            this: ThisNode {
+                name: node,
+                trust_domain: settings.trust_domain,
+                endpoint,
+                key_rotation: settings.key_rotation,
+            },
             keys,
             reported: Vec::new(),
+            next_rotation: None,
+            rotations: 0,
         };
         loop {
             match source.compose() {
@@ -116,12 +122,25 @@ impl ClusterSource {
     pub(super) fn compose(&mut self) -> Result<(NodeConfig, PolicySet), ComposeError> {
         let composed = compose(
             &self.base,
-            &self.node,
-            &self.trust_domain,
-            self.endpoint,
+            &self.this,
             &self.cluster.objects(),
             &self.keys,
+            SystemTime::now(),
         )?;
+        for (principal, step) in &composed.rotations {
+            self.rotations += 1;
+            match step {
+                RotationStep::Started => tracing::info!(
+                    %principal,
+                    "key rotation: the next key is made and published beside the key"
+                ),
+                _ => tracing::info!(
+                    %principal,
+                    "key rotation: the next key is now the key; the old one is deleted"
+                ),
+            }
+        }
+        self.next_rotation = composed.next_rotation;
         for skipped in &composed.skipped {
             if !self.reported.contains(skipped) {
                 tracing::warn!(object = %skipped.object, reason = %skipped.reason, "left out");
@@ -132,15 +151,28 @@ impl ClusterSource {
         Ok((composed.config, composed.policy))
     }
 
-    /// Returns when the cluster's objects changed. Cancel-safe: a change seen by a
-    /// dropped call is still reported to the next.
+    /// Returns when the cluster's objects changed, or a key rotation step is due.
+    /// Cancel-safe: a change seen by a dropped call is still reported to the next.
     pub(super) async fn changed(&self) {
-        self.cluster.changed().await;
+        let rotation_due = async {
+            match self.next_rotation {
+                Some(due) => {
+                    let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(wait).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.cluster.changed() => {}
+            _ = rotation_due => {}
+        }
     }
 
     pub(super) fn counts(&self) -> KubernetesCounts {
         KubernetesCounts {
-            node: self.node.clone(),
+            node: self.this.name.clone(),
+            key_rotations: self.rotations,
             api_errors: self.cluster.api_errors(),
             publications: self.cluster.publications(),
         }

@@ -12,17 +12,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
 use super::crd::{MeshNode, MeshNodeSpec};
-use super::keys::KeyStore;
+use super::keys::{KeyStore, RotationStep};
 use super::translate::{mesh_node_spec, peers, workloads, Skipped};
-use crate::config::{check_generated, LocalIdentityConfig, NodeConfig};
+use crate::config::{check_generated, KeyRotation, LocalIdentityConfig, NodeConfig};
 use crate::file_error::FileError;
-use crate::identity::PublicKey;
+use crate::identity::{Principal, PublicKey};
 use crate::policy::{add_istio_yaml, PolicySet};
 
 /// What the cluster holds, at one moment.
@@ -43,6 +44,10 @@ pub struct Composed {
     pub mesh_node: MeshNodeSpec,
     /// What was left out, and why.
     pub skipped: Vec<Skipped>,
+    /// The key rotations that took a step.
+    pub rotations: Vec<(Principal, RotationStep)>,
+    /// When the next rotation step is due (`None`: none is).
+    pub next_rotation: Option<SystemTime>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,39 +61,70 @@ pub enum ComposeError {
     Invalid(#[from] FileError),
 }
 
-/// `base` (the node file) with the identities, peers and policies `objects` give
-/// `node` (a Node's name); `endpoint` is what this node publishes.
+/// Who this node is in the cluster.
+#[derive(Debug, Clone)]
+pub struct ThisNode {
+    /// The Node's name.
+    pub name: String,
+    pub trust_domain: String,
+    /// What this node publishes as its endpoint.
+    pub endpoint: SocketAddr,
+    pub key_rotation: KeyRotation,
+}
+
+/// `base` (the node file) with the identities, peers and policies `objects` give `this`
+/// node. The service accounts' keys are made, and their rotations taken a step, as due
+/// at `now`.
 pub fn compose(
     base: &NodeConfig,
-    node: &str,
-    trust_domain: &str,
-    endpoint: SocketAddr,
+    this: &ThisNode,
     objects: &ClusterObjects,
     keys: &KeyStore,
+    now: SystemTime,
 ) -> Result<Composed, ComposeError> {
-    let (local, mut skipped) = workloads(node, trust_domain, &objects.pods);
+    let (local, mut skipped) = workloads(&this.name, &this.trust_domain, &objects.pods);
     let mut identities = Vec::with_capacity(local.len());
     let mut published = Vec::with_capacity(local.len());
+    let mut rotations = Vec::new();
+    let mut next_rotation: Option<SystemTime> = None;
     for workload in local {
-        let key = keys
-            .key(&workload.principal)
-            .map_err(|error| ComposeError::Key {
-                principal: workload.principal.to_string(),
-                error,
-            })?;
-        let public_key = key.public_key();
+        let principal = &workload.principal;
+        let key_error = |error| ComposeError::Key {
+            principal: principal.to_string(),
+            error,
+        };
+        match keys
+            .rotate(principal, &this.key_rotation, now)
+            .map_err(key_error)?
+        {
+            RotationStep::Waiting(due) => {
+                next_rotation = match (next_rotation, due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            step => rotations.push((principal.clone(), step)),
+        }
+        let account = keys.keys(principal).map_err(key_error)?;
+        let public_key = account.current.public_key();
+        let next_key = account.next.map(|next| {
+            let public = next.public_key();
+            (keys.next_path(principal), next, public)
+        });
+        let mut public_keys = vec![public_key];
+        public_keys.extend(next_key.as_ref().map(|(_, _, public)| *public));
         identities.push(LocalIdentityConfig {
-            principal: workload.principal.clone(),
-            private_key_file: keys.path(&workload.principal),
-            private_key: key,
+            principal: principal.clone(),
+            private_key_file: keys.path(principal),
+            private_key: account.current,
             public_key,
-            next_key: None,
+            next_key,
             addresses: workload.addresses.clone(),
             labels: workload.labels.clone(),
         });
-        published.push((workload, vec![public_key]));
+        published.push((workload, public_keys));
     }
-    let (mut peer_configs, peer_skips) = peers(node, &objects.mesh_nodes);
+    let (mut peer_configs, peer_skips) = peers(&this.name, &objects.mesh_nodes);
     skipped.extend(peer_skips);
     settle_conflicts(&identities, &mut peer_configs, &mut skipped);
 
@@ -105,8 +141,10 @@ pub fn compose(
     Ok(Composed {
         config,
         policy,
-        mesh_node: mesh_node_spec(endpoint, &published),
+        mesh_node: mesh_node_spec(this.endpoint, &published),
         skipped,
+        rotations,
+        next_rotation,
     })
 }
 

@@ -1,8 +1,8 @@
-//! Kubernetes mode (feature `kubernetes`): where a node's identities, peers and keys come
-//! from when the cluster is the source instead of files. So far: the `MeshNode` resource
-//! each node publishes, the key store of the node's service-account keys, and the
-//! translation of cluster objects (pods, `MeshNode`s) into identities and peers. The API
-//! client that watches and publishes them is not built yet.
+//! Kubernetes mode (feature `kubernetes`): where a node's identities, peers, keys and
+//! policies come from when the cluster is the source instead of files. `crd` is the
+//! `MeshNode` resource each node publishes, `keys` the node's service-account keys,
+//! `translate` and `compose` turn cluster objects into a node configuration, and `client`
+//! watches the API and publishes this node's `MeshNode`.
 
 pub mod client;
 pub mod compose;

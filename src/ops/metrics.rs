@@ -323,6 +323,11 @@ impl Collector for StatusCollector {
                 "Successful server-side applies of this node's MeshNode.",
                 k.publications,
             )?;
+            f.counter(
+                "kubernetes_key_rotation_steps",
+                "Service-account key rotation steps: a next key made and published, or made the key.",
+                k.key_rotations,
+            )?;
         }
         let r = &status.reloads;
         f.counters(

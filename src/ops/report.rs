@@ -42,6 +42,9 @@ pub struct KubernetesCounts {
     pub api_errors: u64,
     /// Successful applies of this node's `MeshNode`.
     pub publications: u64,
+    /// Key rotation steps taken (a next key made, a next key made the key).
+    #[serde(default)]
+    pub key_rotations: u64,
 }
 
 /// Reloads applied and refused, and what the applied ones changed.

@@ -59,8 +59,8 @@ pub fn render(status: &DaemonStatus, now: Duration) -> String {
     if let Some(k) = &status.kubernetes {
         let _ = writeln!(
             out,
-            "  kubernetes: node {}, {} MeshNode publications, {} API errors",
-            k.node, k.publications, k.api_errors
+            "  kubernetes: node {}, {} MeshNode publications, {} API errors, {} key rotation steps",
+            k.node, k.publications, k.api_errors, k.key_rotations
         );
     }
     if let Some(dropped) = status.plaintext_dropped {

@@ -327,6 +327,44 @@ impl KubeApiServer {
     }
 }
 
+/// The RBAC (API group, resource, verb) a request (`method`, `path?query`) needs; `None`
+/// for API discovery, which every authenticated user may read. Panics on a request
+/// outside the resources meshguard uses.
+pub fn rbac_of(method: &str, target: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest): (&str, &[&str]) = match segments[..] {
+        ["api", "v1", ref rest @ ..] => ("", rest),
+        ["apis", "meshguard.io", _, ref rest @ ..] => ("meshguard.io", rest),
+        ["apis", "security.istio.io", _, ref rest @ ..] => ("security.istio.io", rest),
+        _ => panic!("unexpected request {method} {target}"),
+    };
+    if rest.is_empty() {
+        return None;
+    }
+    let resource = match rest[0] {
+        "pods" => "pods",
+        "nodes" => "nodes",
+        "meshnodes" => "meshnodes",
+        "authorizationpolicies" => "authorizationpolicies",
+        "peerauthentications" => "peerauthentications",
+        other => panic!("unexpected resource {other}"),
+    };
+    let group: &'static str = match group {
+        "" => "",
+        "meshguard.io" => "meshguard.io",
+        _ => "security.istio.io",
+    };
+    let verb = match (method, rest.len(), query.contains("watch=true")) {
+        ("GET", 1, true) => "watch",
+        ("GET", 1, false) => "list",
+        ("GET", 2, _) => "get",
+        ("PATCH", 2, _) => "patch",
+        _ => panic!("unexpected request {method} {target}"),
+    };
+    Some((group, resource, verb))
+}
+
 impl Drop for KubeApiServer {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {

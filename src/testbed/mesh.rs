@@ -241,6 +241,8 @@ pub struct KubeNodeSpec {
     pub addresses: Vec<String>,
     /// `policy.default`: what applies when no ALLOW policy selects an identity.
     pub default: &'static str,
+    /// `kubernetes.key_lifetime` and `kubernetes.key_overlap`, if not the defaults.
+    pub key_rotation: Option<(&'static str, &'static str)>,
 }
 
 /// The node file of `node` in `dir`, with a kubeconfig for `kubeconfig`'s text.
@@ -264,6 +266,13 @@ fn write_kube_node_file(dir: &Path, node: &KubeNodeSpec, kubeconfig: &str) -> io
         node.name
     )
     .unwrap();
+    if let Some((lifetime, overlap)) = node.key_rotation {
+        writeln!(
+            text,
+            "key_lifetime = {lifetime:?}\nkey_overlap = {overlap:?}"
+        )
+        .unwrap();
+    }
     let path = dir.join("node.toml");
     write_whole(&path, &text, 0o644)?;
     Ok(path)

@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 pub use flood::{FloodStats, HandshakeFlood};
 pub use inbound::InboundCounter;
 #[cfg(feature = "kubernetes")]
-pub use kube_api::{Collection, KubeApiServer};
+pub use kube_api::{rbac_of, Collection, KubeApiServer};
 pub use link::{Lan, Link};
 pub use mesh::{
     counter, write_config, IdentitySpec, KubeNodeSpec, MeshguardNode, NodeSpec, PeerEntry,
@@ -78,7 +78,7 @@ pub use relay::{DirectionStats, Impairment, UdpRelay};
 pub use rogue::RoguePeer;
 pub use traffic::{
     ping, ping_all, ping_stats, tcp_connect, tcp_transfer, tcp_transfer_patient, udp_roundtrip,
-    PingStats, TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,
+    PacedStream, PingStats, TransferReport, UdpEcho, TRANSFER_IDLE_TIMEOUT,
 };
 pub use wg::{find_program, genkey, pubkey, WgKind, WgPeer, WgPeerStats, WG_SOCKET_DIR};
 
