@@ -6,12 +6,15 @@
 //! to the relay's address as its peer's endpoint, and so does side `b`'s; the relay
 //! passes what comes from `a`'s daemon on to `b`'s daemon, and everything else to `a`'s.
 //! Both daemons therefore see the relay as the other's endpoint.
+//!
+//! It can also record the transport data messages it passes from `a` to `b` and send
+//! them to `b` again later, from the same socket: an on-path replay.
 
 use std::collections::BinaryHeap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,11 +121,26 @@ struct Direction {
     held: Option<(Instant, Vec<u8>)>,
 }
 
+/// Transport data messages from `a` to `b` being recorded for a replay.
+#[derive(Default)]
+struct Recording {
+    /// How many more to record.
+    wanted: usize,
+    datagrams: Vec<Vec<u8>>,
+}
+
+/// WireGuard's transport data message type, in its first byte.
+const TRANSPORT_DATA: u8 = 4;
+
 /// The relay; stopped (and its thread joined) on drop.
 pub struct UdpRelay {
     address: SocketAddr,
     a_to_b: Arc<DirectionStats>,
     b_to_a: Arc<DirectionStats>,
+    recording: Arc<Mutex<Recording>>,
+    /// The relay's socket, for replays.
+    socket: UdpSocket,
+    b: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -162,19 +180,51 @@ impl UdpRelay {
                 held: None,
             },
         ];
+        let recording = Arc::new(Mutex::new(Recording::default()));
+        let replay_socket = socket.try_clone()?;
         let thread = {
             let stop = Arc::clone(&stop);
+            let recording = Arc::clone(&recording);
             std::thread::Builder::new()
                 .name("udp-relay".into())
-                .spawn(move || relay(socket, a, directions, seed, &stop))?
+                .spawn(move || relay(socket, a, directions, seed, &recording, &stop))?
         };
         Ok(UdpRelay {
             address,
             a_to_b: stats.0,
             b_to_a: stats.1,
+            recording,
+            socket: replay_socket,
+            b,
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Records the next `count` transport data messages passed from `a` to `b` (what
+    /// was recorded before is forgotten).
+    pub fn record_a_to_b(&self, count: usize) {
+        let mut recording = self.recording.lock().expect("recording");
+        recording.wanted = count;
+        recording.datagrams.clear();
+    }
+
+    /// How many messages have been recorded.
+    pub fn recorded(&self) -> usize {
+        self.recording.lock().expect("recording").datagrams.len()
+    }
+
+    /// Sends every recorded message to `b` again, from the relay's address, in the
+    /// order they passed or reversed; returns how many were sent.
+    pub fn replay_a_to_b(&self, reversed: bool) -> io::Result<usize> {
+        let mut datagrams = self.recording.lock().expect("recording").datagrams.clone();
+        if reversed {
+            datagrams.reverse();
+        }
+        for data in &datagrams {
+            self.socket.send_to(data, self.b)?;
+        }
+        Ok(datagrams.len())
     }
 
     /// Where both daemons send: each one's endpoint for the other.
@@ -212,6 +262,7 @@ fn relay(
     a: SocketAddr,
     mut directions: [Direction; 2],
     seed: u64,
+    recording: &Mutex<Recording>,
     stop: &AtomicBool,
 ) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -243,7 +294,8 @@ fn relay(
             // ICMP errors for earlier sends surface here; the relay carries on.
             Err(_) => continue,
         };
-        let direction = &mut directions[usize::from(from != a)];
+        let from_a = from == a;
+        let direction = &mut directions[usize::from(!from_a)];
         let stats = &direction.stats;
         stats.received.fetch_add(1, Ordering::Relaxed);
         stats.longest.fetch_max(len, Ordering::Relaxed);
@@ -251,6 +303,13 @@ fn relay(
         if chance(&mut rng) < impairment.loss {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
+        }
+        if from_a && len > 0 && buf[0] == TRANSPORT_DATA {
+            let mut recording = recording.lock().expect("recording");
+            if recording.wanted > 0 {
+                recording.wanted -= 1;
+                recording.datagrams.push(buf[..len].to_vec());
+            }
         }
         let copies = if chance(&mut rng) < impairment.duplicate {
             stats.duplicated.fetch_add(1, Ordering::Relaxed);
