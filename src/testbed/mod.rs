@@ -46,6 +46,8 @@ mod kube_api;
 mod link;
 mod mesh;
 mod netns;
+pub mod packet_probe;
+pub mod policy_oracle;
 mod process;
 mod relay;
 mod rogue;
