@@ -1,15 +1,17 @@
-"""iperf3 runs through a testbed, the daemons' CPU time, and the kernel's UDP drop
-counters on the way."""
+"""iperf3 runs through a testbed, the daemons' CPU time, the kernel's UDP drop
+counters on the way, the highest UDP rate with little loss, and ping round trips idle
+and under load."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
 
 from .common import BenchError, cpu_seconds, in_ns, log, log_tail, run_cmd, stop_process, wait_until
-from .model import CPU_TEST, Options, Run, SystemResult
+from .model import CPU_TEST, LATENCY_TESTS, UDP_FIXED_RATES, Options, Run, SystemResult
 from .topology import Resources, TUNNEL_PORT, Testbed
 
 TEST_ARGS = {
@@ -17,7 +19,19 @@ TEST_ARGS = {
     "tcp4": ["-P", "4"],
     "reverse": ["-R"],
     "udp": ["-u", "-b", "0", "-l", "1300"],
+    **{test: ["-u", "-b", f"{rate}M", "-l", "1300"] for test, rate in UDP_FIXED_RATES.items()},
 }
+# The highest offered UDP rate with loss under MAX_LOSS_PCT: doubled from the first
+# rate until the loss is too high (or MAX_RATE), then bisected; at most MAX_PROBES runs
+# of at most PROBE_SECONDS each.
+MAX_LOSS_PCT = 1.0
+FIRST_RATE_MBPS = 250
+MAX_RATE_MBPS = 8000
+MAX_PROBES = 9
+PROBE_SECONDS = 5
+# Latency: PINGS pings every PING_INTERVAL seconds (1,000 at 10 ms).
+PINGS = 1000
+PING_INTERVAL = "0.01"
 IPERF_PORT = 5201
 PAUSE_BETWEEN_RUNS = 0.5
 CLIENT_SLACK = 30.0  # seconds an iperf3 client may take beyond --duration
@@ -47,7 +61,7 @@ def received_rate(test: str, data: dict) -> tuple[float, float, float | None]:
     it: the datagrams the server got, packets - lost_packets); otherwise end.sum, whose
     bits_per_second is the sender's rate, scaled by (1 - lost_percent / 100)."""
     end = data["end"]
-    if test != "udp":
+    if not test.startswith("udp"):
         return end["sum_received"]["bits_per_second"], end["sum_received"]["seconds"], None
     loss = end["sum"]["lost_percent"]
     if "sum_received" in end:
@@ -55,9 +69,9 @@ def received_rate(test: str, data: dict) -> tuple[float, float, float | None]:
     return end["sum"]["bits_per_second"] * (1 - loss / 100), end["sum"]["seconds"], loss
 
 
-def run_iperf_client(testbed: Testbed, test: str, duration: int) -> str:
+def run_iperf_client(testbed: Testbed, args: list[str], duration: int) -> str:
     argv = f"iperf3 -c {testbed.server_addr} -p {IPERF_PORT} -t {duration} --json".split()
-    argv += TEST_ARGS[test]
+    argv += args
     done = subprocess.run(
         in_ns(testbed.client_ns, argv),
         capture_output=True,
@@ -72,15 +86,23 @@ def run_iperf_client(testbed: Testbed, test: str, duration: int) -> str:
 
 
 def measure_run(
-    res: Resources, testbed: Testbed, test: str, duration: int, json_path: Path, logdir: Path
+    res: Resources,
+    testbed: Testbed,
+    test: str,
+    duration: int,
+    json_path: Path,
+    logdir: Path,
+    args: list[str] | None = None,
 ) -> Run:
+    """One iperf3 run of `test` (with `args` instead of the test's own, if given)."""
+    udp = test.startswith("udp")
     server = start_iperf_server(res, testbed, logdir / f"iperf3-server-{json_path.stem}.log")
     pids = [p.pid for p in testbed.daemons]
-    drops_before = drop_counters(testbed) if test == "udp" else {}
+    drops_before = drop_counters(testbed) if udp else {}
     cpu_before = [cpu_seconds(pid) for pid in pids]
-    output = run_iperf_client(testbed, test, duration)
+    output = run_iperf_client(testbed, args if args is not None else TEST_ARGS[test], duration)
     cpu_after = [cpu_seconds(pid) for pid in pids]
-    drops_after = drop_counters(testbed) if test == "udp" else {}
+    drops_after = drop_counters(testbed) if udp else {}
     stop_process(server)
     json_path.write_text(output)
     data = json.loads(output)
@@ -88,7 +110,7 @@ def measure_run(
         raise BenchError(f"iperf3: {data['error']}")
     bits, seconds, loss = received_rate(test, data)
     run = Run(gbps=bits / 1e9, seconds=seconds, json_file=json_path.name, loss_pct=loss)
-    if test == "udp":
+    if udp:
         run.datagrams_sent = data["end"]["sum"].get("packets")
         run.drops = {k: drops_after[k] - drops_before[k] for k in DROP_PLACES}
     if pids and test == CPU_TEST:
@@ -156,6 +178,11 @@ def check_daemons_alive(testbed: Testbed) -> None:
 
 
 def describe_run(run: Run) -> str:
+    if run.rtt_p99_ms is not None:
+        return (
+            f"RTT p50 {run.rtt_p50_ms:.3f} ms, p99 {run.rtt_p99_ms:.3f} ms, "
+            f"{run.pings_lost} of {PINGS} lost"
+        )
     text = f"{run.gbps:.3f} Gbit/s"
     if run.loss_pct is not None:
         text += f", loss {run.loss_pct:.1f} %"
@@ -176,6 +203,85 @@ def loss_places(run: Run) -> str:
     return ", ".join(parts)
 
 
+def measure_udp_max(
+    res: Resources, testbed: Testbed, duration: int, json_path: Path, logdir: Path
+) -> Run:
+    """The highest offered rate (as `gbps`) whose loss stayed under MAX_LOSS_PCT."""
+    seconds = min(duration, PROBE_SECONDS)
+    good, bad, rate = 0, None, FIRST_RATE_MBPS
+    probes: list[str] = []
+    for probe in range(1, MAX_PROBES + 1):
+        path = json_path.with_name(f"{json_path.stem}-{rate}M.json")
+        args = ["-u", "-b", f"{rate}M", "-l", "1300"]
+        run = measure_run(res, testbed, "udpmax", seconds, path, logdir, args)
+        loss = run.loss_pct if run.loss_pct is not None else 100.0
+        probes.append(f"{rate}M: {loss:.2f} %")
+        if loss < MAX_LOSS_PCT:
+            good = rate
+        else:
+            bad = rate
+        if bad is None:
+            if rate >= MAX_RATE_MBPS:
+                break
+            rate = min(rate * 2, MAX_RATE_MBPS)
+        elif bad - good <= max(25, good // 20):
+            break
+        else:
+            rate = (good + bad) // 2
+        time.sleep(PAUSE_BETWEEN_RUNS)
+    json_path.write_text(json.dumps({"probes": probes, "highest_mbps": good}) + "\n")
+    return Run(gbps=good / 1000, seconds=seconds, json_file=json_path.name)
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile of sorted `values`."""
+    rank = max(1, math.ceil(share * len(values)))
+    return values[rank - 1]
+
+
+def measure_latency(
+    res: Resources, testbed: Testbed, test: str, json_path: Path, logdir: Path
+) -> Run:
+    """PINGS pings client -> server through the tunnel; for `pingload`, while iperf3
+    sends TCP from the server to the client (-R) the whole time."""
+    load = None
+    if test == "pingload":
+        server = start_iperf_server(res, testbed, logdir / f"iperf3-server-{json_path.stem}.log")
+        seconds = int(PINGS * float(PING_INTERVAL)) + 5
+        argv = f"iperf3 -c {testbed.server_addr} -p {IPERF_PORT} -t {seconds} -R".split()
+        load = res.spawn(testbed.client_ns, argv, logdir / f"iperf3-load-{json_path.stem}.log")
+        time.sleep(1.0)
+    try:
+        argv = ["ping", "-n", "-c", str(PINGS), "-i", PING_INTERVAL, "-W", "1"]
+        done = subprocess.run(
+            in_ns(testbed.client_ns, [*argv, testbed.server_addr]),
+            capture_output=True,
+            text=True,
+            timeout=PINGS * float(PING_INTERVAL) + CLIENT_SLACK,
+        )
+    finally:
+        if load is not None:
+            stop_process(load)
+            stop_process(server)
+    rtts = sorted(
+        float(part.split("=", 1)[1])
+        for line in done.stdout.splitlines()
+        for part in line.split()
+        if part.startswith("time=")
+    )
+    json_path.write_text(json.dumps({"rtt_ms": rtts, "sent": PINGS}) + "\n")
+    if not rtts:
+        raise BenchError(f"no ping answered: {done.stdout[-300:]} {done.stderr.strip()}")
+    return Run(
+        gbps=0.0,
+        seconds=PINGS * float(PING_INTERVAL),
+        json_file=json_path.name,
+        rtt_p50_ms=percentile(rtts, 0.50),
+        rtt_p99_ms=percentile(rtts, 0.99),
+        pings_lost=PINGS - len(rtts),
+    )
+
+
 def measure_system(
     res: Resources, testbed: Testbed, opts: Options, result: SystemResult, logdir: Path
 ) -> None:
@@ -183,7 +289,12 @@ def measure_system(
         runs = result.runs.setdefault(test, [])
         for number in range(1, opts.runs + 1):
             json_path = opts.out / f"{result.name}-{test}-{number}.json"
-            run = measure_run(res, testbed, test, opts.duration, json_path, logdir)
+            if test in LATENCY_TESTS:
+                run = measure_latency(res, testbed, test, json_path, logdir)
+            elif test == "udpmax":
+                run = measure_udp_max(res, testbed, opts.duration, json_path, logdir)
+            else:
+                run = measure_run(res, testbed, test, opts.duration, json_path, logdir)
             check_daemons_alive(testbed)
             runs.append(run)
             log(f"[{result.name}] {test} run {number}/{opts.runs}: {describe_run(run)}")

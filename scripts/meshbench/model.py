@@ -10,7 +10,22 @@ ALL_SYSTEMS = ("veth", "meshguard", "boringtun", "boringtun-1t", "wireguard-go")
 # on both nodes, to compare with plain `meshguard` in the same run.
 EXTRA_SYSTEMS = ("meshguard-metrics",)
 PEER_SYSTEMS = ("boringtun", "boringtun-1t", "wireguard-go")
-ALL_TESTS = ("tcp", "tcp4", "reverse", "udp")
+ALL_TESTS = (
+    "tcp",
+    "tcp4",
+    "reverse",
+    "udp",
+    "udp500m",
+    "udp1g",
+    "udp2g",
+    "udpmax",
+    "ping",
+    "pingload",
+)
+# UDP at a fixed offered rate (Mbit/s), 1300-byte datagrams: received rate and loss.
+UDP_FIXED_RATES = {"udp500m": 500, "udp1g": 1000, "udp2g": 2000}
+# Round-trip times through the tunnel (ms), idle and while TCP runs the other way.
+LATENCY_TESTS = ("ping", "pingload")
 # The test during which the daemons' CPU time is measured.
 CPU_TEST = "tcp"
 # Table columns: key, heading, whether a larger value is better.
@@ -18,7 +33,13 @@ METRICS = (
     ("tcp", "TCP 1 stream", True),
     ("tcp4", "TCP 4 streams", True),
     ("reverse", "TCP reverse", True),
-    ("udp", "UDP received", True),
+    ("udp", "UDP -b 0 received", True),
+    ("udp500m", "UDP at 0.5 Gbit/s", True),
+    ("udp1g", "UDP at 1 Gbit/s", True),
+    ("udp2g", "UDP at 2 Gbit/s", True),
+    ("udpmax", "UDP max rate with loss < 1 %", True),
+    ("ping", "Ping RTT idle, p50 / p99", False),
+    ("pingload", "Ping RTT under TCP load, p50 / p99", False),
     ("cpu", "Daemon CPU", False),
     ("cpu_per_gbit", "CPU-s per Gbit", False),
 )
@@ -37,6 +58,10 @@ class Run:
     # UDP only: datagrams iperf3 sent, and where the kernel dropped datagrams on the way.
     datagrams_sent: int | None = None
     drops: dict[str, int] | None = None
+    # Latency tests: round-trip percentiles (ms) of the answered pings, and the lost ones.
+    rtt_p50_ms: float | None = None
+    rtt_p99_ms: float | None = None
+    pings_lost: int | None = None
 
 
 @dataclass
