@@ -163,3 +163,66 @@ fn a_handshake_flood_does_not_stop_legitimate_traffic() {
     assert!(count("rate_limited") > 0, "{log}");
     assert_eq!(count("bad_mac1"), 0, "{log}");
 }
+
+/// 1,000 peer identities (one peer node, one key each) shake hands with a daemon all at
+/// once, from one socket, as initiators do (retries, cookie replies and mac2 under
+/// load): every one completes. How long it took, and how many cookie replies the daemon
+/// sent, are printed (`-- --nocapture`), never asserted.
+#[test]
+fn a_thousand_peer_identities_shake_hands_at_once() {
+    if !require_root() {
+        return;
+    }
+    const CROWD: usize = 1000;
+    let lan = Lan::new("crwl").unwrap();
+    let daemon_ns = Netns::new("crwd").unwrap();
+    let crowd_ns = Netns::new("crwc").unwrap();
+    lan.attach(&daemon_ns, "198.18.14.1/24").unwrap();
+    lan.attach(&crowd_ns, "198.18.14.2/24").unwrap();
+    let daemon = NodeSpec {
+        name: "daemon".into(),
+        listen: "198.18.14.1:51820".parse().unwrap(),
+        identities: vec![IdentitySpec::new(
+            "cluster.local/ns/crowd/sa/server",
+            &["10.71.0.1/32"],
+        )],
+        policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
+        workers: None,
+    };
+    let crowd = NodeSpec {
+        name: "crowd".into(),
+        listen: "198.18.14.2:51820".parse().unwrap(),
+        identities: (0..CROWD)
+            .map(|i| {
+                IdentitySpec::new(
+                    &format!("cluster.local/ns/crowd/sa/client-{i}"),
+                    &[&format!("10.72.{}.{}/32", i / 250, i % 250 + 1)],
+                )
+            })
+            .collect(),
+        policy: ALLOW_ALL_POLICY.into(),
+        offload: true,
+        workers: None,
+    };
+    let binary = Path::new(env!("CARGO_BIN_EXE_meshguard"));
+    let node =
+        MeshguardNode::start(binary, &daemon_ns, &daemon, &[PeerEntry::for_node(&crowd)]).unwrap();
+    let mut rogue = RoguePeer::bind(&crowd_ns, crowd.listen).unwrap();
+    let server_key = daemon.identities[0].private_key.public_key();
+    for identity in &crowd.identities {
+        rogue.add_tunnel(&identity.private_key, &server_key, daemon.listen);
+    }
+    let started = Instant::now();
+    let done = rogue.handshake_all(Duration::from_secs(60)).unwrap();
+    let took = started.elapsed();
+    let log = node.stop().unwrap();
+    eprintln!(
+        "{done} of {CROWD} peer identities shook hands in {took:.2?} (all initiating at \
+         once); daemon: {} handshakes completed, {} cookie replies sent, {} rate limited",
+        counter(&log, "handshakes_completed").unwrap_or(0),
+        counter(&log, "cookie_replies_sent").unwrap_or(0),
+        counter(&log, "rate_limited").unwrap_or(0)
+    );
+    assert_eq!(done, CROWD, "every peer identity got a session:\n{log}");
+}

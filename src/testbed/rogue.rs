@@ -79,6 +79,29 @@ impl RoguePeer {
         Ok(())
     }
 
+    /// Starts a handshake on every tunnel at once and answers, retries and uses cookies
+    /// as any initiator does, until every tunnel has a session or `timeout` passes;
+    /// returns how many tunnels have a session.
+    pub fn handshake_all(&mut self, timeout: Duration) -> io::Result<usize> {
+        let now = Instant::now();
+        for id in &self.tunnels {
+            self.device.initiate(now, *id);
+        }
+        self.flush()?;
+        let deadline = now + timeout;
+        loop {
+            let done = self
+                .tunnels
+                .iter()
+                .filter(|id| self.device.has_session(**id))
+                .count();
+            if done == self.tunnels.len() || Instant::now() > deadline {
+                return Ok(done);
+            }
+            self.receive_for(Duration::from_millis(20))?;
+        }
+    }
+
     /// Seals the packet at `buf` (laid out as the fixtures' builders do, `len` bytes)
     /// and sends it on `tunnel`, which must have a session.
     pub fn send(&mut self, tunnel: usize, mut buf: Vec<u8>, len: usize) -> io::Result<()> {
