@@ -56,8 +56,12 @@ fn device_seal_receive(bencher: Bencher, size: usize) {
 /// cryptokey routing) of a 1420-byte IPv4/UDP packet between the two identities.
 #[divan::bench]
 fn node_egress_ingress(bencher: Bencher) {
+    egress_ingress(bencher, NodePair::connected());
+}
+
+/// A's egress and B's ingress of one 1420-byte IPv4/UDP packet, per iteration.
+fn egress_ingress(bencher: Bencher, mut pair: NodePair) {
     const SIZE: usize = 1420;
-    let mut pair = NodePair::connected();
     let mut buf = ipv4_udp(A_INNER, B_INNER, SIZE);
     let now = pair.now;
     bencher.counter(BytesCount::new(SIZE)).bench_local(|| {
@@ -76,7 +80,6 @@ fn node_egress_ingress(bencher: Bencher) {
 /// nodes' tables: two thirds /32s in 10.128.0.0/10, one third /24s in 10.192.0.0/10.
 #[divan::bench(args = [10, 10_000])]
 fn node_egress_ingress_among_prefixes(bencher: Bencher, prefixes: usize) {
-    const SIZE: usize = 1420;
     let mut pair = NodePair::connected();
     let extra = other_peers(prefixes);
     let policy = PolicySet::default();
@@ -86,17 +89,7 @@ fn node_egress_ingress_among_prefixes(bencher: Bencher, prefixes: usize) {
     b_config.peers.extend(extra);
     pair.a.reconfigure(now, &a_config, &policy);
     pair.b.reconfigure(now, &b_config, &policy);
-    let mut buf = ipv4_udp(A_INNER, B_INNER, SIZE);
-    bencher.counter(BytesCount::new(SIZE)).bench_local(|| {
-        let len = match pair.a.egress(now, black_box(&mut buf), SIZE) {
-            Egress::Send { len, .. } => len,
-            other => panic!("not sent: {other:?}"),
-        };
-        match pair.b.ingress(now, pair.a_addr, &mut buf[..len]) {
-            Ingress::Deliver { packet, .. } => packet.len(),
-            other => panic!("not delivered: {other:?}"),
-        }
-    });
+    egress_ingress(bencher, pair);
 }
 
 /// 100 peer nodes of one identity each, holding `prefixes` allowed IPs between them.
