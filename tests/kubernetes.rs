@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use meshguard::config::KeyRotation;
 use meshguard::identity::Principal;
 use meshguard::kubernetes::crd::MeshNode;
-use meshguard::kubernetes::keys::{KeyStore, RotationStep as Rotation};
+use meshguard::kubernetes::keys::{KeyStore, Rotation, RotationStep as Step};
 use meshguard::kubernetes::translate::{mesh_node_spec, peers, workloads};
 use meshguard::kubernetes::{crd_yaml, API_ACCESS};
 use meshguard::testbed::{find_program, TempDir};
@@ -449,25 +449,26 @@ fn a_key_rotates_with_overlap_and_a_restart_goes_on_where_it_was() {
         lifetime: Some(Duration::from_secs(3600)),
         overlap: Duration::from_secs(300),
     };
+    let waiting = |due| Rotation { step: None, due };
     let start = SystemTime::now();
-    // A new key: the rotation is due when it is an hour old.
-    let Rotation::Waiting(Some(due)) = store.rotate(&api, &rotation, start).unwrap() else {
-        panic!("a fresh key waits");
-    };
-    let made = std::fs::metadata(store.path(&api))
-        .unwrap()
-        .modified()
-        .unwrap();
-    assert_eq!(due, made + Duration::from_secs(3600));
+    // A new key, made at `start`: the rotation is due when it is an hour old.
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        store.rotate(&api, &rotation, start, false).unwrap(),
+        waiting(Some(start + hour))
+    );
     let first = store.keys(&api).unwrap();
     assert!(first.next.is_none());
     let first = first.current.public_key();
 
     // An hour later: a next key beside the key, 0600, both kept by a new store.
-    let later = start + Duration::from_secs(3601);
+    let later = start + hour;
     assert_eq!(
-        store.rotate(&api, &rotation, later).unwrap(),
-        Rotation::Started
+        store.rotate(&api, &rotation, later, false).unwrap(),
+        Rotation {
+            step: Some(Step::Started),
+            due: None
+        }
     );
     let next_path = store.next_path(&api);
     assert_eq!(next_path, state.join("payments_api.key.next"));
@@ -478,40 +479,67 @@ fn a_key_rotates_with_overlap_and_a_restart_goes_on_where_it_was() {
     assert_eq!(both.current.public_key(), first);
     let next = both.next.expect("the next key").public_key();
     assert_ne!(next, first);
-    // Within the overlap nothing changes; the switch is due when the next key is five
-    // minutes old.
-    let Rotation::Waiting(Some(switch)) = restarted.rotate(&api, &rotation, later).unwrap() else {
-        panic!("the overlap waits");
-    };
-    let next_made = std::fs::metadata(&next_path).unwrap().modified().unwrap();
-    assert_eq!(switch, next_made + Duration::from_secs(300));
+    // Until this node's MeshNode is seen listing the next key, nothing is due, however
+    // long it takes (an API that is down gives the peers no time to move).
+    let much_later = later + Duration::from_secs(86_400);
+    assert_eq!(
+        restarted
+            .rotate(&api, &rotation, much_later, false)
+            .unwrap(),
+        waiting(None)
+    );
+    // Seen published: the switch is due the overlap after that, across a restart.
+    assert_eq!(
+        restarted.rotate(&api, &rotation, much_later, true).unwrap(),
+        waiting(Some(much_later + Duration::from_secs(300)))
+    );
+    let again = KeyStore::open(&state).unwrap();
+    assert_eq!(
+        again
+            .rotate(&api, &rotation, much_later + Duration::from_secs(299), true)
+            .unwrap(),
+        waiting(Some(much_later + Duration::from_secs(300)))
+    );
 
     // After the overlap the next key is the key, the old key is gone, and the new key's
     // lifetime counts from when it was made.
-    let after = switch.max(later) + Duration::from_secs(1);
+    let after = much_later + Duration::from_secs(300);
     assert_eq!(
-        restarted.rotate(&api, &rotation, after).unwrap(),
-        Rotation::Finished
+        again.rotate(&api, &rotation, after, true).unwrap(),
+        Rotation {
+            step: Some(Step::Finished),
+            due: Some(later + hour)
+        }
     );
     assert!(!next_path.exists());
     let rotated = store.keys(&api).unwrap();
     assert_eq!(rotated.current.public_key(), next);
     assert!(rotated.next.is_none());
+    let before_due = later + hour - Duration::from_secs(1);
     assert_eq!(
-        store.rotate(&api, &rotation, after).unwrap(),
-        Rotation::Waiting(Some(next_made + Duration::from_secs(3600)))
+        store.rotate(&api, &rotation, before_due, false).unwrap(),
+        waiting(Some(later + hour))
     );
 
-    // "never": no rotation is ever due.
-    let never = KeyRotation {
-        lifetime: None,
-        ..rotation
-    };
-    let far = start + Duration::from_secs(10 * 365 * 86_400);
-    assert_eq!(
-        store.rotate(&api, &never, far).unwrap(),
-        Rotation::Waiting(None)
-    );
+    // A next key that does not read is replaced, not fatal.
+    std::fs::write(&next_path, "not a key\n").unwrap();
+    std::fs::set_permissions(&next_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let replaced = store.rotate(&api, &rotation, after, true).unwrap();
+    assert_eq!(replaced.step, Some(Step::Started));
+    assert!(store.keys(&api).unwrap().next.is_some());
+
+    // "never", or a lifetime too long to add to the clock: no rotation is ever due.
+    let other: Principal = "cluster.local/ns/payments/sa/worker".parse().unwrap();
+    for lifetime in [None, Some(Duration::MAX)] {
+        let rotation = KeyRotation {
+            lifetime,
+            ..rotation
+        };
+        assert_eq!(
+            store.rotate(&other, &rotation, start, false).unwrap(),
+            waiting(None)
+        );
+    }
 }
 
 #[test]
@@ -520,7 +548,7 @@ fn a_rotating_key_is_published_and_answered_beside_the_key() {
     let dir = TempDir::new("compose-rotate").unwrap();
     let base = kube_base(dir.path());
     let keys = KeyStore::open(&dir.path().join("state")).unwrap();
-    let objects = ClusterObjects {
+    let mut objects = ClusterObjects {
         pods: yaml_documents(PODS),
         ..ClusterObjects::default()
     };
@@ -530,6 +558,8 @@ fn a_rotating_key_is_published_and_answered_beside_the_key() {
     });
     let now = SystemTime::now();
     let first = compose(&base, &this, &objects, &keys, now).unwrap();
+    let accounts = first.config.identities.len();
+    assert!(accounts >= 2);
     assert!(first.rotations.is_empty());
     assert!(first.config.identities.iter().all(|i| i.next_key.is_none()));
     assert!(first
@@ -537,17 +567,14 @@ fn a_rotating_key_is_published_and_answered_beside_the_key() {
         .identities
         .iter()
         .all(|i| i.public_keys.len() == 1));
-    let due = first.next_rotation.expect("a rotation is due some time");
-    assert!(due > now + Duration::from_secs(3500), "{due:?}");
+    assert_eq!(first.next_rotation, Some(now + Duration::from_secs(3600)));
+    let due = now + Duration::from_secs(3600);
 
     // At the lifetime: every account's next key is published after its key, and the
     // identity answers on both.
     let rotating = compose(&base, &this, &objects, &keys, due).unwrap();
-    assert_eq!(rotating.rotations.len(), first.config.identities.len());
-    assert!(rotating
-        .rotations
-        .iter()
-        .all(|(_, s)| *s == Rotation::Started));
+    assert_eq!(rotating.rotations.len(), accounts);
+    assert!(rotating.rotations.iter().all(|(_, s)| *s == Step::Started));
     for (identity, published) in rotating
         .config
         .identities
@@ -560,19 +587,32 @@ fn a_rotating_key_is_published_and_answered_beside_the_key() {
             [identity.public_key.to_base64(), next.to_base64()]
         );
     }
-    // After the overlap: only the new key, published alone.
+    // Not yet seen in this node's MeshNode: however late, nothing switches.
+    let late = due + Duration::from_secs(3600);
+    let unseen = compose(&base, &this, &objects, &keys, late).unwrap();
+    assert!(unseen.rotations.is_empty());
+    assert_eq!(unseen.next_rotation, None);
+    // The API gives back this node's MeshNode with both keys: the switch is due a
+    // minute later, and then only the new key is published.
+    objects.mesh_nodes = vec![serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshguard.io/v1alpha1", "kind": "MeshNode",
+        "metadata": {"name": "node-a"},
+        "spec": rotating.mesh_node,
+    }))
+    .unwrap()];
+    let seen = compose(&base, &this, &objects, &keys, late).unwrap();
+    assert!(seen.rotations.is_empty());
+    assert_eq!(seen.next_rotation, Some(late + Duration::from_secs(60)));
     let switched = compose(
         &base,
         &this,
         &objects,
         &keys,
-        due + Duration::from_secs(3600),
+        late + Duration::from_secs(60),
     )
     .unwrap();
-    assert!(switched
-        .rotations
-        .iter()
-        .all(|(_, s)| *s == Rotation::Finished));
+    assert_eq!(switched.rotations.len(), accounts);
+    assert!(switched.rotations.iter().all(|(_, s)| *s == Step::Finished));
     for (before, after) in rotating
         .config
         .identities

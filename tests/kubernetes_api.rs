@@ -351,7 +351,7 @@ fn spec(endpoint: &str) -> MeshNodeSpec {
 }
 
 #[tokio::test]
-async fn requests_are_the_ones_the_issue_names_and_the_role_grants() {
+async fn requests_carry_the_selector_bookmarks_and_apply_parameters_and_the_role_grants_them() {
     let lists = all_lists(
         vec![pod("checkout-1", "checkout", "10.50.1.1", "90")],
         vec![mesh_node("node-b", "198.18.0.2:51820", "95")],

@@ -430,7 +430,7 @@ fn keys_rotate_with_overlap_under_traffic() {
     );
     let status = status_of(&b);
     assert!(
-        status.kubernetes.as_ref().unwrap().key_rotations >= 4,
+        status.kubernetes.as_ref().unwrap().key_rotation_steps >= 4,
         "{:?}",
         status.kubernetes
     );

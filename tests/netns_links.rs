@@ -330,15 +330,16 @@ fn a_restarted_node_gets_its_traffic_back_within_wireguards_timers() {
     );
     let responder = responder.expect("traffic came back after B restarted");
     let initiator = initiator.expect("traffic came back after A restarted");
-    // Bounds of the protocol, not of speed: B cannot be reached before A gives up on
-    // the old session, and A's own handshake needs no timer at all.
+    // Within WireGuard's timers: A gives up on B's old session after 15 s without an
+    // answer (keepalive 10 s + rekey timeout 5 s) and its new handshake is answered; a
+    // restarted initiator needs no timer at all.
     assert!(
-        responder >= Duration::from_secs(10),
-        "A cannot know B restarted before its timers say so: {responder:?}"
+        responder <= Duration::from_secs(25),
+        "after B restarted: {responder:?}"
     );
     assert!(
-        initiator < Duration::from_secs(5),
-        "the restarted initiator shakes hands at once: {initiator:?}"
+        initiator <= Duration::from_secs(5),
+        "after A restarted: {initiator:?}"
     );
 }
 

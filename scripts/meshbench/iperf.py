@@ -112,6 +112,7 @@ def measure_run(
     run = Run(gbps=bits / 1e9, seconds=seconds, json_file=json_path.name, loss_pct=loss)
     if udp:
         run.datagrams_sent = data["end"]["sum"].get("packets")
+        run.sent_gbps = data["end"]["sum"]["bits_per_second"] / 1e9
         run.drops = {k: drops_after[k] - drops_before[k] for k in DROP_PLACES}
     if pids and test == CPU_TEST:
         run.cpu = sum(a - b for a, b in zip(cpu_after, cpu_before)) / seconds
@@ -206,18 +207,21 @@ def loss_places(run: Run) -> str:
 def measure_udp_max(
     res: Resources, testbed: Testbed, duration: int, json_path: Path, logdir: Path
 ) -> Run:
-    """The highest offered rate (as `gbps`) whose loss stayed under MAX_LOSS_PCT."""
+    """The probe at the highest offered rate that iperf3 really sent (at least 95 % of
+    it) with loss under MAX_LOSS_PCT; its received rate is the result."""
     seconds = min(duration, PROBE_SECONDS)
     good, bad, rate = 0, None, FIRST_RATE_MBPS
+    best: Run | None = None
     probes: list[str] = []
-    for probe in range(1, MAX_PROBES + 1):
+    for _ in range(MAX_PROBES):
         path = json_path.with_name(f"{json_path.stem}-{rate}M.json")
         args = ["-u", "-b", f"{rate}M", "-l", "1300"]
         run = measure_run(res, testbed, "udpmax", seconds, path, logdir, args)
         loss = run.loss_pct if run.loss_pct is not None else 100.0
-        probes.append(f"{rate}M: {loss:.2f} %")
-        if loss < MAX_LOSS_PCT:
-            good = rate
+        sent = run.sent_gbps or 0.0
+        probes.append(f"{rate}M offered: sent {sent:.3f} Gbit/s, {loss:.2f} % lost")
+        if loss < MAX_LOSS_PCT and sent >= 0.95 * rate / 1000:
+            good, best = rate, run
         else:
             bad = rate
         if bad is None:
@@ -230,7 +234,8 @@ def measure_udp_max(
             rate = (good + bad) // 2
         time.sleep(PAUSE_BETWEEN_RUNS)
     json_path.write_text(json.dumps({"probes": probes, "highest_mbps": good}) + "\n")
-    return Run(gbps=good / 1000, seconds=seconds, json_file=json_path.name)
+    received = best.gbps if best else 0.0
+    return Run(gbps=received, seconds=seconds, json_file=json_path.name)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -259,13 +264,17 @@ def measure_latency(
             text=True,
             timeout=PINGS * float(PING_INTERVAL) + CLIENT_SLACK,
         )
+        if load is not None and load.poll() is not None:
+            raise BenchError("the load's iperf3 ended before the pings did: no load measured")
     finally:
         if load is not None:
             stop_process(load)
             stop_process(server)
+    # A duplicated reply ("DUP!") is not a second answer.
     rtts = sorted(
         float(part.split("=", 1)[1])
         for line in done.stdout.splitlines()
+        if "DUP!" not in line
         for part in line.split()
         if part.startswith("time=")
     )

@@ -53,6 +53,7 @@ class Run:
     seconds: float  # test duration as iperf3 measured it
     json_file: str
     loss_pct: float | None = None  # UDP only
+    sent_gbps: float | None = None  # UDP only: the rate iperf3 managed to send
     cpu: float | None = None  # daemon CPU-seconds per second, all daemons summed
     cpu_per_gbit: float | None = None
     # UDP only: datagrams iperf3 sent, and where the kernel dropped datagrams on the way.

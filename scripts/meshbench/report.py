@@ -148,8 +148,9 @@ def markdown_report(results: list[SystemResult], opts: Options, machine: dict) -
         f"{machine['description']}; meshguard {machine['meshguard_commit']}. "
         f"iperf3 {opts.duration} s × {opts.runs} runs, Gbit/s received, median [min–max]; "
         "UDP with 1300-byte datagrams, at full speed (-b 0: a sender outrunning two cores) "
-        "and at fixed offered rates, with the median loss. UDP max rate: the highest "
-        "offered rate with loss under 1 % (doubling, then bisection; 5 s probes). Ping: "
+        "and at fixed offered rates, with the median loss. UDP max rate: the received rate "
+        "at the highest offered rate iperf3 really sent with loss under 1 % (doubling, "
+        "then bisection; 5 s probes). Ping: "
         "1,000 pings at 10 ms through the tunnel, p50 / p99 of the round trip, idle and "
         "while iperf3 sends TCP the other way. "
         "Daemon CPU: both daemons summed during the TCP 1-stream runs (100 % = one core).",
@@ -244,7 +245,7 @@ def write_summary(path: Path, results: list[SystemResult], opts: Options, machin
             "tests": opts.tests,
         },
         "units": {
-            "gbps": "Gbit/s received (udpmax: the highest offered rate with loss under 1 %)",
+            "gbps": "Gbit/s received (udpmax: at the highest offered rate with loss under 1 %)",
             "rtt_ms": "ping round trip, milliseconds (ping, pingload)",
             "cpu": "CPU-seconds per second (1.0 = one core)",
             "cpu_per_gbit": "CPU-seconds per Gbit",

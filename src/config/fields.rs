@@ -246,8 +246,10 @@ pub(super) fn check_kubernetes(
 }
 
 /// `kubernetes.key_lifetime` (a duration such as "30d", or "never") and
-/// `kubernetes.key_overlap` (a duration, at least a second, shorter than the lifetime).
+/// `kubernetes.key_overlap` (a duration, at least `MIN_KEY_OVERLAP`, shorter than the
+/// lifetime).
 fn check_key_rotation(src: &TomlFile, k: &RawKubernetes) -> Result<KeyRotation, FileError> {
+    const MIN_KEY_OVERLAP: std::time::Duration = std::time::Duration::from_secs(2);
     let duration = |key: &str, text: &Spanned<String>| {
         humantime::parse_duration(text.get_ref()).map_err(|e| {
             src.error_at(
@@ -269,11 +271,11 @@ fn check_key_rotation(src: &TomlFile, k: &RawKubernetes) -> Result<KeyRotation, 
     }
     if let Some(text) = &k.key_overlap {
         rotation.overlap = duration("kubernetes.key_overlap", text)?;
-        if rotation.overlap < std::time::Duration::from_secs(1) {
+        if rotation.overlap < MIN_KEY_OVERLAP {
             return Err(src.error_at(
                 "kubernetes.key_overlap",
                 text.span(),
-                "must be at least 1s: the peers need time to read the next key",
+                "must be at least 2s: the peers need time to read the next key and move to it",
             ));
         }
     }

@@ -79,8 +79,9 @@ pub struct KubernetesConfig {
 }
 
 /// A service account's key is rotated once it is `lifetime` old (`None`: never): the
-/// next key is made and published beside it, and after `overlap` (time for every peer
-/// to read it and move its traffic) it becomes the key and the old one is deleted.
+/// next key is made and published beside it, and `overlap` after this node's
+/// `MeshNode` is seen listing it (time for every peer to read it and move its traffic)
+/// it becomes the key and the old one is deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyRotation {
     pub lifetime: Option<std::time::Duration>,

@@ -1109,6 +1109,9 @@ fn kubernetes_key_rotation_is_a_lifetime_and_an_overlap() {
         rotation("key_lifetime = \"never\"\n").unwrap().lifetime,
         None
     );
+    // A lifetime too long to add to a clock reads, and means never in practice.
+    let far = rotation("key_lifetime = \"300000000000y\"\n").unwrap();
+    assert!(far.lifetime.is_some());
     for (extra, key, words) in [
         (
             "key_lifetime = \"soon\"\n",
@@ -1116,9 +1119,9 @@ fn kubernetes_key_rotation_is_a_lifetime_and_an_overlap() {
             "not a duration",
         ),
         (
-            "key_overlap = \"0s\"\n",
+            "key_overlap = \"1s\"\n",
             "kubernetes.key_overlap",
-            "at least 1s",
+            "at least 2s",
         ),
         (
             "key_lifetime = \"1m\"\nkey_overlap = \"2m\"\n",

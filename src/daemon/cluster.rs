@@ -11,8 +11,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use crate::config::NodeConfig;
+use crate::file_error::FileError;
 use crate::kubernetes::client::{self, Cluster};
-use crate::kubernetes::compose::{compose, ComposeError, ThisNode};
+use crate::kubernetes::compose::{compose, ThisNode};
+use crate::kubernetes::crd::MeshNodeSpec;
 use crate::kubernetes::keys::{KeyStore, RotationStep};
 use crate::kubernetes::translate::Skipped;
 use crate::ops::KubernetesCounts;
@@ -53,7 +55,9 @@ pub(super) struct ClusterSource {
     reported: Vec<Skipped>,
     /// When the next key rotation step is due.
     next_rotation: Option<SystemTime>,
-    rotations: u64,
+    rotation_steps: u64,
+    /// The `MeshNode` of the last composition, published once the node runs it.
+    composed: Option<MeshNodeSpec>,
 }
 
 impl ClusterSource {
@@ -101,7 +105,8 @@ impl ClusterSource {
             keys,
             reported: Vec::new(),
             next_rotation: None,
-            rotations: 0,
+            rotation_steps: 0,
+            composed: None,
         };
         loop {
             match source.compose() {
@@ -117,24 +122,34 @@ impl ClusterSource {
         }
     }
 
-    /// The configuration the cluster's objects make now; has this node's `MeshNode`
-    /// published to match.
-    pub(super) fn compose(&mut self) -> Result<(NodeConfig, PolicySet), ComposeError> {
+    /// The configuration the cluster's objects make now. Once the node runs it,
+    /// [`applied`](Self::applied) publishes the `MeshNode` that goes with it: no peer
+    /// is told of a key this node does not answer yet.
+    pub(super) fn compose(&mut self) -> Result<(NodeConfig, PolicySet), FileError> {
         let composed = compose(
             &self.base,
             &self.this,
             &self.cluster.objects(),
             &self.keys,
             SystemTime::now(),
-        )?;
+        );
+        let composed = match composed {
+            Ok(composed) => composed,
+            Err(error) => {
+                // Retried on the cluster's next change, not on a rotation timer that
+                // has passed.
+                self.next_rotation = None;
+                return Err(error);
+            }
+        };
         for (principal, step) in &composed.rotations {
-            self.rotations += 1;
+            self.rotation_steps += 1;
             match step {
                 RotationStep::Started => tracing::info!(
                     %principal,
-                    "key rotation: the next key is made and published beside the key"
+                    "key rotation: a next key is made; it is published beside the key"
                 ),
-                _ => tracing::info!(
+                RotationStep::Finished => tracing::info!(
                     %principal,
                     "key rotation: the next key is now the key; the old one is deleted"
                 ),
@@ -147,8 +162,15 @@ impl ClusterSource {
             }
         }
         self.reported = composed.skipped;
-        self.cluster.publish(composed.mesh_node);
+        self.composed = Some(composed.mesh_node);
         Ok((composed.config, composed.policy))
+    }
+
+    /// The node runs the last composition: its `MeshNode` is published.
+    pub(super) fn applied(&mut self) {
+        if let Some(spec) = self.composed.take() {
+            self.cluster.publish(spec);
+        }
     }
 
     /// Returns when the cluster's objects changed, or a key rotation step is due.
@@ -172,7 +194,7 @@ impl ClusterSource {
     pub(super) fn counts(&self) -> KubernetesCounts {
         KubernetesCounts {
             node: self.this.name.clone(),
-            key_rotations: self.rotations,
+            key_rotation_steps: self.rotation_steps,
             api_errors: self.cluster.api_errors(),
             publications: self.cluster.publications(),
         }

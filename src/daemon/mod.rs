@@ -41,6 +41,9 @@ mod cluster {
         ) -> Result<(crate::config::NodeConfig, PolicySet), std::convert::Infallible> {
             match *self {}
         }
+        pub(super) fn applied(&mut self) {
+            match *self {}
+        }
         pub(super) async fn changed(&self) {
             match *self {}
         }
@@ -326,6 +329,10 @@ async fn serve(
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
 
     let mut reloader = Reloader::new(config);
+    if let Some(source) = &mut cluster {
+        // The node runs the first composition: publish its MeshNode.
+        source.applied();
+    }
     let mut transmits = Vec::new();
     // When a change of the cluster's objects is to be applied.
     let mut cluster_due: Option<tokio::time::Instant> = None;
@@ -445,7 +452,11 @@ fn apply_cluster(
 ) {
     let started = Instant::now();
     match source.compose() {
-        Ok((config, policy)) => reloader.apply(config, &policy, shared, filter, why, started),
+        Ok((config, policy)) => {
+            if reloader.apply(config, &policy, shared, filter, why, started) {
+                source.applied();
+            }
+        }
         Err(error) => reloader.refuse(why, &error),
     }
 }

@@ -176,13 +176,16 @@ impl Reloader {
             Ok((new, policy))
         });
         match loaded {
-            Ok((new, policy)) => self.apply(new, &policy, shared, filter, why, started),
+            Ok((new, policy)) => {
+                self.apply(new, &policy, shared, filter, why, started);
+            }
             Err(error) => self.refuse(why, &error),
         }
     }
 
     /// Makes `new` and `policy` the running configuration, as far as the running daemon
-    /// can (see the module's docs); `started` is when the reload began.
+    /// can (see the module's docs); `started` is when the reload began. False if it was
+    /// refused (the running configuration stays).
     pub(super) fn apply(
         &mut self,
         mut new: NodeConfig,
@@ -191,7 +194,7 @@ impl Reloader {
         filter: &mut PlaintextFilter,
         why: &str,
         started: Instant,
-    ) {
+    ) -> bool {
         for (key, running, file) in restart_required(&self.config, &new) {
             tracing::warn!(
                 file = %new.path.display(),
@@ -211,7 +214,8 @@ impl Reloader {
         };
 
         if let Err(error) = filter.apply(&strict_addresses(&new, policy)) {
-            return self.refuse(why, &error);
+            self.refuse(why, &error);
+            return false;
         }
         let device = new.interface.name.clone();
         let (old_addresses, new_addresses): (BTreeSet<IpNet>, BTreeSet<IpNet>) = (
@@ -273,6 +277,7 @@ impl Reloader {
         }
         self.config = new;
         self.loaded = stamp(&self.config);
+        true
     }
 
     /// The configuration in force.

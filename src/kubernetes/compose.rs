@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
 use super::crd::{MeshNode, MeshNodeSpec};
-use super::keys::{KeyStore, RotationStep};
+use super::keys::{AccountKeys, KeyStore, Rotation, RotationStep};
 use super::translate::{mesh_node_spec, peers, workloads, Skipped};
 use crate::config::{check_generated, KeyRotation, LocalIdentityConfig, NodeConfig};
 use crate::file_error::FileError;
@@ -50,17 +50,6 @@ pub struct Composed {
     pub next_rotation: Option<SystemTime>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ComposeError {
-    #[error("the key of {principal}: {error}")]
-    Key {
-        principal: String,
-        error: std::io::Error,
-    },
-    #[error(transparent)]
-    Invalid(#[from] FileError),
-}
-
 /// Who this node is in the cluster.
 #[derive(Debug, Clone)]
 pub struct ThisNode {
@@ -74,38 +63,50 @@ pub struct ThisNode {
 
 /// `base` (the node file) with the identities, peers and policies `objects` give `this`
 /// node. The service accounts' keys are made, and their rotations taken a step, as due
-/// at `now`.
+/// at `now`; an account whose key cannot be read or made is left out (fail closed for
+/// it alone).
 pub fn compose(
     base: &NodeConfig,
     this: &ThisNode,
     objects: &ClusterObjects,
     keys: &KeyStore,
     now: SystemTime,
-) -> Result<Composed, ComposeError> {
+) -> Result<Composed, FileError> {
+    // What can refuse the whole composition comes before any key is touched.
+    let mut policy = PolicySet::default();
+    for object in &objects.istio {
+        add_istio_object(&mut policy, object)?;
+    }
     let (local, mut skipped) = workloads(&this.name, &this.trust_domain, &objects.pods);
+    let own = objects
+        .mesh_nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(this.name.as_str()));
     let mut identities = Vec::with_capacity(local.len());
     let mut published = Vec::with_capacity(local.len());
     let mut rotations = Vec::new();
     let mut next_rotation: Option<SystemTime> = None;
     for workload in local {
         let principal = &workload.principal;
-        let key_error = |error| ComposeError::Key {
-            principal: principal.to_string(),
-            error,
-        };
-        match keys
-            .rotate(principal, &this.key_rotation, now)
-            .map_err(key_error)?
-        {
-            RotationStep::Waiting(due) => {
-                next_rotation = match (next_rotation, due) {
+        let account = match rotated_keys(keys, principal, this, own, now) {
+            Ok((account, rotation)) => {
+                if let Some(step) = rotation.step {
+                    rotations.push((principal.clone(), step));
+                }
+                next_rotation = match (next_rotation, rotation.due) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
-                }
+                };
+                account
             }
-            step => rotations.push((principal.clone(), step)),
-        }
-        let account = keys.keys(principal).map_err(key_error)?;
+            Err(error) => {
+                skipped.push(Skipped {
+                    object: format!("service account {principal}"),
+                    reason: format!("its key in the state directory: {error}: left out"),
+                });
+                continue;
+            }
+        };
         let public_key = account.current.public_key();
         let next_key = account.next.map(|next| {
             let public = next.public_key();
@@ -128,10 +129,6 @@ pub fn compose(
     skipped.extend(peer_skips);
     settle_conflicts(&identities, &mut peer_configs, &mut skipped);
 
-    let mut policy = PolicySet::default();
-    for object in &objects.istio {
-        add_istio_object(&mut policy, object)?;
-    }
     let config = NodeConfig {
         identities,
         peers: peer_configs,
@@ -146,6 +143,33 @@ pub fn compose(
         rotations,
         next_rotation,
     })
+}
+
+/// The keys of `principal`'s account after taking its rotation a step if one is due;
+/// `own` is this node's `MeshNode` as the API gives it back, which says whether the
+/// next key has been published.
+fn rotated_keys(
+    keys: &KeyStore,
+    principal: &Principal,
+    this: &ThisNode,
+    own: Option<&MeshNode>,
+    now: SystemTime,
+) -> std::io::Result<(AccountKeys, Rotation)> {
+    // A next key that does not read is replaced by `rotate`.
+    let next_published = match keys.next_key(principal).ok().flatten() {
+        Some(next) => {
+            let (principal, next) = (principal.to_string(), next.public_key().to_base64());
+            own.is_some_and(|node| {
+                node.spec
+                    .identities
+                    .iter()
+                    .any(|i| i.principal == principal && i.public_keys.contains(&next))
+            })
+        }
+        None => false,
+    };
+    let rotation = keys.rotate(principal, &this.key_rotation, now, next_published)?;
+    Ok((keys.keys(principal)?, rotation))
 }
 
 /// Gives every address and key to one identity at most (see the module's docs).

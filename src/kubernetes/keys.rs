@@ -4,9 +4,11 @@
 //! never leaves the node: only its public key is published.
 //!
 //! Rotation: once a key is `lifetime` old, a next key is made beside it
-//! (`NAME.key.next`); both are published and answered. Once the next key is `overlap`
-//! old it is renamed over the key, and the old key is gone. The files' modification
-//! times are the keys' ages, so a restarted daemon goes on where it was.
+//! (`NAME.key.next`); both are answered and published. Once this node's `MeshNode`, as
+//! the API gives it back, lists the next key, a marker (`NAME.key.next.published`)
+//! records when; `overlap` after that the next key is renamed over the key, and the old
+//! key is gone. The files' modification times are the keys' ages and the publication
+//! time, so a restarted daemon goes on where it was.
 
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -22,15 +24,23 @@ pub struct AccountKeys {
     pub next: Option<PrivateKey>,
 }
 
-/// What `KeyStore::rotate` did.
+/// A step of a key's rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotationStep {
-    /// Nothing is due; the next step is due at this time (`None`: never).
-    Waiting(Option<SystemTime>),
-    /// A next key was made; it becomes the key after the overlap.
+    /// A next key was made; it becomes the key once it has been published for the
+    /// overlap.
     Started,
     /// The next key became the key; the old one is deleted.
     Finished,
+}
+
+/// What `KeyStore::rotate` did, and when it is to be asked again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub step: Option<RotationStep>,
+    /// When the next step is due; `None`: never by time alone (no rotation, or the next
+    /// key waits to be seen published, which a change of the cluster's objects reports).
+    pub due: Option<SystemTime>,
 }
 
 /// The state directory's keys.
@@ -92,47 +102,100 @@ impl KeyStore {
     /// The keys of `principal`'s service account (the key made if there is none).
     pub fn keys(&self, principal: &Principal) -> io::Result<AccountKeys> {
         let current = self.key(principal)?;
-        let next_path = self.next_path(principal);
-        let next = match next_path.exists() {
-            true => Some(read_key(&next_path)?),
-            false => None,
-        };
+        let next = self.next_key(principal)?;
         Ok(AccountKeys { current, next })
     }
 
+    /// The next key of `principal`'s account, if it is rotating.
+    pub fn next_key(&self, principal: &Principal) -> io::Result<Option<PrivateKey>> {
+        let next_path = self.next_path(principal);
+        match next_path.exists() {
+            true => read_key(&next_path).map(Some),
+            false => Ok(None),
+        }
+    }
+
     /// Takes the rotation of `principal`'s key one step if one is due at `now`: starts it
-    /// (a next key) once the key is `rotation.lifetime` old, finishes it (the next key
-    /// becomes the key) once the next key is `rotation.overlap` old.
+    /// (a next key) once the key is `rotation.lifetime` old; notes when the next key is
+    /// first `next_published` (this node's `MeshNode` lists it); finishes it (the next
+    /// key becomes the key) `rotation.overlap` after that. A next key that does not read
+    /// is replaced by a new one.
     pub fn rotate(
         &self,
         principal: &Principal,
         rotation: &KeyRotation,
         now: SystemTime,
-    ) -> io::Result<RotationStep> {
+        next_published: bool,
+    ) -> io::Result<Rotation> {
         let path = self.path(principal);
         let next_path = self.next_path(principal);
-        if next_path.exists() {
-            let due = std::fs::metadata(&next_path)?.modified()? + rotation.overlap;
-            if now < due {
-                return Ok(RotationStep::Waiting(Some(due)));
-            }
-            read_key(&next_path)?;
-            std::fs::rename(&next_path, &path)?;
-            return Ok(RotationStep::Finished);
+        let marker = with_suffix(&next_path, ".published");
+        let waiting = |due| Ok(Rotation { step: None, due });
+        if next_path.exists() && read_key(&next_path).is_err() {
+            tracing::warn!(
+                principal = %principal,
+                file = %next_path.display(),
+                "the next key does not read: the rotation starts again with a new one"
+            );
+            let _ = std::fs::remove_file(&marker);
+            std::fs::remove_file(&next_path)?;
         }
-        let Some(lifetime) = rotation.lifetime else {
-            return Ok(RotationStep::Waiting(None));
-        };
+        if next_path.exists() {
+            if !marker.exists() {
+                if !next_published {
+                    return waiting(None);
+                }
+                make_marker(&marker, now)?;
+            }
+            let due = std::fs::metadata(&marker)?
+                .modified()?
+                .checked_add(rotation.overlap);
+            if due.is_some_and(|due| now < due) {
+                return waiting(due);
+            }
+            let made = std::fs::metadata(&next_path)?.modified()?;
+            std::fs::rename(&next_path, &path)?;
+            std::fs::remove_file(&marker)?;
+            return Ok(Rotation {
+                step: Some(RotationStep::Finished),
+                due: rotation.lifetime.and_then(|l| made.checked_add(l)),
+            });
+        }
+        let _ = std::fs::remove_file(&marker);
         if !path.exists() {
             make_key(&path, now)?;
         }
-        let due = std::fs::metadata(&path)?.modified()? + lifetime;
+        // A lifetime too long to add to a time never ends.
+        let Some(due) = rotation.lifetime.and_then(|l| {
+            std::fs::metadata(&path)
+                .ok()?
+                .modified()
+                .ok()?
+                .checked_add(l)
+        }) else {
+            return waiting(None);
+        };
         if now < due {
-            return Ok(RotationStep::Waiting(Some(due)));
+            return waiting(Some(due));
         }
         make_key(&next_path, now)?;
-        Ok(RotationStep::Started)
+        Ok(Rotation {
+            step: Some(RotationStep::Started),
+            due: None,
+        })
     }
+}
+
+/// Records the time a next key was first seen published.
+fn make_marker(path: &Path, now: SystemTime) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_modified(now)?;
+    file.sync_all()
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {

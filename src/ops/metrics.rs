@@ -326,7 +326,7 @@ impl Collector for StatusCollector {
             f.counter(
                 "kubernetes_key_rotation_steps",
                 "Service-account key rotation steps: a next key made and published, or made the key.",
-                k.key_rotations,
+                k.key_rotation_steps,
             )?;
         }
         let r = &status.reloads;

@@ -44,7 +44,7 @@ pub struct KubernetesCounts {
     pub publications: u64,
     /// Key rotation steps taken (a next key made, a next key made the key).
     #[serde(default)]
-    pub key_rotations: u64,
+    pub key_rotation_steps: u64,
 }
 
 /// Reloads applied and refused, and what the applied ones changed.

@@ -60,7 +60,7 @@ pub fn render(status: &DaemonStatus, now: Duration) -> String {
         let _ = writeln!(
             out,
             "  kubernetes: node {}, {} MeshNode publications, {} API errors, {} key rotation steps",
-            k.node, k.publications, k.api_errors, k.key_rotations
+            k.node, k.publications, k.api_errors, k.key_rotation_steps
         );
     }
     if let Some(dropped) = status.plaintext_dropped {

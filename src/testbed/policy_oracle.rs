@@ -175,8 +175,8 @@ fn pattern_matches(pattern: &Pattern, value: &str) -> bool {
     match pattern {
         Pattern::Any => true,
         Pattern::Exact(s) => value == s,
-        Pattern::Prefix(p) => value.len() >= p.len() && value[..p.len()] == **p,
-        Pattern::Suffix(s) => value.len() >= s.len() && value[value.len() - s.len()..] == **s,
+        Pattern::Prefix(p) => value.starts_with(p.as_str()),
+        Pattern::Suffix(s) => value.ends_with(s.as_str()),
     }
 }
 

@@ -215,14 +215,18 @@ impl UdpRelay {
     }
 
     /// Sends every recorded message to `b` again, from the relay's address, in the
-    /// order they passed or reversed; returns how many were sent.
+    /// order they passed or reversed, paced (100 every millisecond) so the receiver's
+    /// socket takes them all; returns how many were sent.
     pub fn replay_a_to_b(&self, reversed: bool) -> io::Result<usize> {
         let mut datagrams = self.recording.lock().expect("recording").datagrams.clone();
         if reversed {
             datagrams.reverse();
         }
-        for data in &datagrams {
+        for (sent, data) in datagrams.iter().enumerate() {
             self.socket.send_to(data, self.b)?;
+            if sent % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         Ok(datagrams.len())
     }
