@@ -26,6 +26,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "daemon",
         &[
             "config",
+            "file_error",
             "identity",
             "io",
             "kubernetes",
@@ -38,7 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "testbed",
-        &["config", "identity", "node", "policy", "proto"],
+        &["config", "identity", "node", "packet", "policy", "proto"],
     ),
     ("demo", &["testbed"]),
     (
