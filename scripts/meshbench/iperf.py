@@ -252,9 +252,11 @@ def measure_latency(
     load = None
     if test == "pingload":
         server = start_iperf_server(res, testbed, logdir / f"iperf3-server-{json_path.stem}.log")
-        seconds = int(PINGS * float(PING_INTERVAL)) + 5
+        # Stopped when the pings end; long enough for pings slowed by a busy machine.
+        seconds = int(PINGS * float(PING_INTERVAL)) * 4 + 10
         argv = f"iperf3 -c {testbed.server_addr} -p {IPERF_PORT} -t {seconds} -R".split()
-        load = res.spawn(testbed.client_ns, argv, logdir / f"iperf3-load-{json_path.stem}.log")
+        load_log = logdir / f"iperf3-load-{json_path.stem}.log"
+        load = res.spawn(testbed.client_ns, argv, load_log)
         time.sleep(1.0)
     try:
         argv = ["ping", "-n", "-c", str(PINGS), "-i", PING_INTERVAL, "-W", "1"]
@@ -265,7 +267,10 @@ def measure_latency(
             timeout=PINGS * float(PING_INTERVAL) + CLIENT_SLACK,
         )
         if load is not None and load.poll() is not None:
-            raise BenchError("the load's iperf3 ended before the pings did: no load measured")
+            raise BenchError(
+                "the load's iperf3 ended before the pings did: no load measured:\n"
+                + log_tail(load_log)
+            )
     finally:
         if load is not None:
             stop_process(load)
