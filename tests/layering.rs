@@ -39,7 +39,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "testbed",
-        &["config", "identity", "node", "packet", "policy", "proto"],
+        &[
+            "config", "identity", "node", "ops", "packet", "policy", "proto",
+        ],
     ),
     ("demo", &["testbed"]),
     (

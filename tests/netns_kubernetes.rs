@@ -55,14 +55,7 @@ fn deny_port(port: u16) -> Value {
 }
 
 fn status_of(daemon: &MeshguardNode) -> meshguard::ops::DaemonStatus {
-    let out = std::process::Command::new(binary())
-        .args(["status", "--json", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
-    })
+    daemon.status(binary()).unwrap()
 }
 
 fn principals(daemon: &MeshguardNode) -> Vec<String> {

@@ -343,16 +343,9 @@ fn a_restarted_node_gets_its_traffic_back_within_wireguards_timers() {
     );
 }
 
-/// The flows a daemon tracks now (`meshguard status --json`).
+/// The flows a daemon tracks now.
 fn tracked_flows(daemon: &MeshguardNode) -> usize {
-    let out = std::process::Command::new(binary())
-        .args(["status", "--json", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .unwrap();
-    let status: meshguard::ops::DaemonStatus = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    status.node.flows.tracked
+    daemon.status(binary()).unwrap().node.flows.tracked
 }
 
 /// Resident memory of a process, in KiB.

@@ -43,17 +43,7 @@ fn identity(principal: &str, address: &str) -> IdentitySpec {
 
 /// `meshguard status --json` against a daemon's control socket.
 fn status(daemon: &MeshguardNode) -> DaemonStatus {
-    let out = Command::new(binary())
-        .args(["status", "--json", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    daemon.status(binary()).unwrap()
 }
 
 fn status_text(daemon: &MeshguardNode) -> String {

@@ -386,6 +386,21 @@ impl MeshguardNode {
         self.dir().join(RUN_DIR).join("mg0.sock")
     }
 
+    /// The daemon's report, as `binary status --json` reads it from the control socket.
+    pub fn status(&self, binary: &Path) -> io::Result<crate::ops::DaemonStatus> {
+        let out = Command::new(binary)
+            .args(["status", "--json", "--socket"])
+            .arg(self.control_socket())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "meshguard status: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+    }
+
     /// Runs `wg ARGS` against this daemon's userspace API sockets: in a mount namespace
     /// of its own where they are what `/var/run/wireguard` holds, since `wg` looks
     /// nowhere else.
