@@ -32,6 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "kubernetes",
             "node",
             "ops",
+            "packet",
             "policy",
             "proto",
             "telemetry",

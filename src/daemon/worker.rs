@@ -16,16 +16,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use bytes::BytesMut;
 use tokio::sync::Notify;
 
-use crate::io::tun::{
-    GROTable, Tun, TunRead, IDEAL_BATCH_SIZE, MAX_SUPER_PACKET, VIRTIO_NET_HDR_LEN,
-};
+use crate::io::tun::{Tun, TunRead, IDEAL_BATCH_SIZE};
 use crate::io::udp::{RecvMeta, Udp};
 
 use super::send_errors::SendErrors;
 use crate::node::{EgressStep, Ingress, IngressStep, Node};
+use crate::packet::coalesce::Coalescer;
 use crate::proto::{
     self, Mac1Screen, Mac1Verdict, OpenError, SealJob, Transmit, TransportOpen, SEAL_TAILROOM,
     TRANSPORT_HEADER_LEN,
@@ -114,15 +112,14 @@ struct Buffers {
     opening: Vec<Opening>,
     /// Plaintexts to deliver: (receive slot, range in it).
     plaintexts: Vec<(usize, Range<usize>)>,
-    /// Plaintexts for the TUN device, each after virtio-header room.
-    to_tun: Vec<BytesMut>,
-    gro: GROTable,
+    /// Plaintexts for the TUN device, segments of one flow joined.
+    to_tun: Coalescer,
     /// Handshake and keepalive messages the node queued during a batch.
     transmits: Vec<Transmit>,
 }
 
 impl Buffers {
-    fn new(mtu: u16) -> Self {
+    fn new(mtu: u16, tun: &Tun) -> Self {
         let segment = TRANSPORT_HEADER_LEN + usize::from(mtu).max(1500) + SEAL_TAILROOM;
         let segments = SEGMENTS_PER_SUPER_PACKET * 2;
         Buffers {
@@ -135,10 +132,11 @@ impl Buffers {
             screen: Mac1Screen::default(),
             opening: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
             plaintexts: Vec::with_capacity(RECEIVE_SLOTS * DATAGRAMS_PER_SLOT),
-            to_tun: (0..IDEAL_BATCH_SIZE)
-                .map(|_| BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + MAX_SUPER_PACKET))
-                .collect(),
-            gro: GROTable::default(),
+            to_tun: Coalescer::new(
+                IDEAL_BATCH_SIZE,
+                tun.has_virtio_header(),
+                tun.takes_udp_segmentation(),
+            ),
             transmits: Vec::new(),
         }
     }
@@ -146,7 +144,7 @@ impl Buffers {
 
 /// Serves one TUN queue and one socket until the device fails.
 pub(super) async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u16) -> Result<()> {
-    let mut buffers = Buffers::new(mtu);
+    let mut buffers = Buffers::new(mtu, &tun);
     let mut tun_errors = TunErrors::default();
     loop {
         let b = &mut buffers;
@@ -328,19 +326,13 @@ async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut B
             }
         };
         open_received(shared, b, received);
-        let mut pending = 0;
         for (slot, range) in &b.plaintexts {
-            if pending == b.to_tun.len() {
-                write_to_tun(tun, &mut b.gro, &mut b.to_tun[..pending]).await;
-                pending = 0;
+            if b.to_tun.is_full() {
+                write_to_tun(tun, &mut b.to_tun).await;
             }
-            let out = &mut b.to_tun[pending];
-            out.clear();
-            out.extend_from_slice(&[0; VIRTIO_NET_HDR_LEN]);
-            out.extend_from_slice(&b.received[*slot][range.clone()]);
-            pending += 1;
+            b.to_tun.push(&b.received[*slot][range.clone()]);
         }
-        write_to_tun(tun, &mut b.gro, &mut b.to_tun[..pending]).await;
+        write_to_tun(tun, &mut b.to_tun).await;
     }
 }
 
@@ -452,12 +444,12 @@ fn admit(state: &mut State, now: Instant, b: &mut Buffers) {
     }
 }
 
-async fn write_to_tun(tun: &Tun, gro: &mut GROTable, packets: &mut [BytesMut]) {
-    if packets.is_empty() {
-        return;
-    }
-    if let Err(e) = tun.send_batch(gro, packets, VIRTIO_NET_HDR_LEN).await {
-        tracing::trace!(error = %e, "writing to the TUN device failed");
+/// Writes the packets and super packets `packets` holds, and empties it.
+async fn write_to_tun(tun: &Tun, packets: &mut Coalescer) {
+    for write in packets.finish() {
+        if let Err(e) = tun.send(write).await {
+            tracing::trace!(error = %e, "writing to the TUN device failed");
+        }
     }
 }
 

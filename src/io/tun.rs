@@ -8,8 +8,7 @@
 
 use std::io;
 
-use bytes::BytesMut;
-pub(crate) use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+pub(crate) use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Buffers for TUN reads, allocated once: the raw read (virtio header and super packet)
 /// and the segments it is cut into, each placed `headroom` bytes in.
@@ -50,6 +49,10 @@ pub(crate) const MAX_SUPER_PACKET: usize = 65535;
 /// An open TUN device; the kernel removes it (and its routes) when this is dropped.
 pub(crate) struct Tun {
     device: tun_rs::AsyncDevice,
+    /// Offload is on: every read and write starts with a virtio-net header.
+    offload: bool,
+    /// The device takes UDP segmentation offload (USO) in writes.
+    udp_segmentation: bool,
 }
 
 impl Tun {
@@ -96,7 +99,14 @@ impl Tun {
             let queue = devices[0].try_clone()?;
             devices.push(queue);
         }
-        Ok(devices.into_iter().map(|device| Tun { device }).collect())
+        Ok(devices
+            .into_iter()
+            .map(|device| Tun {
+                udp_segmentation: offload && device.udp_gso(),
+                device,
+                offload,
+            })
+            .collect())
     }
 
     /// Reads the next packet, or super packet cut into segments, into the segments of
@@ -115,17 +125,18 @@ impl Tun {
             .try_recv_multiple(scratch, segments, sizes, headroom)
     }
 
-    /// Writes packets, each at `packets[i][headroom..]` with `headroom >=
-    /// VIRTIO_NET_HDR_LEN`, coalescing segments of one flow when offload is on.
-    pub(crate) async fn send_batch(
-        &self,
-        gro: &mut GROTable,
-        packets: &mut [BytesMut],
-        headroom: usize,
-    ) -> io::Result<()> {
-        self.device
-            .send_multiple(gro, packets, headroom)
-            .await
-            .map(|_| ())
+    /// Every read and write starts with a virtio-net header (offload is on).
+    pub(crate) fn has_virtio_header(&self) -> bool {
+        self.offload
+    }
+
+    /// The device takes UDP segmentation (USO) in writes.
+    pub(crate) fn takes_udp_segmentation(&self) -> bool {
+        self.udp_segmentation
+    }
+
+    /// Writes one packet, or a super packet behind its virtio-net header.
+    pub(crate) async fn send(&self, write: &[u8]) -> io::Result<()> {
+        self.device.send(write).await.map(|_| ())
     }
 }
