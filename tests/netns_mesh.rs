@@ -35,7 +35,7 @@ fn node_a() -> NodeSpec {
         identities: vec![
             IdentitySpec::new(
                 "cluster.local/ns/payments/sa/payment-service",
-                &["10.10.1.1/32"],
+                &["10.10.1.1/32", "fd00:10:1::1/128"],
             ),
             IdentitySpec::new("cluster.local/ns/payments/sa/ledger", &["10.10.1.2/32"]),
         ],
@@ -51,7 +51,10 @@ fn node_b() -> NodeSpec {
         workers: Some(1),
         listen: "198.18.1.2:51820".parse().unwrap(),
         identities: vec![
-            IdentitySpec::new("cluster.local/ns/web/sa/frontend", &["10.10.2.1/32"]),
+            IdentitySpec::new(
+                "cluster.local/ns/web/sa/frontend",
+                &["10.10.2.1/32", "fd00:10:2::1/128"],
+            ),
             IdentitySpec::new("cluster.local/ns/web/sa/checkout", &["10.10.2.2/32"]),
         ],
     }
@@ -86,6 +89,9 @@ fn every_identity_pair_pings_and_transfers_intact() {
         (&ns_a, &ns_b, "10.10.1.2", "10.10.2.2"),
         (&ns_b, &ns_a, "10.10.2.1", "10.10.1.2"),
         (&ns_b, &ns_a, "10.10.2.2", "10.10.1.1"),
+        // IPv6 inside the tunnel: node-a joins the TCP segments into IPv6 super packets.
+        (&ns_a, &ns_b, "fd00:10:1::1", "fd00:10:2::1"),
+        (&ns_b, &ns_a, "fd00:10:2::1", "fd00:10:1::1"),
     ] {
         assert!(
             ping(from_ns, Some(ip(from)), ip(to), 3),
