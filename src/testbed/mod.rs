@@ -38,6 +38,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod coalesce_probe;
 pub mod fixtures;
 mod flood;
 mod inbound;
