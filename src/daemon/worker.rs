@@ -308,7 +308,7 @@ struct Opening {
 
 /// Drains the socket for a while without blocking. The datagrams of each receive are
 /// checked under the node's lock, decrypted in place without it, and admitted under it
-/// again; then their plaintexts are copied behind virtio-header room into `to_tun` and
+/// again; then their plaintexts are copied into `to_tun`, segments of a flow joined, and
 /// written to the TUN device.
 async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut Buffers) {
     for _ in 0..RECEIVES_PER_WAKE {
@@ -444,12 +444,22 @@ fn admit(state: &mut State, now: Instant, b: &mut Buffers) {
     }
 }
 
-/// Writes the packets and super packets `packets` holds, and empties it.
+/// Writes the packets and super packets `packets` holds, and empties it. A kernel that
+/// refuses a super packet as invalid gets no more of them: its segments are lost (TCP
+/// sends them again), and later packets are written one by one.
 async fn write_to_tun(tun: &Tun, packets: &mut Coalescer) {
-    for write in packets.finish() {
+    let mut refused = false;
+    for (write, joined) in packets.finish() {
         if let Err(e) = tun.send(write).await {
+            refused |= joined && e.kind() == std::io::ErrorKind::InvalidInput;
             tracing::trace!(error = %e, "writing to the TUN device failed");
         }
+    }
+    if refused {
+        packets.stop_joining();
+        tracing::warn!(
+            "the TUN device refused a super packet; writing packets one by one from now on"
+        );
     }
 }
 

@@ -21,7 +21,8 @@ const TCP_PSH: u8 = 0x08;
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
 const UDP_HEADER: usize = 8;
-/// Segments per super packet; the kernel accepts 64 UDP segments in one GSO packet.
+/// Segments per super packet: 64 UDP segments in one GSO packet is what every kernel
+/// with USO accepts (newer ones take 128).
 const MAX_SEGMENTS: usize = 64;
 
 // The virtio-net header (the kernel's `struct virtio_net_hdr`, native byte order).
@@ -39,6 +40,10 @@ pub(crate) struct Coalescer {
     virtio: bool,
     /// The device takes UDP segmentation (USO), so UDP datagrams may be joined too.
     udp: bool,
+    /// Joining is on (it is turned off for good if the kernel refuses a super packet).
+    joining: bool,
+    /// `finish`'s answer to which writes are super packets.
+    joined: Vec<bool>,
 }
 
 /// What a write holds: its first packet's layout and how far the run has come.
@@ -82,7 +87,15 @@ impl Coalescer {
             runs: Vec::with_capacity(capacity),
             virtio,
             udp,
+            joining: virtio,
+            joined: Vec::with_capacity(capacity),
         }
+    }
+
+    /// Writes every packet alone from now on: for a kernel that refuses super packets
+    /// (some kernels answered valid ones with EINVAL).
+    pub(crate) fn stop_joining(&mut self) {
+        self.joining = false;
     }
 
     /// No room for a packet that joins no run: write out and clear first.
@@ -93,8 +106,14 @@ impl Coalescer {
     /// Adds `packet` (a whole IP packet) to the latest run of its flow, or to a write of
     /// its own. Call only when not `is_full`.
     pub(crate) fn push(&mut self, packet: &[u8]) {
-        let flow = if self.virtio { flow_of(packet) } else { None };
+        let flow = if self.joining { flow_of(packet) } else { None };
         let joinable = flow.and_then(|flow| self.joinable(packet, flow));
+        if flow.is_none() && self.joining {
+            // A packet whose ports cannot be read (IP options, extension headers) may
+            // belong to any flow between its addresses: nothing after it joins a run
+            // before it.
+            self.close_runs_between(packet);
+        }
         if let (Some(flow), Some(candidate)) = (flow, joinable) {
             if let Some(index) = self.latest_run_of_flow(packet, flow) {
                 if self.join(index, packet, &candidate) {
@@ -118,15 +137,33 @@ impl Coalescer {
         });
     }
 
-    /// The writes, each run made a valid super packet; then empty again.
-    pub(crate) fn finish(&mut self) -> impl Iterator<Item = &[u8]> {
-        let used = self.runs.len();
+    /// The writes, each run made a valid super packet, and whether each is a super
+    /// packet (joined segments); then empty again.
+    pub(crate) fn finish(&mut self) -> impl Iterator<Item = (&[u8], bool)> {
+        self.joined.clear();
         for (write, run) in self.writes.iter_mut().zip(self.runs.drain(..)) {
-            if let (Some(joinable), true) = (run.joinable, run.segments > 1) {
+            let joined = run.segments > 1;
+            if let (Some(joinable), true) = (run.joinable, joined) {
                 seal_super_packet(write, &joinable);
             }
+            self.joined.push(joined);
         }
-        self.writes[..used].iter().map(Vec::as_slice)
+        self.writes
+            .iter()
+            .map(Vec::as_slice)
+            .zip(self.joined.iter().copied())
+    }
+
+    fn close_runs_between(&mut self, packet: &[u8]) {
+        let Some(between) = ip_addresses(packet) else {
+            return;
+        };
+        let offset = self.offset();
+        for (write, run) in self.writes.iter().zip(self.runs.iter_mut()) {
+            if ip_addresses(&write[offset..]) == Some(between) {
+                run.closed = true;
+            }
+        }
     }
 
     fn offset(&self) -> usize {
@@ -276,6 +313,15 @@ fn flow_of(packet: &[u8]) -> Option<Flow> {
     })
 }
 
+/// The source and destination address bytes of any IPv4 or IPv6 packet.
+fn ip_addresses(packet: &[u8]) -> Option<&[u8]> {
+    match packet.first()? >> 4 {
+        4 => packet.get(12..20),
+        6 => packet.get(8..40),
+        _ => None,
+    }
+}
+
 fn tcp_flags(packet: &[u8], joinable: &Joinable) -> u8 {
     packet[joinable.ip_header + 13]
 }
@@ -308,7 +354,8 @@ fn next_ipv4_id(head: &[u8], packet: &[u8], ip_header: usize, segments: usize) -
     u16::from_be_bytes([packet[4], packet[5]]) == first.wrapping_add(segments as u16)
 }
 
-/// Acknowledgement, header length, flags (but PSH), window and options equal.
+/// Acknowledgement, header length, flags (but PSH), window, urgent pointer and options
+/// equal.
 fn same_tcp_fields(head: &[u8], packet: &[u8], joinable: &Joinable) -> bool {
     let (h, p) = (
         &head[joinable.ip_header..joinable.headers],
@@ -317,7 +364,7 @@ fn same_tcp_fields(head: &[u8], packet: &[u8], joinable: &Joinable) -> bool {
     h[8..13] == p[8..13]
         && h[13] & !TCP_PSH == p[13] & !TCP_PSH
         && h[14..16] == p[14..16]
-        && h[20..] == p[20..]
+        && h[18..] == p[18..]
 }
 
 /// The one's-complement sum of the pseudo header for `length` transport bytes.
@@ -508,6 +555,37 @@ pub(crate) mod model {
         Some([addresses(packet, at), &packet[at..at + 4], &[flow.protocol]].concat())
     }
 
+    /// Changes field `which` (IP type of service or traffic class, TTL or hop limit,
+    /// DF or flow label; TCP acknowledgement, window, urgent pointer) and makes the
+    /// checksums valid again.
+    pub(crate) fn retouch(p: &mut [u8], v6: bool, which: usize) {
+        let at = if v6 { IPV6_HEADER } else { IPV4_HEADER };
+        let protocol = p[if v6 { 6 } else { 9 }];
+        let field = match (which % 8, v6) {
+            (0, false) => 1,
+            (0, true) => 1,
+            (1, false) => 8,
+            (1, true) => 7,
+            (2, false) => 6,
+            (2, true) => 3,
+            (3, _) if protocol == TCP => at + 8,
+            (4, _) if protocol == TCP => at + 14,
+            (5, _) if protocol == TCP => at + 18,
+            _ => at + 1,
+        };
+        p[field] ^= 0x40;
+        if !v6 {
+            p[10..12].fill(0);
+            let sum = !checksum(&p[..IPV4_HEADER], 0);
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        let checksum_at = at + if protocol == TCP { 16 } else { 6 };
+        p[checksum_at..checksum_at + 2].fill(0);
+        let len = p.len() - at;
+        let sum = !checksum(&p[at..], pseudo_header_sum(p, protocol, at, len));
+        p[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+
     /// Up to 40 segments and datagrams of three flows (two IPv4, one IPv6), mostly in
     /// sequence, some with a gap, another window or flags GRO leaves alone, some cut
     /// short or with a bit flipped; and whether the device takes UDP segmentation.
@@ -534,14 +612,10 @@ pub(crate) mod model {
             if next(10) != 0 {
                 ids[flow] = ids[flow].wrapping_add(1);
             }
-            if next(10) == 0 && p[if v6 { 6 } else { 9 }] == TCP {
-                // Another window: a valid segment GRO would still not join.
-                let at = if v6 { IPV6_HEADER } else { IPV4_HEADER };
-                p[at + 14] ^= 0x40;
-                p[at + 16..at + 18].fill(0);
-                let len = p.len() - at;
-                let sum = !checksum(&p[at..], pseudo_header_sum(&p, TCP, at, len));
-                p[at + 16..at + 18].copy_from_slice(&sum.to_be_bytes());
+            if next(6) == 0 {
+                // Another value in a field GRO compares, checksums still valid: a
+                // segment that must not join.
+                retouch(&mut p, v6, next(8) as usize);
             }
             match next(20) {
                 0 => p.truncate(next(p.len() as u64) as usize),
@@ -562,7 +636,7 @@ pub(crate) mod model {
         let mut coalescer = Coalescer::new(16, true, udp);
         let mut back = Vec::new();
         let flush = |coalescer: &mut Coalescer, back: &mut Vec<Vec<u8>>| -> Result<(), String> {
-            for write in coalescer.finish() {
+            for (write, _) in coalescer.finish() {
                 if write.len() > VIRTIO_NET_HDR_LEN + MAX_SUPER_PACKET {
                     return Err(format!("a write of {} bytes", write.len()));
                 }
@@ -617,7 +691,7 @@ mod tests {
         for p in packets {
             coalescer.push(p);
         }
-        coalescer.finish().map(<[u8]>::to_vec).collect()
+        coalescer.finish().map(|(w, _)| w.to_vec()).collect()
     }
 
     #[test]
@@ -818,9 +892,44 @@ mod tests {
             p.truncate(len.min(p.len()));
             coalescer.push(&p);
             if coalescer.is_full() {
-                assert!(coalescer.finish().all(|w| w[1] == 0));
+                assert!(coalescer.finish().all(|(w, joined)| w[1] == 0 && !joined));
             }
         }
+    }
+
+    #[test]
+    fn nothing_joins_across_a_packet_whose_ports_cannot_be_read() {
+        // The same addresses, with an IPv4 option: its flow is unknown, so the segment
+        // after it must not join the run before it (it would overtake it).
+        let mut with_option = tcp(101, TCP_ACK, &[]);
+        with_option.splice(IPV4_HEADER..IPV4_HEADER, [1, 1, 1, 0]);
+        with_option[0] = 0x46;
+        let total = with_option.len() as u16;
+        with_option[2..4].copy_from_slice(&total.to_be_bytes());
+        let packets = [
+            tcp(1, TCP_ACK, &[1; 100]),
+            with_option,
+            tcp(101, TCP_ACK, &[2; 100]),
+        ];
+        let out = writes(&mut Coalescer::new(8, true, false), &packets);
+        assert_eq!(out.len(), 3);
+        let back: Vec<Vec<u8>> = out.iter().flat_map(|w| cut(w)).collect();
+        assert_eq!(back, packets);
+    }
+
+    #[test]
+    fn after_stop_joining_every_packet_is_written_alone() {
+        let packets: Vec<Vec<u8>> = (0..4u32)
+            .map(|i| tcp(1 + i * 100, TCP_ACK, &[1; 100]))
+            .collect();
+        let mut coalescer = Coalescer::new(8, true, false);
+        assert_eq!(writes(&mut coalescer, &packets).len(), 1);
+        coalescer.stop_joining();
+        let out = writes(&mut coalescer, &packets);
+        assert_eq!(out.len(), 4);
+        assert!(out
+            .iter()
+            .all(|w| w[..VIRTIO_NET_HDR_LEN] == [0; VIRTIO_NET_HDR_LEN]));
     }
 
     #[test]
