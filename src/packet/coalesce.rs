@@ -6,13 +6,14 @@
 //! Each packet is copied once, from the buffer it was decrypted in to the write it
 //! joins; nothing is allocated after construction. A segment joins only where the
 //! kernel's own GRO would have joined it: equal headers but for lengths and checksums,
-//! the next sequence number (and IPv4 identification), no TCP flag but ACK (a PSH ends the run), and a valid
-//! checksum, so that a corrupt segment is never turned into part of a valid super packet.
+//! the next sequence number (and IPv4 identification), no TCP flag but ACK (a PSH ends
+//! the run), and a valid checksum, so that a corrupt segment is never turned into part of
+//! a valid super packet.
 //! Anything else is written alone, unchanged, for the kernel to judge.
 
 use tun_rs::{checksum, checksum_no_fold, VIRTIO_NET_HDR_LEN};
 
-use super::{PROTO_TCP as TCP, PROTO_UDP as UDP};
+use super::{PROTO_ICMPV6, PROTO_TCP as TCP, PROTO_UDP as UDP};
 
 /// The largest IP packet (its total length is 16 bits).
 const MAX_SUPER_PACKET: usize = 65535;
@@ -108,7 +109,7 @@ impl Coalescer {
     pub(crate) fn push(&mut self, packet: &[u8]) {
         let flow = if self.joining { flow_of(packet) } else { None };
         let joinable = flow.and_then(|flow| self.joinable(packet, flow));
-        if flow.is_none() && self.joining {
+        if flow.is_none() && self.joining && may_carry_tcp_or_udp(packet) {
             // A packet whose ports cannot be read (IP options, extension headers) may
             // belong to any flow between its addresses: nothing after it joins a run
             // before it.
@@ -316,9 +317,21 @@ fn flow_of(packet: &[u8]) -> Option<Flow> {
 /// The source and destination address bytes of any IPv4 or IPv6 packet.
 fn ip_addresses(packet: &[u8]) -> Option<&[u8]> {
     match packet.first()? >> 4 {
-        4 => packet.get(12..20),
-        6 => packet.get(8..40),
+        4 if packet.len() >= IPV4_HEADER => Some(addresses(packet, IPV4_HEADER)),
+        6 if packet.len() >= IPV6_HEADER => Some(addresses(packet, IPV6_HEADER)),
         _ => None,
+    }
+}
+
+/// Whether an IP packet `flow_of` could not place may still be a TCP segment or UDP
+/// datagram: IPv4 (with options, say) naming either, or IPv6 with anything but ICMPv6
+/// next (an extension header may hide either). ICMP and the like belong to no flow a
+/// run could hold, so they close nothing.
+fn may_carry_tcp_or_udp(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(9).is_some_and(|&p| p == TCP || p == UDP),
+        Some(6) => packet.get(6).is_some_and(|&next| next != PROTO_ICMPV6),
+        _ => false,
     }
 }
 
@@ -562,8 +575,7 @@ pub(crate) mod model {
         let at = if v6 { IPV6_HEADER } else { IPV4_HEADER };
         let protocol = p[if v6 { 6 } else { 9 }];
         let field = match (which % 8, v6) {
-            (0, false) => 1,
-            (0, true) => 1,
+            (0, _) => 1,
             (1, false) => 8,
             (1, true) => 7,
             (2, false) => 6,
@@ -915,6 +927,22 @@ mod tests {
         assert_eq!(out.len(), 3);
         let back: Vec<Vec<u8>> = out.iter().flat_map(|w| cut(w)).collect();
         assert_eq!(back, packets);
+    }
+
+    #[test]
+    fn an_icmp_packet_between_segments_leaves_their_run_open() {
+        // An echo request between the same addresses: it belongs to no TCP flow.
+        let mut icmp = tcp(0, TCP_ACK, &[]);
+        icmp.truncate(IPV4_HEADER + 8);
+        icmp[9] = 1;
+        icmp[2..4].copy_from_slice(&((IPV4_HEADER + 8) as u16).to_be_bytes());
+        let packets = [
+            tcp(1, TCP_ACK, &[1; 100]),
+            icmp,
+            tcp(101, TCP_ACK, &[2; 100]),
+        ];
+        let out = writes(&mut Coalescer::new(8, true, false), &packets);
+        assert_eq!(out.iter().map(|w| cut(w).len()).collect::<Vec<_>>(), [2, 1]);
     }
 
     #[test]
