@@ -16,7 +16,8 @@ Tests (each repeated --runs times, median reported):
 Usage (as root, from anywhere):
   scripts/bench.sh [--duration S] [--runs N] [--systems veth,meshguard,...]
                    [--tests tcp,tcp4,reverse,udp] [--out DIR] [--no-build]
-                   [--workers N] [--queue-length N]   (meshguard's [interface] keys)
+                   [--workers N] [--queue-length N] [--scheduling realtime|normal]
+                   (meshguard's [interface] keys)
 
 The parts live in scripts/meshbench/: the topology (namespaces, veth, cleanup), each
 system under test, the iperf3 measurements and the report, one module each.
@@ -154,6 +155,11 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
         type=int,
         help="meshguard's interface.queue_length (default: the daemon's, 4000)",
     )
+    parser.add_argument(
+        "--scheduling",
+        choices=("realtime", "normal"),
+        help="meshguard's interface.scheduling (default: the daemon's, realtime)",
+    )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.runs < 1:
         parser.error("--duration and --runs must be at least 1")
@@ -161,7 +167,11 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
         parser.error("--workers must be at least 1")
     interface = {
         key: value
-        for key, value in (("workers", args.workers), ("queue_length", args.queue_length))
+        for key, value in (
+            ("workers", args.workers),
+            ("queue_length", args.queue_length),
+            ("scheduling", args.scheduling),
+        )
         if value is not None
     }
     out = args.out or REPO_ROOT / "results" / now.strftime("%Y%m%dT%H%M%SZ")

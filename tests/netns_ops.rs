@@ -1,8 +1,8 @@
 //! Looking into running daemons with operators' tools: `wg show` over the userspace API
 //! compared with the daemon's own report (`meshguard status --json`), the counters of a
 //! wireguard-go peer, hostile userspace API clients, a killed daemon's sockets, the
-//! Prometheus endpoint during a transfer (checked with `promtool`), readiness, and
-//! systemd's notifications and unit file. Needs root.
+//! Prometheus endpoint during a transfer (checked with `promtool`), readiness, the
+//! threads' scheduling priority, and systemd's notifications and unit file. Needs root.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -541,6 +541,131 @@ fn metrics_follow_a_transfer_and_a_denied_flow() {
     );
 }
 
+/// (policy, real-time priority) of each thread of `pid` whose name starts with `name`:
+/// fields 41 and 40 of `/proc/<pid>/task/<tid>/stat`.
+fn thread_scheduling(pid: u32, name: &str) -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        if !comm.starts_with(name) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // The fields after the command name, which may hold spaces, start at field 3.
+        let fields: Vec<u32> = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .skip(37)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        found.push((fields[1], fields[0]));
+    }
+    found
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_FIFO: u32 = 1;
+
+fn lone_node(name: &str, principal: &str, address: &str) -> NodeSpec {
+    NodeSpec {
+        workers: Some(2),
+        ..node(
+            name,
+            "127.0.0.1:51820",
+            vec![identity(principal, address)],
+            ALLOW_ALL_POLICY,
+        )
+    }
+}
+
+/// A script that runs meshguard without CAP_SYS_NICE and with an RLIMIT_RTPRIO of
+/// `rtprio`, written into `dir`.
+fn without_sys_nice(dir: &TempDir, rtprio: u32) -> std::path::PathBuf {
+    let wrapper = dir.path().join(format!("meshguard-rtprio-{rtprio}"));
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --bounding-set=-sys_nice --inh-caps=-sys_nice -- \
+             prlimit --rtprio={rtprio}:{rtprio} {} \"$@\"\n",
+            binary().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    wrapper
+}
+
+/// Starts a daemon with two workers through `program`; returns it with the
+/// (policy, priority) of its main thread and of its runtime's threads.
+fn start_and_look(
+    program: &Path,
+    tag: &str,
+    address: &str,
+) -> (MeshguardNode, Netns, Vec<(u32, u32)>) {
+    let ns = Netns::new(&format!("ops{tag}")).unwrap();
+    let principal = format!("cluster.local/ns/ops/sa/{tag}");
+    let spec = lone_node(&format!("node-{tag}"), &principal, address);
+    let daemon = MeshguardNode::start(program, &ns, &spec, &[]).unwrap();
+    let pid = daemon.process().pid();
+    let mut threads = thread_scheduling(pid, "meshguard");
+    assert_eq!(threads.len(), 1);
+    let workers = thread_scheduling(pid, "tokio-rt-worker");
+    assert!(workers.len() >= 2, "{workers:?}");
+    threads.extend(workers);
+    (daemon, ns, threads)
+}
+
+#[test]
+fn threads_take_the_lowest_real_time_priority_when_the_kernel_allows_it() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("rt").unwrap();
+    let mut programs = vec![(binary().to_owned(), "rt", "10.49.0.1")];
+    // As the systemd unit runs it: without CAP_SYS_NICE, with LimitRTPRIO=1. Raising the
+    // limit takes CAP_SYS_RESOURCE, which some sandboxes withhold even from root.
+    let raised = Command::new("prlimit")
+        .args(["--rtprio=1:1", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if raised {
+        programs.push((without_sys_nice(&dir, 1), "rtlim", "10.49.0.2"));
+    } else {
+        eprintln!("not tried: an RLIMIT_RTPRIO of 1 without CAP_SYS_NICE (cannot raise the limit)");
+    }
+    for (program, tag, address) in programs {
+        let (daemon, _ns, threads) = start_and_look(&program, tag, address);
+        assert!(threads.iter().all(|&t| t == (SCHED_FIFO, 1)), "{threads:?}");
+        assert!(status(&daemon).realtime);
+        let text = status_text(&daemon);
+        assert!(text.contains("2 workers at real-time priority"), "{text}");
+        assert!(daemon.log().contains("threads run at real-time priority"));
+    }
+
+    // Without CAP_SYS_NICE and with an RLIMIT_RTPRIO of 0 the kernel refuses: the daemon
+    // comes up all the same, at normal priority, and says why.
+    let (daemon, _ns, threads) = start_and_look(&without_sys_nice(&dir, 0), "nort", "10.49.0.3");
+    assert!(
+        threads.iter().all(|&t| t == (SCHED_OTHER, 0)),
+        "{threads:?}"
+    );
+    assert!(!status(&daemon).realtime);
+    let text = status_text(&daemon);
+    assert!(text.contains("2 workers at normal priority"), "{text}");
+    let log = daemon.log();
+    assert!(
+        log.contains("WARN")
+            && log
+                .contains("threads run at normal priority: real-time priority needs CAP_SYS_NICE"),
+        "{log}"
+    );
+}
+
 #[test]
 fn systemd_hears_ready_watchdog_and_stopping() {
     if !require_root() {
@@ -621,6 +746,7 @@ fn the_systemd_unit_verifies() {
         "Type=notify",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "LimitRTPRIO=1",
         "DeviceAllow=/dev/net/tun",
         "ProtectSystem=strict",
         "WatchdogSec=",

@@ -17,6 +17,7 @@ fn report(node: NodeStatus) -> DaemonStatus {
         interface: "mg0".to_owned(),
         listen: "198.18.0.1:51820".parse().unwrap(),
         workers: 1,
+        realtime: true,
         version: "0.0.0-test".to_owned(),
         started_at: UNIX_START.as_secs(),
         uapi_names: uapi::socket_names("mg0", node.identities.len()),
@@ -241,6 +242,7 @@ fn the_status_text_names_identities_peers_and_traffic() {
     let text = status_text::render(&status, UNIX_START + Duration::from_secs(75));
     for expected in [
         "node node-a (meshguard 0.0.0-test), up 1 min 15 s",
+        "  interface mg0, listening on 198.18.0.1:51820, 1 worker at real-time priority",
         "identity cluster.local/ns/bench/sa/client (wg interface mg0)",
         "  peer cluster.local/ns/bench/sa/server on node node-b",
         "    endpoint: 198.18.0.2:51820",

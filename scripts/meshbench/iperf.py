@@ -275,15 +275,17 @@ def measure_latency(
         if load is not None:
             stop_process(load)
             stop_process(server)
+    # In the order the pings were sent, so that a slow stretch shows where it was.
     # A duplicated reply ("DUP!") is not a second answer.
-    rtts = sorted(
+    rtts_in_order = [
         float(part.split("=", 1)[1])
         for line in done.stdout.splitlines()
         if "DUP!" not in line
         for part in line.split()
         if part.startswith("time=")
-    )
-    json_path.write_text(json.dumps({"rtt_ms": rtts, "sent": PINGS}) + "\n")
+    ]
+    json_path.write_text(json.dumps({"rtt_ms": rtts_in_order, "sent": PINGS}) + "\n")
+    rtts = sorted(rtts_in_order)
     if not rtts:
         raise BenchError(f"no ping answered: {done.stdout[-300:]} {done.stderr.strip()}")
     return Run(

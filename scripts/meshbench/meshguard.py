@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -43,8 +44,11 @@ while True:
 """
 
 
-def meshguard_node_toml(side: int, iface: str, interface: dict[str, int], metrics: bool) -> str:
-    extra = "".join(f"{key} = {value}\n" for key, value in interface.items())
+def meshguard_node_toml(
+    side: int, iface: str, interface: dict[str, int | str], metrics: bool
+) -> str:
+    # A JSON number or plain string is the same in TOML.
+    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in interface.items())
     admin = f'[admin]\nlisten = "127.0.0.1:{ADMIN_PORT}"\n\n' if metrics else ""
     text = f"""\
 name = "bench-{'ab'[side]}"
@@ -98,7 +102,7 @@ def check_meshguard_configs(
     binary: str,
     dirs: list[Path],
     ifaces: tuple[str, str],
-    interface: dict[str, int],
+    interface: dict[str, int | str],
     metrics: bool,
 ) -> None:
     """Writes both node files, with the allow-all policy; `meshguard check` must accept them."""
@@ -133,7 +137,7 @@ def start_meshguard(
     index: int,
     binary: str,
     result: SystemResult,
-    interface: dict[str, int],
+    interface: dict[str, int | str],
     metrics: bool = False,
 ) -> Testbed:
     workdir = res.make_tempdir(f"mgbench-{os.getpid()}-meshguard-")
@@ -155,9 +159,13 @@ def start_meshguard(
         for ns in namespaces:
             res.spawn(ns, ["python3", "-c", SCRAPER], workdir / f"{ns}-scraper.log")
         result.notes.append("admin listener on, /metrics scraped every second on both nodes")
-    started = re.search(r"workers=(\d+)", testbed.logs[0].read_text(errors="replace"))
+    log_text = testbed.logs[0].read_text(errors="replace")
+    started = re.search(r"workers=(\d+)", log_text)
     if started:
         result.notes.append(f"{started.group(1)} data-path worker(s) per daemon")
+    priority = re.search(r"threads run at (real-time|normal) priority", log_text)
+    if priority:
+        result.notes.append(f"threads at {priority.group(1)} priority (interface.scheduling)")
     if "queue_length" in interface:
         result.notes.append(f"TUN queue length {interface['queue_length']} (--queue-length)")
     wait_for_ping(namespaces[0], OVERLAY[1], testbed)

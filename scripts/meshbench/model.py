@@ -82,4 +82,4 @@ class Options:
     tests: list[str]
     out: Path
     build: bool
-    interface: dict[str, int] = field(default_factory=dict)  # extra [interface] keys
+    interface: dict[str, int | str] = field(default_factory=dict)  # extra [interface] keys

@@ -15,9 +15,9 @@ use super::schema::{
 };
 use super::{
     InterfaceConfig, KeyRotation, KubernetesConfig, LocalIdentityConfig, OperationsConfig,
-    PeerIdentityConfig, PolicyConfig, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH, DEFAULT_STATE_DIR,
-    DEFAULT_TRUST_DOMAIN, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU,
-    MIN_QUEUE_LENGTH,
+    PeerIdentityConfig, PolicyConfig, Scheduling, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH,
+    DEFAULT_STATE_DIR, DEFAULT_TRUST_DOMAIN, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH,
+    MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
 };
 use crate::file_error::{FileError, TomlFile};
 use crate::identity::{load_private_key_file, Principal, PublicKey};
@@ -413,6 +413,13 @@ pub(super) fn check_interface(
             "",
         )?,
     };
+    let scheduling = match &raw.scheduling {
+        None => Scheduling::Realtime,
+        Some(s) => s
+            .get_ref()
+            .parse()
+            .map_err(|reason: String| src.error_at("interface.scheduling", s.span(), &reason))?,
+    };
     let cfg = InterfaceConfig {
         name: name.clone(),
         mtu,
@@ -420,6 +427,7 @@ pub(super) fn check_interface(
         offload: raw.offload.unwrap_or(true),
         workers,
         queue_length,
+        scheduling,
     };
     Ok((cfg, raw.mtu.as_ref().map(|m| m.span())))
 }

@@ -185,6 +185,43 @@ pub struct InterfaceConfig {
     /// The TUN device's transmit queue (`txqueuelen`): packets the kernel holds for the
     /// daemon to read before it drops them.
     pub queue_length: u32,
+    /// Where the daemon's threads stand in the CPU scheduler (default real-time).
+    pub scheduling: Scheduling,
+}
+
+/// `interface.scheduling`: whether the daemon's threads take a real-time priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// `realtime`: the lowest real-time priority (SCHED_FIFO 1), so that packets do not
+    /// wait behind the workloads' threads for a core, as the kernel's own network path
+    /// does not. Needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1; without either the
+    /// daemon runs at normal priority and logs a warning.
+    Realtime,
+    /// `normal`: the threads share the cores with everything else.
+    Normal,
+}
+
+impl Scheduling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduling::Realtime => "realtime",
+            Scheduling::Normal => "normal",
+        }
+    }
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "realtime" => Ok(Scheduling::Realtime),
+            "normal" => Ok(Scheduling::Normal),
+            _ => Err(format!(
+                "unknown scheduling {s:?}; expected \"realtime\" or \"normal\""
+            )),
+        }
+    }
 }
 
 /// Default `interface.queue_length`: the kernel's 500 overflows while the daemon waits

@@ -74,6 +74,7 @@ pub(crate) struct RawInterface {
     pub offload: Option<bool>,
     pub workers: Option<Spanned<i64>>,
     pub queue_length: Option<Spanned<i64>>,
+    pub scheduling: Option<Spanned<String>>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
 }

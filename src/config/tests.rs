@@ -185,6 +185,7 @@ fn valid_config_loads_fully() {
     assert_eq!(cfg.interface.mtu, DEFAULT_MTU);
     assert_eq!(cfg.interface.workers, None);
     assert_eq!(cfg.interface.queue_length, 4000);
+    assert_eq!(cfg.interface.scheduling, Scheduling::Realtime);
     assert_eq!(
         cfg.interface.addresses,
         vec![
@@ -828,6 +829,23 @@ fn queue_length_in_range() {
             .replace("[interface]", "[interface]\nqueue_length = 1000"),
     );
     assert_eq!(fx.load().unwrap().interface.queue_length, 1000);
+}
+
+#[test]
+fn scheduling_is_realtime_or_normal() {
+    let fx = Fixture::new();
+    let node = fx.path("node.toml");
+    for bad in ["\"fifo\"", "\"Realtime\"", "\"\""] {
+        let e = fx.node_with("[interface]", &format!("[interface]\nscheduling = {bad}"));
+        let reason = format!("unknown scheduling {bad}; expected \"realtime\" or \"normal\"");
+        check(&e, &node, "interface.scheduling", &[&reason]);
+    }
+    fx.write(
+        "node.toml",
+        &fx.node
+            .replace("[interface]", "[interface]\nscheduling = \"normal\""),
+    );
+    assert_eq!(fx.load().unwrap().interface.scheduling, Scheduling::Normal);
 }
 
 #[test]

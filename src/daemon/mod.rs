@@ -11,10 +11,11 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
-use crate::config::{NodeConfig, MAX_AUTO_WORKERS};
+use crate::config::{NodeConfig, Scheduling, MAX_AUTO_WORKERS};
 use crate::identity::LocalId;
 use crate::io::netconf;
 use crate::io::plaintext_filter::PlaintextFilter;
+use crate::io::scheduling;
 use crate::io::tun::Tun;
 use crate::io::udp::Udp;
 use crate::node::Node;
@@ -76,25 +77,34 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Runs the daemon for `config` and its loaded allow list until SIGINT or SIGTERM.
 pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
     let workers = worker_count(&config);
+    let realtime = take_scheduling(config.interface.scheduling);
     let runtime = if workers == 1 {
+        // This thread runs everything, the worker included.
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if realtime {
+            // Threads do not inherit the priority (SCHED_RESET_ON_FORK): each takes it.
+            builder.on_thread_start(|| {
+                if let Err(e) = scheduling::make_current_thread_realtime() {
+                    tracing::warn!(error = %e, "a runtime thread runs at normal priority");
+                }
+            });
+        }
+        builder.worker_threads(workers).enable_all().build()
     }
     .context("starting the async runtime")?;
+    let threads = Threads { workers, realtime };
     runtime.block_on(async {
         if config.kubernetes.is_none() {
-            return serve(config, policy, workers, None).await;
+            return serve(config, policy, threads, None).await;
         }
         #[cfg(feature = "kubernetes")]
         {
             let (source, config, policy) = ClusterSource::start(config).await?;
-            serve(config, policy, workers, Some(source)).await
+            serve(config, policy, threads, Some(source)).await
         }
         #[cfg(not(feature = "kubernetes"))]
         anyhow::bail!(
@@ -102,6 +112,40 @@ pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
              mode: build with `--features kubernetes`"
         )
     })
+}
+
+/// The daemon's data-path threads: how many, and whether at real-time priority.
+#[derive(Clone, Copy)]
+struct Threads {
+    workers: usize,
+    realtime: bool,
+}
+
+/// Gives this thread the priority `interface.scheduling` asks for, and says what came
+/// of it. Returns whether the daemon's threads are to run at real-time priority.
+fn take_scheduling(wanted: Scheduling) -> bool {
+    if wanted == Scheduling::Normal {
+        tracing::info!("threads run at normal priority (interface.scheduling = \"normal\")");
+        return false;
+    }
+    match scheduling::make_current_thread_realtime() {
+        Ok(()) => {
+            tracing::info!(
+                priority = scheduling::REALTIME_PRIORITY,
+                "threads run at real-time priority (SCHED_FIFO)"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "threads run at normal priority: real-time priority needs CAP_SYS_NICE or an \
+                 RLIMIT_RTPRIO of at least 1 (interface.scheduling = \"normal\" stops asking); \
+                 on busy cores, packets wait longer"
+            );
+            false
+        }
+    }
 }
 
 /// `interface.workers`, or one per two cores this process may run on (at least one, at
@@ -187,7 +231,7 @@ struct Identity {
     name: String,
     interface: String,
     listen: std::net::SocketAddr,
-    workers: usize,
+    threads: Threads,
     started_at: u64,
 }
 
@@ -218,7 +262,8 @@ fn answer(
         name: about.name.clone(),
         interface: about.interface.clone(),
         listen: about.listen,
-        workers: about.workers,
+        workers: about.threads.workers,
+        realtime: about.threads.realtime,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: about.started_at,
         uapi_names,
@@ -243,9 +288,10 @@ fn answer(
 async fn serve(
     config: NodeConfig,
     policy: PolicySet,
-    workers: usize,
+    threads: Threads,
     mut cluster: Option<ClusterSource>,
 ) -> Result<()> {
+    let workers = threads.workers;
     let node = Node::new(
         &config,
         &policy,
@@ -293,7 +339,7 @@ async fn serve(
         name: config.name.clone(),
         interface: config.interface.name.clone(),
         listen: sockets[0].local_addr()?,
-        workers,
+        threads,
         started_at: unix_now().as_secs(),
     };
     tracing::info!(

@@ -108,6 +108,11 @@ fn restart_required(running: &NodeConfig, new: &NodeConfig) -> Vec<(&'static str
         a.queue_length.to_string(),
         b.queue_length.to_string(),
     );
+    check(
+        "interface.scheduling",
+        a.scheduling.as_str().to_owned(),
+        b.scheduling.as_str().to_owned(),
+    );
     let (a, b) = (&running.operations, &new.operations);
     check(
         "admin.listen",

@@ -16,6 +16,9 @@ pub struct DaemonStatus {
     pub interface: String,
     pub listen: SocketAddr,
     pub workers: usize,
+    /// The data-path threads run at real-time priority (`interface.scheduling`).
+    #[serde(default)]
+    pub realtime: bool,
     pub version: String,
     /// Seconds since the Unix epoch when the daemon came up.
     pub started_at: u64,

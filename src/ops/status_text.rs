@@ -20,11 +20,16 @@ pub fn render(status: &DaemonStatus, now: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "  interface {}, listening on {}, {} worker{}",
+        "  interface {}, listening on {}, {} worker{} at {} priority",
         status.interface,
         status.listen,
         status.workers,
-        plural(status.workers as u64)
+        plural(status.workers as u64),
+        if status.realtime {
+            "real-time"
+        } else {
+            "normal"
+        }
     );
     let _ = writeln!(
         out,

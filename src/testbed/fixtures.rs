@@ -455,6 +455,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             offload: false,
             workers: None,
             queue_length: 4000,
+            scheduling: crate::config::Scheduling::Normal,
         },
         peers_dir: Some(dir.join("peers")),
         // No policies: the default decides every new inbound flow.
