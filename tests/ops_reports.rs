@@ -23,6 +23,7 @@ fn report(node: NodeStatus) -> DaemonStatus {
         uapi_names: uapi::socket_names("mg0", node.identities.len()),
         reloads: ReloadCounts::default(),
         send_errors: BTreeMap::from([("send_too_large".to_owned(), 0)]),
+        tun_write_errors: 0,
         plaintext_dropped: None,
         kubernetes: None,
         node,
@@ -220,6 +221,14 @@ fn metrics_carry_the_counters_with_their_labels() {
     assert_eq!(value("meshguard_build_info{version=\"0.0.0-test\"}"), 1.0);
     assert_eq!(value("meshguard_flows"), tracked as f64);
     assert_eq!(value("meshguard_reloads_total{result=\"applied\"}"), 0.0);
+    assert_eq!(value("meshguard_tun_write_errors_total"), 0.0);
+    let mut refused = report(pair.b.status());
+    refused.tun_write_errors = 3;
+    let text = metrics::encode(refused);
+    assert!(
+        samples(&text).contains(&("meshguard_tun_write_errors_total".to_owned(), 3.0)),
+        "{text}"
+    );
 
     // A packet the node drops shows under its reason.
     pair.b.set_policy(&meshguard::policy::PolicySet::default());
@@ -251,6 +260,15 @@ fn the_status_text_names_identities_peers_and_traffic() {
     ] {
         assert!(text.contains(expected), "{expected:?} missing from\n{text}");
     }
+    assert!(!text.contains("lost in refused writes"), "{text}");
+    let mut lossy = status.clone();
+    lossy.tun_write_errors = 40;
+    lossy.send_errors.insert("send_no_buffers".to_owned(), 2);
+    let text = status_text::render(&lossy, UNIX_START);
+    assert!(
+        text.contains("lost in refused writes: 2 datagrams (UDP sends), 40 packets (TUN writes)"),
+        "{text}"
+    );
     // The report goes through JSON to `meshguard status` unchanged.
     let json = serde_json::to_string(&status).unwrap();
     let back: DaemonStatus = serde_json::from_str(&json).unwrap();

@@ -425,6 +425,7 @@ pub(super) fn check_interface(
         mtu,
         addresses,
         offload: raw.offload.unwrap_or(true),
+        udp_coalescing: raw.udp_coalescing.unwrap_or(true),
         workers,
         queue_length,
         scheduling,

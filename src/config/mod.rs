@@ -179,6 +179,10 @@ pub struct InterfaceConfig {
     pub addresses: Vec<IpNet>,
     /// Use the kernel's TUN segmentation offloads when it has them (default true).
     pub offload: bool,
+    /// With offload: join UDP datagrams of a flow into one TUN write (USO), as TCP
+    /// segments are (default true). Some kernels dropped such packets when forwarding
+    /// them into a VXLAN device.
+    pub udp_coalescing: bool,
     /// Data-path workers, each with its own TUN queue and UDP socket; `None`: one per
     /// two available cores, at most `MAX_AUTO_WORKERS`.
     pub workers: Option<usize>,

@@ -72,6 +72,7 @@ pub(crate) struct RawInterface {
     pub name: Spanned<String>,
     pub mtu: Option<Spanned<i64>>,
     pub offload: Option<bool>,
+    pub udp_coalescing: Option<bool>,
     pub workers: Option<Spanned<i64>>,
     pub queue_length: Option<Spanned<i64>>,
     pub scheduling: Option<Spanned<String>>,

@@ -186,6 +186,7 @@ fn valid_config_loads_fully() {
     assert_eq!(cfg.interface.workers, None);
     assert_eq!(cfg.interface.queue_length, 4000);
     assert_eq!(cfg.interface.scheduling, Scheduling::Realtime);
+    assert!(cfg.interface.offload && cfg.interface.udp_coalescing);
     assert_eq!(
         cfg.interface.addresses,
         vec![
@@ -846,6 +847,20 @@ fn scheduling_is_realtime_or_normal() {
             .replace("[interface]", "[interface]\nscheduling = \"normal\""),
     );
     assert_eq!(fx.load().unwrap().interface.scheduling, Scheduling::Normal);
+}
+
+#[test]
+fn udp_coalescing_can_be_turned_off_alone() {
+    let fx = Fixture::new();
+    fx.write(
+        "node.toml",
+        &fx.node
+            .replace("[interface]", "[interface]\nudp_coalescing = false"),
+    );
+    let interface = fx.load().unwrap().interface;
+    assert!(interface.offload && !interface.udp_coalescing);
+    let e = fx.node_with("[interface]", "[interface]\nudp_coalescing = \"no\"");
+    assert!(e.to_string().contains("invalid type"), "{e}");
 }
 
 #[test]

@@ -55,12 +55,12 @@ mod cluster {
 }
 mod control;
 mod reload;
-mod send_errors;
 mod status_socket;
 mod systemd;
 mod uapi;
 mod unix_socket;
 mod worker;
+mod write_errors;
 
 use cluster::ClusterSource;
 use control::{Control, Request, Snapshot};
@@ -174,7 +174,7 @@ fn log_policy(node: &Node, policy: &PolicySet) {
     }
 }
 
-/// The node's counters, the send errors, the reloads and the plaintext filter's drops,
+/// The node's counters, the UDP send and TUN write errors, the reloads and the plaintext filter's drops,
 /// on one line.
 fn counters_line(
     node: &Node,
@@ -183,9 +183,10 @@ fn counters_line(
     filter: &PlaintextFilter,
 ) -> String {
     let mut line = format!(
-        "{} {} {}",
+        "{} {} tun_write_errors={} {}",
         node.counters(),
         shared.send_errors.counters(),
+        shared.tun_write_errors.packets(),
         reloader.counters()
     );
     if let Some(dropped) = filter.dropped() {
@@ -208,6 +209,7 @@ fn setup_interface(config: &NodeConfig, queues: usize) -> Result<Vec<Tun>> {
         &interface.name,
         interface.mtu,
         interface.offload,
+        interface.udp_coalescing,
         queues,
         interface.queue_length,
     )
@@ -273,6 +275,7 @@ fn answer(
             .counts()
             .map(|(kind, n)| (kind.to_owned(), n))
             .collect(),
+        tun_write_errors: shared.tun_write_errors.packets(),
         plaintext_dropped: None,
         kubernetes: cluster.map(ClusterSource::counts),
         node,

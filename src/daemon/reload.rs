@@ -104,6 +104,11 @@ fn restart_required(running: &NodeConfig, new: &NodeConfig) -> Vec<(&'static str
         b.offload.to_string(),
     );
     check(
+        "interface.udp_coalescing",
+        a.udp_coalescing.to_string(),
+        b.udp_coalescing.to_string(),
+    );
+    check(
         "interface.queue_length",
         a.queue_length.to_string(),
         b.queue_length.to_string(),

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use crate::io::tun::{Tun, TunRead, IDEAL_BATCH_SIZE};
 use crate::io::udp::{RecvMeta, Udp};
 
-use super::send_errors::SendErrors;
+use super::write_errors::{SendErrors, TunWriteErrors};
 use crate::node::{EgressStep, Ingress, IngressStep, Node};
 use crate::packet::coalesce::Coalescer;
 use crate::proto::{
@@ -54,6 +54,8 @@ pub(super) struct Shared {
     state: Mutex<State>,
     /// UDP sends the kernel refused.
     pub(super) send_errors: SendErrors,
+    /// TUN writes the kernel refused.
+    pub(super) tun_write_errors: TunWriteErrors,
     /// Wakes the control task when a worker moved the node's deadline before `armed`.
     pub timer_moved: Notify,
 }
@@ -63,6 +65,7 @@ impl Shared {
         Arc::new(Shared {
             state: Mutex::new(State { node, armed: None }),
             send_errors: SendErrors::default(),
+            tun_write_errors: TunWriteErrors::default(),
             timer_moved: Notify::new(),
         })
     }
@@ -328,11 +331,11 @@ async fn receive_and_deliver(socket: &Udp, shared: &Shared, tun: &Tun, b: &mut B
         open_received(shared, b, received);
         for (slot, range) in &b.plaintexts {
             if b.to_tun.is_full() {
-                write_to_tun(tun, &mut b.to_tun).await;
+                write_to_tun(tun, &mut b.to_tun, &shared.tun_write_errors).await;
             }
             b.to_tun.push(&b.received[*slot][range.clone()]);
         }
-        write_to_tun(tun, &mut b.to_tun).await;
+        write_to_tun(tun, &mut b.to_tun, &shared.tun_write_errors).await;
     }
 }
 
@@ -444,15 +447,16 @@ fn admit(state: &mut State, now: Instant, b: &mut Buffers) {
     }
 }
 
-/// Writes the packets and super packets `packets` holds, and empties it. A kernel that
-/// refuses a super packet as invalid gets no more of them: its segments are lost (TCP
-/// sends them again), and later packets are written one by one.
-async fn write_to_tun(tun: &Tun, packets: &mut Coalescer) {
+/// Writes the packets and super packets `packets` holds, and empties it; the packets of
+/// a failed write are counted in `errors`. A kernel that refuses a super packet as
+/// invalid gets no more of them: its segments are lost (TCP sends them again), and
+/// later packets are written one by one.
+async fn write_to_tun(tun: &Tun, packets: &mut Coalescer, errors: &TunWriteErrors) {
     let mut refused = false;
-    for (write, joined) in packets.finish() {
+    for (write, carried) in packets.finish() {
         if let Err(e) = tun.send(write).await {
-            refused |= joined && e.kind() == std::io::ErrorKind::InvalidInput;
-            tracing::trace!(error = %e, "writing to the TUN device failed");
+            refused |= carried > 1 && e.kind() == std::io::ErrorKind::InvalidInput;
+            errors.record(&e, carried);
         }
     }
     if refused {

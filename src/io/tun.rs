@@ -51,18 +51,20 @@ pub(crate) struct Tun {
     device: tun_rs::AsyncDevice,
     /// Offload is on: every read and write starts with a virtio-net header.
     offload: bool,
-    /// The device takes UDP segmentation offload (USO) in writes.
+    /// The device takes UDP segmentation offload (USO) in writes, and the daemon uses it.
     udp_segmentation: bool,
 }
 
 impl Tun {
     /// Creates the device `name` with `mtu` and `queues` queues (one per worker), brings
     /// it up, and turns on segmentation offload when asked to and the kernel supports it
-    /// (one log line says which). Returns one `Tun` per queue; any of them may be written.
+    /// (one log line says which); UDP segmentation is used in writes only if
+    /// `want_udp_in_writes` too. Returns one `Tun` per queue; any of them may be written.
     pub(crate) fn create(
         name: &str,
         mtu: u16,
         want_offload: bool,
+        want_udp_in_writes: bool,
         queues: usize,
         queue_length: u32,
     ) -> io::Result<Vec<Tun>> {
@@ -87,10 +89,12 @@ impl Tun {
                 (build(false)?, false)
             }
         };
+        let udp_segmentation = offload && device.udp_gso() && want_udp_in_writes;
         if offload {
             tracing::info!(
                 tcp_segmentation = device.tcp_gso(),
                 udp_segmentation = device.udp_gso(),
+                udp_datagrams_joined = udp_segmentation,
                 "TUN offload on"
             );
         }
@@ -102,7 +106,7 @@ impl Tun {
         Ok(devices
             .into_iter()
             .map(|device| Tun {
-                udp_segmentation: offload && device.udp_gso(),
+                udp_segmentation,
                 device,
                 offload,
             })
@@ -130,7 +134,7 @@ impl Tun {
         self.offload
     }
 
-    /// The device takes UDP segmentation (USO) in writes.
+    /// The device takes UDP segmentation (USO) in writes, and the daemon uses it.
     pub(crate) fn takes_udp_segmentation(&self) -> bool {
         self.udp_segmentation
     }

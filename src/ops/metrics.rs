@@ -305,6 +305,11 @@ impl Collector for StatusCollector {
                 .iter()
                 .map(|(kind, &n)| ([("kind", kind.as_str())], n)),
         )?;
+        f.counter(
+            "tun_write_errors",
+            "Packets lost in writes to the TUN device that the kernel refused.",
+            status.tun_write_errors,
+        )?;
         if let Some(dropped) = status.plaintext_dropped {
             f.counter(
                 "plaintext_dropped",

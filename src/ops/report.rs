@@ -28,6 +28,9 @@ pub struct DaemonStatus {
     pub reloads: ReloadCounts,
     /// Failed UDP sends by kind.
     pub send_errors: BTreeMap<String, u64>,
+    /// Packets lost in TUN writes the kernel refused.
+    #[serde(default)]
+    pub tun_write_errors: u64,
     /// Packets the STRICT plaintext filter dropped; `None` without a filter.
     pub plaintext_dropped: Option<u64>,
     /// In Kubernetes mode: the API's side.

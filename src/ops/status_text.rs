@@ -68,6 +68,14 @@ pub fn render(status: &DaemonStatus, now: Duration) -> String {
             k.node, k.publications, k.api_errors, k.key_rotation_steps
         );
     }
+    let send_errors: u64 = status.send_errors.values().sum();
+    if send_errors > 0 || status.tun_write_errors > 0 {
+        let _ = writeln!(
+            out,
+            "  lost in refused writes: {send_errors} datagrams (UDP sends), {} packets (TUN writes)",
+            status.tun_write_errors
+        );
+    }
     if let Some(dropped) = status.plaintext_dropped {
         let _ = writeln!(out, "  plaintext to STRICT identities dropped: {dropped}");
     }

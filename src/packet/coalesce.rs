@@ -43,8 +43,8 @@ pub(crate) struct Coalescer {
     udp: bool,
     /// Joining is on (it is turned off for good if the kernel refuses a super packet).
     joining: bool,
-    /// `finish`'s answer to which writes are super packets.
-    joined: Vec<bool>,
+    /// `finish`'s answer to how many packets each write carries.
+    carried: Vec<usize>,
 }
 
 /// What a write holds: its first packet's layout and how far the run has come.
@@ -89,7 +89,7 @@ impl Coalescer {
             virtio,
             udp,
             joining: virtio,
-            joined: Vec::with_capacity(capacity),
+            carried: Vec::with_capacity(capacity),
         }
     }
 
@@ -138,21 +138,20 @@ impl Coalescer {
         });
     }
 
-    /// The writes, each run made a valid super packet, and whether each is a super
-    /// packet (joined segments); then empty again.
-    pub(crate) fn finish(&mut self) -> impl Iterator<Item = (&[u8], bool)> {
-        self.joined.clear();
+    /// The writes, each run made a valid super packet, with how many packets each
+    /// carries (more than one: a super packet of joined segments); then empty again.
+    pub(crate) fn finish(&mut self) -> impl Iterator<Item = (&[u8], usize)> {
+        self.carried.clear();
         for (write, run) in self.writes.iter_mut().zip(self.runs.drain(..)) {
-            let joined = run.segments > 1;
-            if let (Some(joinable), true) = (run.joinable, joined) {
+            if let (Some(joinable), true) = (run.joinable, run.segments > 1) {
                 seal_super_packet(write, &joinable);
             }
-            self.joined.push(joined);
+            self.carried.push(run.segments);
         }
         self.writes
             .iter()
             .map(Vec::as_slice)
-            .zip(self.joined.iter().copied())
+            .zip(self.carried.iter().copied())
     }
 
     fn close_runs_between(&mut self, packet: &[u8]) {
@@ -904,7 +903,9 @@ mod tests {
             p.truncate(len.min(p.len()));
             coalescer.push(&p);
             if coalescer.is_full() {
-                assert!(coalescer.finish().all(|(w, joined)| w[1] == 0 && !joined));
+                assert!(coalescer
+                    .finish()
+                    .all(|(w, packets)| w[1] == 0 && packets == 1));
             }
         }
     }

@@ -453,6 +453,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
                 .flat_map(|(_, _, inner)| inner.iter().copied())
                 .collect(),
             offload: false,
+            udp_coalescing: true,
             workers: None,
             queue_length: 4000,
             scheduling: crate::config::Scheduling::Normal,

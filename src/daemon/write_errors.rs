@@ -1,5 +1,6 @@
-//! Failed UDP sends, counted by kind and logged at warn, at most once per kind every ten
-//! seconds: a datagram the kernel refuses is a packet lost, and must never go unnoticed.
+//! Writes the kernel refused: UDP sends, counted by kind, and TUN writes. Each is
+//! packets lost, which must never go unnoticed: all are counted and logged at warn, at
+//! most once per kind every ten seconds.
 
 use std::io;
 use std::net::SocketAddr;
@@ -71,12 +72,34 @@ mod libc_errno {
     pub(super) const ENOMEM: i32 = Errno::ENOMEM as i32;
 }
 
+/// When a kind of failure was last logged, and how many went unlogged since.
+#[derive(Default)]
+struct Warnings {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Warnings {
+    /// For `count` more failures at `now`: `Some(failures not logged before these)` if
+    /// they are to be logged, else `None` (and they join the unlogged).
+    fn due(&mut self, now: Instant, count: u64) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < WARN_INTERVAL)
+        {
+            self.unlogged += count;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 /// Counts of failed sends, shared by every worker; touched only when a send fails.
 #[derive(Default)]
 pub(crate) struct SendErrors {
     counts: [AtomicU64; SendFailure::ALL.len()],
-    /// Per kind: when it was last logged, and how many went unlogged since.
-    warned: Mutex<[(Option<Instant>, u64); SendFailure::ALL.len()]>,
+    warned: Mutex<[Warnings; SendFailure::ALL.len()]>,
 }
 
 impl SendErrors {
@@ -86,26 +109,21 @@ impl SendErrors {
         let kind = SendFailure::of(error);
         let slot = kind as usize;
         self.counts[slot].fetch_add(datagrams as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut warned = self
+        let due = self
             .warned
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (last, unlogged) = &mut warned[slot];
-        if last.is_some_and(|at| now.duration_since(at) < WARN_INTERVAL) {
-            *unlogged += datagrams as u64;
-            return;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[slot]
+            .due(Instant::now(), datagrams as u64);
+        if let Some(not_logged) = due {
+            tracing::warn!(
+                %error,
+                %destination,
+                datagrams,
+                similar_failures_not_logged = not_logged,
+                counter = kind.name(),
+                "UDP send failed; datagrams lost"
+            );
         }
-        tracing::warn!(
-            %error,
-            %destination,
-            datagrams,
-            similar_failures_not_logged = *unlogged,
-            counter = kind.name(),
-            "UDP send failed; datagrams lost"
-        );
-        *last = Some(now);
-        *unlogged = 0;
     }
 
     /// Each kind's name (`send_too_large`, ...) with its count.
@@ -124,6 +142,40 @@ impl SendErrors {
             .map(|(name, count)| format!("{name}={count}"))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+}
+
+/// Packets lost in TUN writes the kernel refused, shared by every worker.
+#[derive(Default)]
+pub(crate) struct TunWriteErrors {
+    packets: AtomicU64,
+    warned: Mutex<Warnings>,
+}
+
+impl TunWriteErrors {
+    /// Counts a failed write that carried `packets` packets, and warns about it unless
+    /// a warning went out within WARN_INTERVAL.
+    pub(crate) fn record(&self, error: &io::Error, packets: usize) {
+        self.packets.fetch_add(packets as u64, Ordering::Relaxed);
+        let due = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .due(Instant::now(), packets as u64);
+        if let Some(not_logged) = due {
+            tracing::warn!(
+                %error,
+                packets,
+                similar_failures_not_logged = not_logged,
+                counter = "tun_write_errors",
+                "writing to the TUN device failed; packets lost"
+            );
+        }
+    }
+
+    /// Packets lost so far.
+    pub(crate) fn packets(&self) -> u64 {
+        self.packets.load(Ordering::Relaxed)
     }
 }
 
@@ -149,5 +201,30 @@ mod tests {
             "send_too_large=4 send_unreachable=1 send_refused=0 send_no_buffers=0 \
              send_other_errors=2"
         );
+    }
+
+    #[test]
+    fn tun_write_failures_count_the_packets_they_carried() {
+        let errors = TunWriteErrors::default();
+        errors.record(
+            &io::Error::from_raw_os_error(nix::errno::Errno::EINVAL as i32),
+            40,
+        );
+        errors.record(
+            &io::Error::from_raw_os_error(nix::errno::Errno::EIO as i32),
+            1,
+        );
+        assert_eq!(errors.packets(), 41);
+    }
+
+    #[test]
+    fn a_warning_at_most_every_interval_says_how_many_went_unlogged() {
+        let mut warnings = Warnings::default();
+        let start = Instant::now();
+        assert_eq!(warnings.due(start, 3), Some(0));
+        assert_eq!(warnings.due(start + Duration::from_secs(1), 5), None);
+        assert_eq!(warnings.due(start + Duration::from_secs(9), 2), None);
+        assert_eq!(warnings.due(start + WARN_INTERVAL, 1), Some(7));
+        assert_eq!(warnings.due(start + WARN_INTERVAL, 1), None);
     }
 }
