@@ -611,13 +611,19 @@ fn start_and_look(
     let principal = format!("cluster.local/ns/ops/sa/{tag}");
     let spec = lone_node(&format!("node-{tag}"), &principal, address);
     let daemon = MeshguardNode::start(program, &ns, &spec, &[]).unwrap();
+    let threads = main_and_runtime_threads(&daemon);
+    (daemon, ns, threads)
+}
+
+/// (policy, priority) of the daemon's main thread and of its runtime's threads.
+fn main_and_runtime_threads(daemon: &MeshguardNode) -> Vec<(u32, u32)> {
     let pid = daemon.process().pid();
     let mut threads = thread_scheduling(pid, "meshguard");
     assert_eq!(threads.len(), 1);
     let workers = thread_scheduling(pid, "tokio-rt-worker");
     assert!(workers.len() >= 2, "{workers:?}");
     threads.extend(workers);
-    (daemon, ns, threads)
+    threads
 }
 
 #[test]
@@ -662,6 +668,26 @@ fn threads_take_the_lowest_real_time_priority_when_the_kernel_allows_it() {
         log.contains("WARN")
             && log
                 .contains("threads run at normal priority: real-time priority needs CAP_SYS_NICE"),
+        "{log}"
+    );
+
+    // Told `scheduling = "normal"`, it does not ask.
+    let (mut daemon, ns, _) = start_and_look(binary(), "rtoff", "10.49.0.4");
+    let config = daemon.config_path().to_owned();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let normal = text.replacen("[interface]", "[interface]\nscheduling = \"normal\"", 1);
+    std::fs::write(&config, normal).unwrap();
+    daemon.kill_and_restart(binary(), &ns).unwrap();
+    let threads = main_and_runtime_threads(&daemon);
+    assert!(
+        threads.iter().all(|&t| t == (SCHED_OTHER, 0)),
+        "{threads:?}"
+    );
+    assert!(!status(&daemon).realtime);
+    let log = daemon.log();
+    assert!(
+        log.contains("threads run at normal priority (interface.scheduling = \"normal\")")
+            && !log.contains("WARN"),
         "{log}"
     );
 }

@@ -174,8 +174,8 @@ fn log_policy(node: &Node, policy: &PolicySet) {
     }
 }
 
-/// The node's counters, the UDP send and TUN write errors, the reloads and the plaintext filter's drops,
-/// on one line.
+/// The node's counters, the UDP send and TUN write errors, the reloads and the
+/// plaintext filter's drops, on one line.
 fn counters_line(
     node: &Node,
     shared: &Shared,
