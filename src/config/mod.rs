@@ -218,13 +218,10 @@ impl std::str::FromStr for Scheduling {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "realtime" => Ok(Scheduling::Realtime),
-            "normal" => Ok(Scheduling::Normal),
-            _ => Err(format!(
-                "unknown scheduling {s:?}; expected \"realtime\" or \"normal\""
-            )),
-        }
+        [Scheduling::Realtime, Scheduling::Normal]
+            .into_iter()
+            .find(|known| known.as_str() == s)
+            .ok_or_else(|| format!("unknown scheduling {s:?}; expected \"realtime\" or \"normal\""))
     }
 }
 

@@ -43,8 +43,6 @@ pub(crate) struct Coalescer {
     udp: bool,
     /// Joining is on (it is turned off for good if the kernel refuses a super packet).
     joining: bool,
-    /// `finish`'s answer to how many packets each write carries.
-    carried: Vec<usize>,
 }
 
 /// What a write holds: its first packet's layout and how far the run has come.
@@ -89,7 +87,6 @@ impl Coalescer {
             virtio,
             udp,
             joining: virtio,
-            carried: Vec::with_capacity(capacity),
         }
     }
 
@@ -141,17 +138,15 @@ impl Coalescer {
     /// The writes, each run made a valid super packet, with how many packets each
     /// carries (more than one: a super packet of joined segments); then empty again.
     pub(crate) fn finish(&mut self) -> impl Iterator<Item = (&[u8], usize)> {
-        self.carried.clear();
-        for (write, run) in self.writes.iter_mut().zip(self.runs.drain(..)) {
+        for (write, run) in self.writes.iter_mut().zip(&self.runs) {
             if let (Some(joinable), true) = (run.joinable, run.segments > 1) {
                 seal_super_packet(write, &joinable);
             }
-            self.carried.push(run.segments);
         }
         self.writes
             .iter()
             .map(Vec::as_slice)
-            .zip(self.carried.iter().copied())
+            .zip(self.runs.drain(..).map(|run| run.segments))
     }
 
     fn close_runs_between(&mut self, packet: &[u8]) {
