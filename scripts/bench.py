@@ -12,12 +12,19 @@ Tests (each repeated --runs times, median reported):
   tcp4     four parallel TCP streams (-P 4)
   reverse  one TCP stream, server to client (-R)
   udp      UDP at full speed (-b 0) with 1300-byte datagrams: rate received and loss
+  udp500m, udp1g, udp2g   UDP at a fixed offered rate: rate received and loss
+  udpmax   the highest offered UDP rate with loss under 1 %
+  ping     1,000 pings through the tunnel; pingload: the same while TCP runs back
+On request only (not in the default list):
+  cpushare, cpushare1g   CPU-bound workloads, one per core, count loop turns alone
+           and then beside TCP (cpushare) or UDP at 1 Gbit/s (cpushare1g) through the
+           tunnel: the share of their work they keep, and the transfer's rate
 
 Usage (as root, from anywhere):
   scripts/bench.sh [--duration S] [--runs N] [--systems veth,meshguard,...]
-                   [--tests tcp,tcp4,reverse,udp] [--out DIR] [--no-build]
+                   [--tests tcp,tcp4,...] [--out DIR] [--no-build]
                    [--workers N] [--queue-length N] [--scheduling realtime|normal]
-                   (meshguard's [interface] keys)
+                   [--realtime-share PERCENT] (meshguard's [interface] keys)
 
 The parts live in scripts/meshbench/: the topology (namespaces, veth, cleanup), each
 system under test, the iperf3 measurements and the report, one module each.
@@ -39,9 +46,16 @@ import sys
 from pathlib import Path
 
 from meshbench.common import BenchError, Interrupted, REPO_ROOT, STOP_SIGNALS, find_program, log
-from meshbench.iperf import measure_system
+from meshbench.measure import measure_system
 from meshbench.meshguard import start_meshguard
-from meshbench.model import ALL_SYSTEMS, ALL_TESTS, EXTRA_SYSTEMS, Options, SystemResult
+from meshbench.model import (
+    ALL_SYSTEMS,
+    ALL_TESTS,
+    EXTRA_SYSTEMS,
+    Options,
+    SystemResult,
+    WORKLOAD_TESTS,
+)
 from meshbench.report import machine_info, write_results
 from meshbench.topology import Resources, Testbed, UNDERLAY, create_underlay
 from meshbench.wireguard import WG_IMPLS, start_wg_peers
@@ -136,8 +150,9 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
     parser.add_argument(
         "--tests",
         default=",".join(ALL_TESTS),
-        type=lambda s: parse_list(s, ALL_TESTS, "test"),
-        help=f"comma-separated (default {','.join(ALL_TESTS)})",
+        type=lambda s: parse_list(s, ALL_TESTS + WORKLOAD_TESTS, "test"),
+        help=f"comma-separated (default {','.join(ALL_TESTS)}; also "
+        f"{','.join(WORKLOAD_TESTS)}: CPU-bound workloads beside a transfer)",
     )
     parser.add_argument(
         "--out", type=Path, help="results directory (default results/<UTC timestamp>/)"
@@ -160,6 +175,11 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
         choices=("realtime", "normal"),
         help="meshguard's interface.scheduling (default: the daemon's, realtime)",
     )
+    parser.add_argument(
+        "--realtime-share",
+        type=int,
+        help="meshguard's interface.realtime_share_percent (default: the daemon's, 50)",
+    )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.runs < 1:
         parser.error("--duration and --runs must be at least 1")
@@ -171,6 +191,7 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
             ("workers", args.workers),
             ("queue_length", args.queue_length),
             ("scheduling", args.scheduling),
+            ("realtime_share_percent", args.realtime_share),
         )
         if value is not None
     }

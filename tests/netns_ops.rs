@@ -692,6 +692,61 @@ fn threads_take_the_lowest_real_time_priority_when_the_kernel_allows_it() {
     );
 }
 
+/// Sets `key = value` in the daemon's `[interface]` and restarts it.
+fn restart_with_interface_key(daemon: &mut MeshguardNode, ns: &Netns, key: &str, value: &str) {
+    let config = daemon.config_path().to_owned();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let changed = text.replacen("[interface]", &format!("[interface]\n{key} = {value}"), 1);
+    std::fs::write(&config, changed).unwrap();
+    daemon.kill_and_restart(binary(), ns).unwrap();
+}
+
+#[test]
+fn a_thread_over_its_real_time_share_drops_to_normal_priority_until_traffic_is_light() {
+    if !require_root() {
+        return;
+    }
+    let (mut daemon, ns, _) = start_and_look(binary(), "share", "10.49.0.5");
+    restart_with_interface_key(&mut daemon, &ns, "realtime_share_percent", "1");
+    let text = status_text(&daemon);
+    assert!(
+        text.contains("2 workers at real-time priority up to 1 % of a core each (over it"),
+        "{text}"
+    );
+    // Starting up may already have taken more than 1 %.
+    let before = status(&daemon).realtime_drops;
+    // Garbage at the listening port as fast as one thread sends it: each datagram is
+    // received, looked at and dropped, far more than 1 % of a core.
+    let flooder = ns.udp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port: SocketAddr = "127.0.0.1:51820".parse().unwrap();
+    let junk = [0xa5u8; 200];
+    let dropped = wait_until(Duration::from_secs(20), Duration::ZERO, || {
+        for _ in 0..20_000 {
+            let _ = flooder.send_to(&junk, port);
+        }
+        status(&daemon).realtime_drops > before
+    });
+    assert!(
+        dropped,
+        "no thread dropped to normal priority:\n{}",
+        daemon.log()
+    );
+    // A datagram now and then: each thread that wakes for it after a quiet window takes
+    // real-time priority again.
+    let back = wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        let _ = flooder.send_to(&junk, port);
+        main_and_runtime_threads(&daemon)
+            .iter()
+            .all(|&t| t == (SCHED_FIFO, 1))
+    });
+    assert!(
+        back,
+        "threads did not return to real-time priority: {:?}",
+        main_and_runtime_threads(&daemon)
+    );
+    assert!(status(&daemon).realtime);
+}
+
 #[test]
 fn systemd_hears_ready_watchdog_and_stopping() {
     if !require_root() {

@@ -18,6 +18,8 @@ fn report(node: NodeStatus) -> DaemonStatus {
         listen: "198.18.0.1:51820".parse().unwrap(),
         workers: 1,
         realtime: true,
+        realtime_share_percent: 50,
+        realtime_drops: 0,
         version: "0.0.0-test".to_owned(),
         started_at: UNIX_START.as_secs(),
         uapi_names: uapi::socket_names("mg0", node.identities.len()),
@@ -222,13 +224,17 @@ fn metrics_carry_the_counters_with_their_labels() {
     assert_eq!(value("meshguard_flows"), tracked as f64);
     assert_eq!(value("meshguard_reloads_total{result=\"applied\"}"), 0.0);
     assert_eq!(value("meshguard_tun_write_errors_total"), 0.0);
+    assert_eq!(value("meshguard_realtime_drops_total"), 0.0);
     let mut refused = report(pair.b.status());
     refused.tun_write_errors = 3;
+    refused.realtime_drops = 7;
     let text = metrics::encode(refused);
-    assert!(
-        samples(&text).contains(&("meshguard_tun_write_errors_total".to_owned(), 3.0)),
-        "{text}"
-    );
+    for sample in [
+        ("meshguard_tun_write_errors_total".to_owned(), 3.0),
+        ("meshguard_realtime_drops_total".to_owned(), 7.0),
+    ] {
+        assert!(samples(&text).contains(&sample), "{text}");
+    }
 
     // A packet the node drops shows under its reason.
     pair.b.set_policy(&meshguard::policy::PolicySet::default());
@@ -251,7 +257,8 @@ fn the_status_text_names_identities_peers_and_traffic() {
     let text = status_text::render(&status, UNIX_START + Duration::from_secs(75));
     for expected in [
         "node node-a (meshguard 0.0.0-test), up 1 min 15 s",
-        "  interface mg0, listening on 198.18.0.1:51820, 1 worker at real-time priority",
+        "  interface mg0, listening on 198.18.0.1:51820, 1 worker at real-time priority up to \
+         50 % of a core each (over it 0 times)",
         "identity cluster.local/ns/bench/sa/client (wg interface mg0)",
         "  peer cluster.local/ns/bench/sa/server on node node-b",
         "    endpoint: 198.18.0.2:51820",

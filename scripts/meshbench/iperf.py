@@ -9,9 +9,10 @@ import math
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
-from .common import BenchError, cpu_seconds, in_ns, log, log_tail, run_cmd, stop_process, wait_until
-from .model import CPU_TEST, LATENCY_TESTS, UDP_FIXED_RATES, Options, Run, SystemResult
+from .common import BenchError, cpu_seconds, in_ns, log_tail, run_cmd, stop_process, wait_until
+from .model import CPU_TEST, UDP_FIXED_RATES, Run
 from .topology import Resources, TUNNEL_PORT, Testbed
 
 TEST_ARGS = {
@@ -93,13 +94,17 @@ def measure_run(
     json_path: Path,
     logdir: Path,
     args: list[str] | None = None,
+    beside: Callable[[], None] | None = None,
 ) -> Run:
-    """One iperf3 run of `test` (with `args` instead of the test's own, if given)."""
+    """One iperf3 run of `test` (with `args` instead of the test's own, if given);
+    `beside` is called just before the client starts."""
     udp = test.startswith("udp")
     server = start_iperf_server(res, testbed, logdir / f"iperf3-server-{json_path.stem}.log")
     pids = [p.pid for p in testbed.daemons]
     drops_before = drop_counters(testbed) if udp else {}
     cpu_before = [cpu_seconds(pid) for pid in pids]
+    if beside is not None:
+        beside()
     output = run_iperf_client(testbed, args if args is not None else TEST_ARGS[test], duration)
     cpu_after = [cpu_seconds(pid) for pid in pids]
     drops_after = drop_counters(testbed) if udp else {}
@@ -185,6 +190,8 @@ def describe_run(run: Run) -> str:
             f"{run.pings_lost} of {PINGS} lost"
         )
     text = f"{run.gbps:.3f} Gbit/s"
+    if run.work_kept_pct is not None:
+        text = f"workloads kept {run.work_kept_pct:.0f} % of their work, transfer " + text
     if run.loss_pct is not None:
         text += f", loss {run.loss_pct:.1f} %"
     if run.cpu is not None:
@@ -296,22 +303,3 @@ def measure_latency(
         rtt_p99_ms=percentile(rtts, 0.99),
         pings_lost=PINGS - len(rtts),
     )
-
-
-def measure_system(
-    res: Resources, testbed: Testbed, opts: Options, result: SystemResult, logdir: Path
-) -> None:
-    for test in opts.tests:
-        runs = result.runs.setdefault(test, [])
-        for number in range(1, opts.runs + 1):
-            json_path = opts.out / f"{result.name}-{test}-{number}.json"
-            if test in LATENCY_TESTS:
-                run = measure_latency(res, testbed, test, json_path, logdir)
-            elif test == "udpmax":
-                run = measure_udp_max(res, testbed, opts.duration, json_path, logdir)
-            else:
-                run = measure_run(res, testbed, test, opts.duration, json_path, logdir)
-            check_daemons_alive(testbed)
-            runs.append(run)
-            log(f"[{result.name}] {test} run {number}/{opts.runs}: {describe_run(run)}")
-            time.sleep(PAUSE_BETWEEN_RUNS)

@@ -166,6 +166,12 @@ def start_meshguard(
     priority = re.search(r"threads run at (real-time|normal) priority", log_text)
     if priority:
         result.notes.append(f"threads at {priority.group(1)} priority (interface.scheduling)")
+    share = re.search(r"share_percent=(\d+)", log_text)
+    if share and priority and priority.group(1) == "real-time":
+        result.notes.append(
+            f"real-time priority up to {share.group(1)} % of a core per thread"
+            " (interface.realtime_share_percent)"
+        )
     if "queue_length" in interface:
         result.notes.append(f"TUN queue length {interface['queue_length']} (--queue-length)")
     wait_for_ping(namespaces[0], OVERLAY[1], testbed)

@@ -22,6 +22,9 @@ ALL_TESTS = (
     "ping",
     "pingload",
 )
+# On request only: CPU-bound workloads, one per core, beside TCP (cpushare) or UDP at 1
+# Gbit/s (cpushare1g) through the tunnel: the share of their work alone they keep.
+WORKLOAD_TESTS = ("cpushare", "cpushare1g")
 # UDP at a fixed offered rate (Mbit/s), 1300-byte datagrams: received rate and loss.
 UDP_FIXED_RATES = {"udp500m": 500, "udp1g": 1000, "udp2g": 2000}
 # Round-trip times through the tunnel (ms), idle and while TCP runs the other way.
@@ -40,6 +43,8 @@ METRICS = (
     ("udpmax", "UDP max rate with loss < 1 %", True),
     ("ping", "Ping RTT idle, p50 / p99", False),
     ("pingload", "Ping RTT under TCP load, p50 / p99", False),
+    ("cpushare", "Workloads' work kept beside TCP", True),
+    ("cpushare1g", "Workloads' work kept beside UDP at 1 Gbit/s", True),
     ("cpu", "Daemon CPU", False),
     ("cpu_per_gbit", "CPU-s per Gbit", False),
 )
@@ -63,6 +68,8 @@ class Run:
     rtt_p50_ms: float | None = None
     rtt_p99_ms: float | None = None
     pings_lost: int | None = None
+    # Workload tests: the workloads' count beside the transfer, as a % of it alone.
+    work_kept_pct: float | None = None
 
 
 @dataclass

@@ -15,12 +15,30 @@ from pathlib import Path
 
 from .common import BenchError, REPO_ROOT, find_program, log, run_cmd
 from .iperf import DROP_PLACES, loss_places
-from .model import CPU_TEST, LATENCY_TESTS, METRICS, Options, PEER_SYSTEMS, SystemResult
+from .model import (
+    CPU_TEST,
+    LATENCY_TESTS,
+    METRICS,
+    Options,
+    PEER_SYSTEMS,
+    SystemResult,
+    WORKLOAD_TESTS,
+)
 from .topology import TUNNEL_MTU
 
 # Where matplotlib goes when pip may not install into the running interpreter.
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 MATPLOTLIB_DIR = Path.home() / ".cache" / "meshguard-bench" / f"python{PYTHON_VERSION}"
+
+
+def spread(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def median_loss(runs: list) -> dict:
+    """{"loss_pct": median} of the runs that measured loss, or nothing."""
+    losses = [r.loss_pct for r in runs if r.loss_pct is not None]
+    return {"loss_pct": statistics.median(losses)} if losses else {}
 
 
 def column_values(result: SystemResult) -> dict[str, dict]:
@@ -34,27 +52,25 @@ def column_values(result: SystemResult) -> dict[str, dict]:
             p50 = [r.rtt_p50_ms for r in runs if r.rtt_p50_ms is not None]
             if p99:
                 values[test] = {
-                    "median": statistics.median(p99),
-                    "min": min(p99),
-                    "max": max(p99),
+                    **spread(p99),
                     "p50": statistics.median(p50),
                     "lost": sum(r.pings_lost or 0 for r in runs),
                 }
-            continue
-        rates = [r.gbps for r in runs]
-        values[test] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
-        losses = [r.loss_pct for r in runs if r.loss_pct is not None]
-        if losses:
-            values[test]["loss_pct"] = statistics.median(losses)
+        elif test in WORKLOAD_TESTS:
+            kept = [r.work_kept_pct for r in runs if r.work_kept_pct is not None]
+            if kept:
+                values[test] = {
+                    **spread(kept),
+                    "gbps": statistics.median(r.gbps for r in runs),
+                    **median_loss(runs),
+                }
+        else:
+            values[test] = {**spread([r.gbps for r in runs]), **median_loss(runs)}
     cpu_runs = result.runs.get(CPU_TEST, [])
     for key in ("cpu", "cpu_per_gbit"):
         samples = [getattr(r, key) for r in cpu_runs if getattr(r, key) is not None]
         if samples:
-            values[key] = {
-                "median": statistics.median(samples),
-                "min": min(samples),
-                "max": max(samples),
-            }
+            values[key] = spread(samples)
     return values
 
 
@@ -65,6 +81,11 @@ def format_cell(metric: str, value: dict | None) -> str:
         return f"{value['median'] * 100:.0f} %"
     if metric == "cpu_per_gbit":
         return f"{value['median']:.2f}"
+    if metric in WORKLOAD_TESTS:
+        text = f"{value['median']:.0f} % ({value['gbps']:.2f} Gbit/s"
+        if "loss_pct" in value:
+            text += f", {value['loss_pct']:.1f} % loss"
+        return text + ")"
     if metric in LATENCY_TESTS:
         text = f"{value['p50']:.3f} / {value['median']:.3f} ms"
         return text + (f" ({value['lost']} lost)" if value["lost"] else "")
@@ -83,6 +104,8 @@ def metric_text(metric: str, median: float) -> str:
         return f"{median:.2f} CPU-s/Gbit"
     if metric in LATENCY_TESTS:
         return f"{median:.3f} ms p99"
+    if metric in WORKLOAD_TESTS:
+        return f"{median:.0f} % kept"
     return f"{median:.2f} Gbit/s"
 
 
@@ -153,7 +176,14 @@ def markdown_report(results: list[SystemResult], opts: Options, machine: dict) -
         "then bisection; 5 s probes). Ping: "
         "1,000 pings at 10 ms through the tunnel, p50 / p99 of the round trip, idle and "
         "while iperf3 sends TCP the other way. "
-        "Daemon CPU: both daemons summed during the TCP 1-stream runs (100 % = one core).",
+        "Daemon CPU: both daemons summed during the TCP 1-stream runs (100 % = one core)."
+        + (
+            " Workloads' work kept: one CPU-bound process per core counts loop turns beside "
+            "the transfer, as a share of its count alone (the transfer's rate and loss in "
+            "brackets)."
+            if any(t in WORKLOAD_TESTS for t in opts.tests)
+            else ""
+        ),
         "",
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in machine["versions"].items()) + ".",
         "",
@@ -247,6 +277,8 @@ def write_summary(path: Path, results: list[SystemResult], opts: Options, machin
         "units": {
             "gbps": "Gbit/s received (udpmax: at the highest offered rate with loss under 1 %)",
             "rtt_ms": "ping round trip, milliseconds (ping, pingload)",
+            "work_kept_pct": "the workloads' loop turns beside the transfer, % of alone "
+            "(cpushare, cpushare1g)",
             "cpu": "CPU-seconds per second (1.0 = one core)",
             "cpu_per_gbit": "CPU-seconds per Gbit",
         },
@@ -300,7 +332,7 @@ def write_chart(path: Path, results: list[SystemResult], opts: Options, machine:
     tests = [
         t
         for t in opts.tests
-        if t not in LATENCY_TESTS and any(t in columns[s] for s in systems)
+        if t not in LATENCY_TESTS + WORKLOAD_TESTS and any(t in columns[s] for s in systems)
     ]
     if not systems or not tests:
         log("nothing measured: no chart written")

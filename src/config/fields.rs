@@ -16,8 +16,8 @@ use super::schema::{
 use super::{
     InterfaceConfig, KeyRotation, KubernetesConfig, LocalIdentityConfig, OperationsConfig,
     PeerIdentityConfig, PolicyConfig, Scheduling, DEFAULT_MTU, DEFAULT_QUEUE_LENGTH,
-    DEFAULT_STATE_DIR, DEFAULT_TRUST_DOMAIN, MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH,
-    MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
+    DEFAULT_REALTIME_SHARE_PERCENT, DEFAULT_STATE_DIR, DEFAULT_TRUST_DOMAIN,
+    MAX_INTERFACE_NAME_LEN, MAX_MTU, MAX_QUEUE_LENGTH, MAX_WORKERS, MIN_MTU, MIN_QUEUE_LENGTH,
 };
 use crate::file_error::{FileError, TomlFile};
 use crate::identity::{load_private_key_file, Principal, PublicKey};
@@ -420,6 +420,16 @@ pub(super) fn check_interface(
             .parse()
             .map_err(|reason: String| src.error_at("interface.scheduling", s.span(), &reason))?,
     };
+    let realtime_share_percent = match &raw.realtime_share_percent {
+        None => DEFAULT_REALTIME_SHARE_PERCENT,
+        Some(p) => int_in(
+            src,
+            "interface.realtime_share_percent",
+            p,
+            1..=100,
+            " (percent of one core)",
+        )?,
+    };
     let cfg = InterfaceConfig {
         name: name.clone(),
         mtu,
@@ -429,6 +439,7 @@ pub(super) fn check_interface(
         workers,
         queue_length,
         scheduling,
+        realtime_share_percent,
     };
     Ok((cfg, raw.mtu.as_ref().map(|m| m.span())))
 }

@@ -191,6 +191,10 @@ pub struct InterfaceConfig {
     pub queue_length: u32,
     /// Where the daemon's threads stand in the CPU scheduler (default real-time).
     pub scheduling: Scheduling,
+    /// With `Scheduling::Realtime`: the percentage of a core each of the daemon's
+    /// threads may use at real-time priority; above it, the thread runs at normal
+    /// priority until its use falls again (1 to 100).
+    pub realtime_share_percent: u32,
 }
 
 /// `interface.scheduling`: whether the daemon's threads take a real-time priority.
@@ -224,6 +228,12 @@ impl std::str::FromStr for Scheduling {
             .ok_or_else(|| format!("unknown scheduling {s:?}; expected \"realtime\" or \"normal\""))
     }
 }
+
+/// Default `interface.realtime_share_percent`: real-time priority for traffic that
+/// takes up to half a core per thread; a transfer that would take more competes with
+/// the workloads as a normal thread does (the README's benchmark section has the
+/// figures).
+pub const DEFAULT_REALTIME_SHARE_PERCENT: u32 = 50;
 
 /// Default `interface.queue_length`: the kernel's 500 overflows while the daemon waits
 /// for a core (the README's benchmark section has the figures).

@@ -76,6 +76,7 @@ pub(crate) struct RawInterface {
     pub workers: Option<Spanned<i64>>,
     pub queue_length: Option<Spanned<i64>>,
     pub scheduling: Option<Spanned<String>>,
+    pub realtime_share_percent: Option<Spanned<i64>>,
     #[serde(default)]
     pub addresses: Vec<Spanned<String>>,
 }

@@ -186,6 +186,7 @@ fn valid_config_loads_fully() {
     assert_eq!(cfg.interface.workers, None);
     assert_eq!(cfg.interface.queue_length, 4000);
     assert_eq!(cfg.interface.scheduling, Scheduling::Realtime);
+    assert_eq!(cfg.interface.realtime_share_percent, 50);
     assert!(cfg.interface.offload && cfg.interface.udp_coalescing);
     assert_eq!(
         cfg.interface.addresses,
@@ -847,6 +848,32 @@ fn scheduling_is_realtime_or_normal() {
             .replace("[interface]", "[interface]\nscheduling = \"normal\""),
     );
     assert_eq!(fx.load().unwrap().interface.scheduling, Scheduling::Normal);
+}
+
+#[test]
+fn realtime_share_is_a_percentage_of_a_core() {
+    let fx = Fixture::new();
+    let node = fx.path("node.toml");
+    for bad in ["0", "101", "-5"] {
+        let e = fx.node_with(
+            "[interface]",
+            &format!("[interface]\nrealtime_share_percent = {bad}"),
+        );
+        check(
+            &e,
+            &node,
+            "interface.realtime_share_percent",
+            &[&format!(
+                "{bad} is out of range 1..=100 (percent of one core)"
+            )],
+        );
+    }
+    fx.write(
+        "node.toml",
+        &fx.node
+            .replace("[interface]", "[interface]\nrealtime_share_percent = 100"),
+    );
+    assert_eq!(fx.load().unwrap().interface.realtime_share_percent, 100);
 }
 
 #[test]

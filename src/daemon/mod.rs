@@ -77,26 +77,41 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// Runs the daemon for `config` and its loaded allow list until SIGINT or SIGTERM.
 pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
     let workers = worker_count(&config);
-    let realtime = take_scheduling(config.interface.scheduling);
-    let runtime = if workers == 1 {
+    let share = scheduling::RealtimeShare {
+        percent: config.interface.realtime_share_percent,
+    };
+    let realtime = take_scheduling(config.interface.scheduling, share);
+    let mut builder = if workers == 1 {
         // This thread runs everything, the worker included.
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if realtime {
             // Threads do not inherit the priority (SCHED_RESET_ON_FORK): each takes it.
-            builder.on_thread_start(|| {
-                if let Err(e) = scheduling::make_current_thread_realtime() {
+            builder.on_thread_start(move || {
+                if let Err(e) = scheduling::take_realtime_within(share) {
                     tracing::warn!(error = %e, "a runtime thread runs at normal priority");
                 }
             });
+            builder.on_thread_stop(scheduling::leave_realtime_group);
         }
-        builder.worker_threads(workers).enable_all().build()
+        builder.worker_threads(workers);
+        builder
+    };
+    if realtime {
+        // A thread about to sleep measures the threads' shares when a window has ended
+        // (a busy worker does so after each batch), so quiet ones are raised again.
+        builder.on_thread_park(scheduling::keep_within_share);
     }
-    .context("starting the async runtime")?;
-    let threads = Threads { workers, realtime };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let threads = Threads {
+        workers,
+        realtime,
+        share_percent: share.percent,
+    };
     runtime.block_on(async {
         if config.kubernetes.is_none() {
             return serve(config, policy, threads, None).await;
@@ -119,20 +134,24 @@ pub(crate) fn run(config: NodeConfig, policy: PolicySet) -> Result<()> {
 struct Threads {
     workers: usize,
     realtime: bool,
+    /// `interface.realtime_share_percent`.
+    share_percent: u32,
 }
 
 /// Gives this thread the priority `interface.scheduling` asks for, and says what came
 /// of it. Returns whether the daemon's threads are to run at real-time priority.
-fn take_scheduling(wanted: Scheduling) -> bool {
+fn take_scheduling(wanted: Scheduling, share: scheduling::RealtimeShare) -> bool {
     if wanted == Scheduling::Normal {
         tracing::info!("threads run at normal priority (interface.scheduling = \"normal\")");
         return false;
     }
-    match scheduling::make_current_thread_realtime() {
+    match scheduling::take_realtime_within(share) {
         Ok(()) => {
             tracing::info!(
                 priority = scheduling::REALTIME_PRIORITY,
-                "threads run at real-time priority (SCHED_FIFO)"
+                share_percent = share.percent,
+                "threads run at real-time priority (SCHED_FIFO) while each uses at most \
+                 share_percent of a core"
             );
             true
         }
@@ -266,6 +285,8 @@ fn answer(
         listen: about.listen,
         workers: about.threads.workers,
         realtime: about.threads.realtime,
+        realtime_share_percent: about.threads.share_percent,
+        realtime_drops: scheduling::drops_to_normal(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: about.started_at,
         uapi_names,
@@ -386,6 +407,8 @@ async fn serve(
     // When a change of the cluster's objects is to be applied.
     let mut cluster_due: Option<tokio::time::Instant> = None;
     let outcome = loop {
+        // With several workers this loop has the main thread to itself.
+        scheduling::keep_within_share();
         let wake = {
             let mut state = shared.lock();
             state.armed = state.node.poll_timeout();

@@ -118,6 +118,11 @@ fn restart_required(running: &NodeConfig, new: &NodeConfig) -> Vec<(&'static str
         a.scheduling.as_str().to_owned(),
         b.scheduling.as_str().to_owned(),
     );
+    check(
+        "interface.realtime_share_percent",
+        a.realtime_share_percent.to_string(),
+        b.realtime_share_percent.to_string(),
+    );
     let (a, b) = (&running.operations, &new.operations);
     check(
         "admin.listen",

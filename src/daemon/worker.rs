@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio::sync::Notify;
 
+use crate::io::scheduling;
 use crate::io::tun::{Tun, TunRead, IDEAL_BATCH_SIZE};
 use crate::io::udp::{RecvMeta, Udp};
 
@@ -172,6 +173,7 @@ pub(super) async fn run(shared: Arc<Shared>, tun: Tun, socket: Arc<Udp>, mtu: u1
             }
         }
         send_transmits(&socket, &shared.send_errors, &mut b.transmits).await;
+        scheduling::keep_within_share();
     }
 }
 

@@ -4,34 +4,218 @@
 //! for as long as the daemon's thread waits for a core: on two busy cores, several
 //! milliseconds behind the workloads' own threads (the README's benchmark section has
 //! the figures). The kernel's network path runs in softirq context, which user threads
-//! never hold up; the lowest real-time priority gives the daemon that standing. The
-//! kernel keeps a share of every core for normal threads even so
-//! (`kernel.sched_rt_runtime_us`), and the daemon's threads sleep whenever there is no
-//! packet, so they do not spin at that priority.
+//! never hold up; the lowest real-time priority gives the daemon that standing.
+//!
+//! A real-time thread runs before every normal one for as long as it has work, so a
+//! flood through the tunnel would take the cores from the workloads (the kernel keeps
+//! them only `kernel.sched_rt_runtime_us`, 5 %). Like the kernel's softirqs, which hand
+//! a long burst to a normal-priority thread, each thread keeps real-time priority only
+//! while it uses at most `RealtimeShare`'s share of a core; above it, it competes as a
+//! normal thread until its use falls again.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// SCHED_FIFO's lowest priority: below interrupt threads and every other real-time
 /// thread, above all normal ones.
 pub(crate) const REALTIME_PRIORITY: i32 = 1;
 
-/// Puts the calling thread under SCHED_FIFO at `REALTIME_PRIORITY`. Threads and
-/// processes it starts afterwards start at normal priority (SCHED_RESET_ON_FORK): the
-/// `ip` and `nft` commands, and threads for blocking work.
-///
-/// Fails with `EPERM` without CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1.
-pub(crate) fn make_current_thread_realtime() -> io::Result<()> {
+/// Puts thread `tid` (0: the calling thread) under SCHED_FIFO at `REALTIME_PRIORITY`
+/// or back under SCHED_OTHER, keeping SCHED_RESET_ON_FORK.
+fn set_thread_policy(tid: libc::pid_t, realtime: bool) -> io::Result<()> {
+    let (policy, priority) = if realtime {
+        (libc::SCHED_FIFO, REALTIME_PRIORITY)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
     let param = libc::sched_param {
-        sched_priority: REALTIME_PRIORITY,
+        sched_priority: priority,
     };
-    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param that the
-    // kernel only reads during the call.
-    let result = unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
-    };
+    // SAFETY: `param` is a valid sched_param that the kernel only reads during the call.
+    let result =
+        unsafe { libc::sched_setscheduler(tid, policy | libc::SCHED_RESET_ON_FORK, &param) };
     if result == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The calling thread's id and the clock of its CPU time.
+fn current_thread_id_and_clock() -> io::Result<(libc::pid_t, libc::clockid_t)> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: gettid cannot fail; pthread_self names the calling thread, which is alive,
+    // and `clock` is a valid clockid_t the call writes.
+    let (tid, result) = unsafe {
+        (
+            libc::gettid(),
+            libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock),
+        )
+    };
+    if result == 0 {
+        Ok((tid, clock))
+    } else {
+        Err(io::Error::from_raw_os_error(result))
+    }
+}
+
+/// CPU time used so far by the thread whose CPU-time clock is `clock`.
+fn thread_cpu_time(clock: libc::clockid_t) -> io::Result<Duration> {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid timespec the kernel writes during the call.
+    if unsafe { libc::clock_gettime(clock, &mut time) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let seconds = u64::try_from(time.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(time.tv_nsec).unwrap_or(0);
+    Ok(Duration::from_secs(seconds) + Duration::from_nanos(nanos))
+}
+
+/// How much of a core a thread may use at real-time priority: at most `percent` of
+/// each `WINDOW`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RealtimeShare {
+    pub(crate) percent: u32,
+}
+
+impl RealtimeShare {
+    /// Short enough that a burst above the share keeps real-time priority for a few
+    /// milliseconds only; long enough that the CPU clocks are read rarely.
+    pub(crate) const WINDOW: Duration = Duration::from_millis(20);
+
+    /// Whether a thread that used `cpu` in `elapsed` stayed within the share.
+    fn allows(&self, cpu: Duration, elapsed: Duration) -> bool {
+        cpu.as_nanos() * 100 <= elapsed.as_nanos() * u128::from(self.percent)
+    }
+}
+
+/// The threads that took real-time priority within a share, measured together so that
+/// a thread gone quiet at normal priority is raised again by whichever thread still
+/// runs.
+struct Group {
+    share: RealtimeShare,
+    window_start: Instant,
+    members: Vec<Member>,
+}
+
+struct Member {
+    tid: libc::pid_t,
+    clock: libc::clockid_t,
+    cpu_at_window_start: Duration,
+    realtime: bool,
+}
+
+static GROUP: Mutex<Option<Group>> = Mutex::new(None);
+
+/// Times a thread went over its share and dropped to normal priority, in this process.
+static DROPS_TO_NORMAL: AtomicU64 = AtomicU64::new(0);
+
+/// Times a thread used more than its share and dropped to normal priority.
+pub(crate) fn drops_to_normal() -> u64 {
+    DROPS_TO_NORMAL.load(Ordering::Relaxed)
+}
+
+/// Puts the calling thread under SCHED_FIFO at `REALTIME_PRIORITY`, to keep while it
+/// uses at most `share` of a core (see `keep_within_share`). Threads and processes it
+/// starts afterwards start at normal priority (SCHED_RESET_ON_FORK): the `ip` and `nft`
+/// commands, and threads for blocking work. A thread that joins must
+/// `leave_realtime_group` before it ends.
+///
+/// Fails with `EPERM` without CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1.
+pub(crate) fn take_realtime_within(share: RealtimeShare) -> io::Result<()> {
+    let (tid, clock) = current_thread_id_and_clock()?;
+    let cpu_at_window_start = thread_cpu_time(clock)?;
+    set_thread_policy(0, true)?;
+    let mut group = GROUP
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let group = group.get_or_insert_with(|| Group {
+        share,
+        window_start: Instant::now(),
+        members: Vec::new(),
+    });
+    group.members.push(Member {
+        tid,
+        clock,
+        cpu_at_window_start,
+        realtime: true,
+    });
+    Ok(())
+}
+
+/// Takes the calling thread out of the group (its id may be reused once it ends).
+pub(crate) fn leave_realtime_group() {
+    let Ok((tid, _)) = current_thread_id_and_clock() else {
+        return;
+    };
+    let mut group = GROUP
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(group) = group.as_mut() {
+        group.members.retain(|member| member.tid != tid);
+    }
+}
+
+/// At the end of each window, drops every thread of the group that used more than its
+/// share of a core to normal priority, and raises every one that used less to
+/// real-time priority again. Cheap between window ends (a lock tried, a clock read);
+/// does nothing while another thread measures or before any thread joined.
+pub(crate) fn keep_within_share() {
+    let Ok(mut group) = GROUP.try_lock() else {
+        return;
+    };
+    let Some(group) = group.as_mut() else { return };
+    if group.share.percent >= 100 {
+        return;
+    }
+    let now = Instant::now();
+    let elapsed = now.duration_since(group.window_start);
+    if elapsed < RealtimeShare::WINDOW {
+        return;
+    }
+    group.window_start = now;
+    for member in &mut group.members {
+        let Ok(cpu) = thread_cpu_time(member.clock) else {
+            continue;
+        };
+        let used = cpu.saturating_sub(member.cpu_at_window_start);
+        member.cpu_at_window_start = cpu;
+        let within = group.share.allows(used, elapsed);
+        if within == member.realtime {
+            continue;
+        }
+        match set_thread_policy(member.tid, within) {
+            Ok(()) => {
+                member.realtime = within;
+                if !within {
+                    DROPS_TO_NORMAL.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, realtime = within, "priority not changed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_keeps_real_time_priority_up_to_its_share_of_the_window() {
+        let half = RealtimeShare { percent: 50 };
+        let window = RealtimeShare::WINDOW;
+        assert!(half.allows(Duration::ZERO, window));
+        assert!(half.allows(window / 2, window));
+        assert!(!half.allows(window / 2 + Duration::from_nanos(1), window));
+        // A window read late counts the CPU time against the whole time elapsed.
+        assert!(half.allows(window, window * 2));
+        let all = RealtimeShare { percent: 100 };
+        assert!(all.allows(window, window));
+        assert!(!RealtimeShare { percent: 1 }.allows(window / 50, window));
     }
 }

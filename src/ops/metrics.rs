@@ -306,6 +306,12 @@ impl Collector for StatusCollector {
                 .map(|(kind, &n)| ([("kind", kind.as_str())], n)),
         )?;
         f.counter(
+            "realtime_drops",
+            "Times a daemon thread used more than interface.realtime_share_percent of a core \
+             and dropped to normal priority.",
+            status.realtime_drops,
+        )?;
+        f.counter(
             "tun_write_errors",
             "Packets lost in writes to the TUN device that the kernel refused.",
             status.tun_write_errors,

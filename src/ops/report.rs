@@ -19,6 +19,13 @@ pub struct DaemonStatus {
     /// The data-path threads run at real-time priority (`interface.scheduling`).
     #[serde(default)]
     pub realtime: bool,
+    /// `interface.realtime_share_percent`: how much of a core each thread may use at
+    /// real-time priority.
+    #[serde(default)]
+    pub realtime_share_percent: u32,
+    /// Times a thread used more than that and dropped to normal priority.
+    #[serde(default)]
+    pub realtime_drops: u64,
     pub version: String,
     /// Seconds since the Unix epoch when the daemon came up.
     pub started_at: u64,

@@ -18,18 +18,23 @@ pub fn render(status: &DaemonStatus, now: Duration) -> String {
         status.version,
         span(Duration::from_secs(up))
     );
+    let priority = if status.realtime {
+        format!(
+            "real-time priority up to {} % of a core each (over it {} time{})",
+            status.realtime_share_percent,
+            status.realtime_drops,
+            plural(status.realtime_drops)
+        )
+    } else {
+        "normal priority".to_owned()
+    };
     let _ = writeln!(
         out,
-        "  interface {}, listening on {}, {} worker{} at {} priority",
+        "  interface {}, listening on {}, {} worker{} at {priority}",
         status.interface,
         status.listen,
         status.workers,
         plural(status.workers as u64),
-        if status.realtime {
-            "real-time"
-        } else {
-            "normal"
-        }
     );
     let _ = writeln!(
         out,

@@ -457,6 +457,7 @@ fn node_config(local: &Side, peer: &Side, default: DefaultAction) -> NodeConfig 
             workers: None,
             queue_length: 4000,
             scheduling: crate::config::Scheduling::Normal,
+            realtime_share_percent: crate::config::DEFAULT_REALTIME_SHARE_PERCENT,
         },
         peers_dir: Some(dir.join("peers")),
         // No policies: the default decides every new inbound flow.
