@@ -185,6 +185,8 @@ def parse_options(argv: list[str], now: datetime.datetime) -> Options:
         parser.error("--duration and --runs must be at least 1")
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.realtime_share is not None and not 1 <= args.realtime_share <= 100:
+        parser.error("--realtime-share must be 1 to 100")
     interface = {
         key: value
         for key, value in (

@@ -82,7 +82,10 @@ def format_cell(metric: str, value: dict | None) -> str:
     if metric == "cpu_per_gbit":
         return f"{value['median']:.2f}"
     if metric in WORKLOAD_TESTS:
-        text = f"{value['median']:.0f} % ({value['gbps']:.2f} Gbit/s"
+        text = f"{value['median']:.0f} %"
+        if value["max"] > value["min"]:
+            text += f" [{value['min']:.0f}–{value['max']:.0f}]"
+        text += f" ({value['gbps']:.2f} Gbit/s"
         if "loss_pct" in value:
             text += f", {value['loss_pct']:.1f} % loss"
         return text + ")"

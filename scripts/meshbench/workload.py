@@ -28,7 +28,7 @@ print(turns)
 def count_turns(res: Resources, ns: str, seconds: int, logdir: Path, tag: str) -> list:
     """Starts one counter per core (in `ns`; they send nothing); returns (process, log)."""
     counters = []
-    for core in range(os.cpu_count() or 1):
+    for core in range(len(os.sched_getaffinity(0))):
         logfile = logdir / f"workload-{tag}-{core}.log"
         proc = res.spawn(ns, ["python3", "-c", COUNTER, str(seconds)], logfile)
         counters.append((proc, logfile))
@@ -55,11 +55,14 @@ def measure_workload_share(
     """The counters alone, then beside the test's transfer (measured as that test's own
     run is, drop counters included); `work_kept_pct` is the second count as a share of
     the first."""
-    alone = total_turns(count_turns(res, testbed.client_ns, duration, logdir, "alone"), duration)
+    tag = json_path.stem
+    alone = total_turns(
+        count_turns(res, testbed.client_ns, duration, logdir, f"{tag}-alone"), duration
+    )
     counters: list = []
 
     def start_counters() -> None:
-        counters.extend(count_turns(res, testbed.client_ns, duration, logdir, "beside"))
+        counters.extend(count_turns(res, testbed.client_ns, duration, logdir, f"{tag}-beside"))
 
     load = WORKLOAD_LOADS[test]
     run = measure_run(res, testbed, load, duration, json_path, logdir, beside=start_counters)

@@ -167,6 +167,14 @@ fn take_scheduling(wanted: Scheduling, share: scheduling::RealtimeShare) -> bool
     }
 }
 
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `interface.workers`, or one per two cores this process may run on (at least one, at
 /// most `MAX_AUTO_WORKERS`): the kernel's half of every packet (TUN, UDP, the workloads'
 /// own TCP stacks) needs about as much CPU as the daemon's.
@@ -424,6 +432,8 @@ async fn serve(
             }
             // A worker moved the deadline: re-arm.
             _ = shared.timer_moved.notified() => {}
+            // A thread at normal priority that went quiet is raised from here.
+            _ = sleep_until_some(scheduling::next_measurement()) => {}
             stopped = running.join_next() => {
                 break match stopped {
                     Some(Ok(Err(e))) => Err(e.context("data-path worker stopped")),

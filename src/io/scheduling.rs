@@ -14,8 +14,8 @@
 //! normal thread until its use falls again.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 /// SCHED_FIFO's lowest priority: below interrupt threads and every other real-time
@@ -95,8 +95,8 @@ impl RealtimeShare {
 }
 
 /// The threads that took real-time priority within a share, measured together so that
-/// a thread gone quiet at normal priority is raised again by whichever thread still
-/// runs.
+/// a thread gone quiet at normal priority is raised again by whichever thread measures
+/// next (see `next_measurement`).
 struct Group {
     share: RealtimeShare,
     window_start: Instant,
@@ -112,6 +112,17 @@ struct Member {
 
 static GROUP: Mutex<Option<Group>> = Mutex::new(None);
 
+/// The group, also after a panic while it was held (its state stays consistent: every
+/// change is one field at a time).
+fn lock_group() -> MutexGuard<'static, Option<Group>> {
+    GROUP
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A failed change of priority has been logged at warn (once per process).
+static CHANGE_FAILURE_LOGGED: AtomicBool = AtomicBool::new(false);
+
 /// Times a thread went over its share and dropped to normal priority, in this process.
 static DROPS_TO_NORMAL: AtomicU64 = AtomicU64::new(0);
 
@@ -121,19 +132,17 @@ pub(crate) fn drops_to_normal() -> u64 {
 }
 
 /// Puts the calling thread under SCHED_FIFO at `REALTIME_PRIORITY`, to keep while it
-/// uses at most `share` of a core (see `keep_within_share`). Threads and processes it
+/// uses at most `share` of a core (see `keep_within_share`). Processes and threads it
 /// starts afterwards start at normal priority (SCHED_RESET_ON_FORK): the `ip` and `nft`
-/// commands, and threads for blocking work. A thread that joins must
-/// `leave_realtime_group` before it ends.
+/// commands, and threads the runtime does not hand to this function itself. A thread
+/// that joins must `leave_realtime_group` before it ends.
 ///
 /// Fails with `EPERM` without CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1.
 pub(crate) fn take_realtime_within(share: RealtimeShare) -> io::Result<()> {
     let (tid, clock) = current_thread_id_and_clock()?;
     let cpu_at_window_start = thread_cpu_time(clock)?;
     set_thread_policy(0, true)?;
-    let mut group = GROUP
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut group = lock_group();
     let group = group.get_or_insert_with(|| Group {
         share,
         window_start: Instant::now(),
@@ -153,12 +162,21 @@ pub(crate) fn leave_realtime_group() {
     let Ok((tid, _)) = current_thread_id_and_clock() else {
         return;
     };
-    let mut group = GROUP
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut group = lock_group();
     if let Some(group) = group.as_mut() {
         group.members.retain(|member| member.tid != tid);
     }
+}
+
+/// When the threads' shares are next to be measured so that a thread dropped to normal
+/// priority is raised again: `None` while every thread is at real-time priority. A
+/// thread that went quiet at normal priority measures nothing itself, so another one
+/// must wake for it (with a single worker, the same thread on a timer).
+pub(crate) fn next_measurement() -> Option<Instant> {
+    let group = lock_group();
+    let group = group.as_ref()?;
+    let any_dropped = group.members.iter().any(|member| !member.realtime);
+    any_dropped.then(|| group.window_start + RealtimeShare::WINDOW)
 }
 
 /// At the end of each window, drops every thread of the group that used more than its
@@ -166,8 +184,10 @@ pub(crate) fn leave_realtime_group() {
 /// real-time priority again. Cheap between window ends (a lock tried, a clock read);
 /// does nothing while another thread measures or before any thread joined.
 pub(crate) fn keep_within_share() {
-    let Ok(mut group) = GROUP.try_lock() else {
-        return;
+    let mut group = match GROUP.try_lock() {
+        Ok(group) => group,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return,
     };
     let Some(group) = group.as_mut() else { return };
     if group.share.percent >= 100 {
@@ -179,24 +199,40 @@ pub(crate) fn keep_within_share() {
         return;
     }
     group.window_start = now;
-    for member in &mut group.members {
+    let share = group.share;
+    // A member whose clock cannot be read has ended without leaving: it leaves now
+    // rather than being counted as idle.
+    group.members.retain_mut(|member| {
         let Ok(cpu) = thread_cpu_time(member.clock) else {
-            continue;
+            return false;
         };
         let used = cpu.saturating_sub(member.cpu_at_window_start);
         member.cpu_at_window_start = cpu;
-        let within = group.share.allows(used, elapsed);
-        if within == member.realtime {
-            continue;
+        let within = share.allows(used, elapsed);
+        if within != member.realtime {
+            change_priority(member, within);
         }
-        match set_thread_policy(member.tid, within) {
-            Ok(()) => {
-                member.realtime = within;
-                if !within {
-                    DROPS_TO_NORMAL.fetch_add(1, Ordering::Relaxed);
-                }
+        true
+    });
+}
+
+fn change_priority(member: &mut Member, realtime: bool) {
+    match set_thread_policy(member.tid, realtime) {
+        Ok(()) => {
+            member.realtime = realtime;
+            if !realtime {
+                DROPS_TO_NORMAL.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::debug!(error = %e, realtime = within, "priority not changed"),
+        }
+        Err(e) => {
+            if !CHANGE_FAILURE_LOGGED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    error = %e,
+                    realtime,
+                    "a thread's priority could not be changed; it keeps its present one \
+                     (logged once)"
+                );
+            }
         }
     }
 }
