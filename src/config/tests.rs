@@ -135,6 +135,13 @@ allowed_ips = ["10.10.3.0/24"]
         self.load().expect_err("config should be rejected")
     }
 
+    /// The node file with `from` replaced by `to`, which must load.
+    fn node_loads_with(&self, from: &str, to: &str) -> NodeConfig {
+        assert!(self.node.contains(from), "fixture has no {from:?}");
+        self.write("node.toml", &self.node.replacen(from, to, 1));
+        self.load().unwrap()
+    }
+
     fn peer_b_with(&self, from: &str, to: &str) -> FileError {
         assert!(self.peer_b.contains(from), "fixture has no {from:?}");
         self.write("peers/b.toml", &self.peer_b.replacen(from, to, 1));
@@ -778,11 +785,8 @@ fn workers_in_range() {
             &[&format!("{bad} is out of range 1..=64")],
         );
     }
-    fx.write(
-        "node.toml",
-        &fx.node.replace("[interface]", "[interface]\nworkers = 3"),
-    );
-    assert_eq!(fx.load().unwrap().interface.workers, Some(3));
+    let cfg = fx.node_loads_with("[interface]", "[interface]\nworkers = 3");
+    assert_eq!(cfg.interface.workers, Some(3));
 }
 
 #[test]
@@ -825,12 +829,8 @@ fn queue_length_in_range() {
             &[&format!("{bad} is out of range 16..=65536")],
         );
     }
-    fx.write(
-        "node.toml",
-        &fx.node
-            .replace("[interface]", "[interface]\nqueue_length = 1000"),
-    );
-    assert_eq!(fx.load().unwrap().interface.queue_length, 1000);
+    let cfg = fx.node_loads_with("[interface]", "[interface]\nqueue_length = 1000");
+    assert_eq!(cfg.interface.queue_length, 1000);
 }
 
 #[test]
@@ -842,12 +842,8 @@ fn scheduling_is_realtime_or_normal() {
         let reason = format!("unknown scheduling {bad}; expected \"realtime\" or \"normal\"");
         check(&e, &node, "interface.scheduling", &[&reason]);
     }
-    fx.write(
-        "node.toml",
-        &fx.node
-            .replace("[interface]", "[interface]\nscheduling = \"normal\""),
-    );
-    assert_eq!(fx.load().unwrap().interface.scheduling, Scheduling::Normal);
+    let cfg = fx.node_loads_with("[interface]", "[interface]\nscheduling = \"normal\"");
+    assert_eq!(cfg.interface.scheduling, Scheduling::Normal);
 }
 
 #[test]
@@ -868,24 +864,15 @@ fn realtime_share_is_a_percentage_of_a_core() {
             )],
         );
     }
-    fx.write(
-        "node.toml",
-        &fx.node
-            .replace("[interface]", "[interface]\nrealtime_share_percent = 100"),
-    );
-    assert_eq!(fx.load().unwrap().interface.realtime_share_percent, 100);
+    let cfg = fx.node_loads_with("[interface]", "[interface]\nrealtime_share_percent = 100");
+    assert_eq!(cfg.interface.realtime_share_percent, 100);
 }
 
 #[test]
 fn udp_coalescing_can_be_turned_off_alone() {
     let fx = Fixture::new();
-    fx.write(
-        "node.toml",
-        &fx.node
-            .replace("[interface]", "[interface]\nudp_coalescing = false"),
-    );
-    let interface = fx.load().unwrap().interface;
-    assert!(interface.offload && !interface.udp_coalescing);
+    let cfg = fx.node_loads_with("[interface]", "[interface]\nudp_coalescing = false");
+    assert!(cfg.interface.offload && !cfg.interface.udp_coalescing);
     let e = fx.node_with("[interface]", "[interface]\nudp_coalescing = \"no\"");
     assert!(e.to_string().contains("invalid type"), "{e}");
 }

@@ -15,7 +15,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// SCHED_FIFO's lowest priority: below interrupt threads and every other real-time
@@ -86,7 +86,7 @@ pub(crate) struct RealtimeShare {
 impl RealtimeShare {
     /// Short enough that a burst above the share keeps real-time priority for a few
     /// milliseconds only; long enough that the CPU clocks are read rarely.
-    pub(crate) const WINDOW: Duration = Duration::from_millis(20);
+    const WINDOW: Duration = Duration::from_millis(20);
 
     /// Whether a thread that used `cpu` in `elapsed` stayed within the share.
     fn allows(&self, cpu: Duration, elapsed: Duration) -> bool {
@@ -111,6 +111,29 @@ struct Member {
 }
 
 static GROUP: Mutex<Option<Group>> = Mutex::new(None);
+
+/// When the group's window ends, in nanoseconds after `EPOCH` (`u64::MAX`: never, the
+/// share being a whole core). A copy of `Group::window_start` + `WINDOW` that every call
+/// reads without the lock, so that between window ends busy workers share no written
+/// cache line.
+static WINDOW_ENDS_AT: AtomicU64 = AtomicU64::new(u64::MAX);
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn nanos_after_epoch(at: Instant) -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Starts a window at `now`: at 100 % none ever ends.
+fn start_window(group: &mut Group, now: Instant) {
+    group.window_start = now;
+    let ends_at = if group.share.percent >= 100 {
+        u64::MAX
+    } else {
+        nanos_after_epoch(now + RealtimeShare::WINDOW)
+    };
+    WINDOW_ENDS_AT.store(ends_at, Ordering::Relaxed);
+}
 
 /// The group, also after a panic while it was held (its state stays consistent: every
 /// change is one field at a time).
@@ -143,10 +166,15 @@ pub(crate) fn take_realtime_within(share: RealtimeShare) -> io::Result<()> {
     let cpu_at_window_start = thread_cpu_time(clock)?;
     set_thread_policy(0, true)?;
     let mut group = lock_group();
-    let group = group.get_or_insert_with(|| Group {
-        share,
-        window_start: Instant::now(),
-        members: Vec::new(),
+    let group = group.get_or_insert_with(|| {
+        let now = Instant::now();
+        let mut group = Group {
+            share,
+            window_start: now,
+            members: Vec::new(),
+        };
+        start_window(&mut group, now);
+        group
     });
     group.members.push(Member {
         tid,
@@ -181,24 +209,25 @@ pub(crate) fn next_measurement() -> Option<Instant> {
 
 /// At the end of each window, drops every thread of the group that used more than its
 /// share of a core to normal priority, and raises every one that used less to
-/// real-time priority again. Cheap between window ends (a lock tried, a clock read);
-/// does nothing while another thread measures or before any thread joined.
+/// real-time priority again. Cheap between window ends (a clock read and an atomic
+/// load); does nothing while another thread measures or before any thread joined.
 pub(crate) fn keep_within_share() {
+    let now = Instant::now();
+    if nanos_after_epoch(now) < WINDOW_ENDS_AT.load(Ordering::Relaxed) {
+        return;
+    }
     let mut group = match GROUP.try_lock() {
         Ok(group) => group,
         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
         Err(TryLockError::WouldBlock) => return,
     };
     let Some(group) = group.as_mut() else { return };
-    if group.share.percent >= 100 {
-        return;
-    }
-    let now = Instant::now();
     let elapsed = now.duration_since(group.window_start);
     if elapsed < RealtimeShare::WINDOW {
+        // Another thread measured after this one read the window's end.
         return;
     }
-    group.window_start = now;
+    start_window(group, now);
     let share = group.share;
     // A member whose clock cannot be read has ended without leaving: it leaves now
     // rather than being counted as idle.
